@@ -1,0 +1,27 @@
+"""``qubes-mcp``: the emulator (``sim``) and, later, the MCP server (``serve``) and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qubes-mcp", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    from qubes_mcp.sim import cli as sim_cli
+
+    sim_cli.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Where an emulated dom0 keeps its files under its root directory.
+
+The layout mirrors a real dom0 so that tools written for Qubes only need a different root:
+``ROOT/run/qubesd.sock`` is the Admin API socket, ``ROOT/etc/qubes/policy.d`` the qrexec
+policy, ``ROOT/etc/qubes-rpc`` the dom0 services.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class SimPaths:
+    """All paths of one emulated dom0, derived from its root directory."""
+
+    root: Path
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def qubesd_sock(self) -> Path:
+        """Admin API socket (``/var/run/qubesd.sock`` in a real dom0)."""
+        return self.run / "qubesd.sock"
+
+    @property
+    def qubesd_internal_sock(self) -> Path:
+        """Internal API socket (``internal.GetSystemInfo``)."""
+        return self.run / "qubesd.internal.sock"
+
+    @property
+    def router_sock(self) -> Path:
+        """The qrexec router's control socket; only host-side (dom0) tools reach it."""
+        return self.run / "qrexec" / "router.sock"
+
+    def vm_agent_sock(self, name: str) -> Path:
+        """Per-qube qrexec socket; bound into that qube's sandboxes, so the router knows the
+        caller by the socket it connected to, never by what the caller claims."""
+        return self.run / "qrexec" / "vm" / f"{name}.sock"
+
+    @property
+    def policy_dirs(self) -> tuple[Path, Path]:
+        """Policy directories in load order (the runtime one wins on duplicate basenames)."""
+        return (self.run / "qubes" / "policy.d", self.root / "etc" / "qubes" / "policy.d")
+
+    @property
+    def rpc_dir(self) -> Path:
+        """dom0 qrexec services (``/etc/qubes-rpc``)."""
+        return self.root / "etc" / "qubes-rpc"
+
+    @property
+    def state_file(self) -> Path:
+        """The emulated qubes.xml: the whole qubesd state, saved atomically."""
+        return self.root / "var" / "lib" / "qubes" / "qubes.json"
+
+    def qube_dir(self, name: str) -> Path:
+        """Per-qube storage; its ``private`` directory is the private volume (``/rw``)."""
+        return self.root / "var" / "lib" / "qubes" / "qubes" / name
+
+    def private_dir(self, name: str) -> Path:
+        return self.qube_dir(name) / "private"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.root / "var" / "log" / "qubes"

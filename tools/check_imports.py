@@ -1,0 +1,65 @@
+"""Fail the build when the trust-boundary import rules of DESIGN.md section 7 are broken.
+
+- ``qubes_mcp.dom0`` and ``qubes_mcp.policy`` import only the standard library and each other
+  (they run in dom0, which gets no pip).
+- ``qubes_mcp.server`` never imports ``qubes_mcp.dom0`` (it reaches dom0 only through a
+  transport, exactly as in production).
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent / "src" / "qubes_mcp"
+STDLIB = set(sys.stdlib_module_names) | {"__future__"}
+
+
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    found: list[tuple[int, str]] = []
+    package = ".".join(path.relative_to(ROOT.parent).with_suffix("").parts[:-1])
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.extend((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                name = ".".join([*base, node.module] if node.module else base)
+            else:
+                name = node.module or ""
+            found.append((node.lineno, name))
+    return found
+
+
+def violations() -> list[str]:
+    bad: list[str] = []
+    for part in ("dom0", "policy"):
+        for path in sorted((ROOT / part).rglob("*.py")):
+            for line, mod in imported_modules(path):
+                head = mod.split(".")[0]
+                trusted = mod.startswith(("qubes_mcp.dom0", "qubes_mcp.policy"))
+                if head not in STDLIB and not trusted and mod != "qubes_mcp":
+                    bad.append(f"{path}:{line}: {part}/ may not import {mod}")
+    for path in sorted((ROOT / "server").rglob("*.py")):
+        for line, mod in imported_modules(path):
+            if mod.startswith("qubes_mcp.dom0"):
+                bad.append(f"{path}:{line}: server/ may not import {mod}")
+    return bad
+
+
+def main() -> int:
+    bad = violations()
+    for line in bad:
+        print(line, file=sys.stderr)
+    if bad:
+        print(f"{len(bad)} trust-boundary import violation(s)", file=sys.stderr)
+        return 1
+    print("import rules: ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
