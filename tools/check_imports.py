@@ -16,10 +16,10 @@ ROOT = Path(__file__).resolve().parent.parent / "src" / "qubes_mcp"
 STDLIB = set(sys.stdlib_module_names) | {"__future__"}
 
 
-def imported_modules(path: Path) -> list[tuple[int, str]]:
+def imported_modules(path: Path, root: Path) -> list[tuple[int, str]]:
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     found: list[tuple[int, str]] = []
-    package = ".".join(path.relative_to(ROOT.parent).with_suffix("").parts[:-1])
+    package = ".".join(path.relative_to(root.parent).with_suffix("").parts[:-1])
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.extend((node.lineno, alias.name) for alias in node.names)
@@ -34,17 +34,17 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
     return found
 
 
-def violations() -> list[str]:
+def violations(root: Path = ROOT) -> list[str]:
     bad: list[str] = []
     for part in ("dom0", "policy"):
-        for path in sorted((ROOT / part).rglob("*.py")):
-            for line, mod in imported_modules(path):
+        for path in sorted((root / part).rglob("*.py")):
+            for line, mod in imported_modules(path, root):
                 head = mod.split(".")[0]
                 trusted = mod.startswith(("qubes_mcp.dom0", "qubes_mcp.policy"))
                 if head not in STDLIB and not trusted and mod != "qubes_mcp":
                     bad.append(f"{path}:{line}: {part}/ may not import {mod}")
-    for path in sorted((ROOT / "server").rglob("*.py")):
-        for line, mod in imported_modules(path):
+    for path in sorted((root / "server").rglob("*.py")):
+        for line, mod in imported_modules(path, root):
             if mod.startswith("qubes_mcp.dom0"):
                 bad.append(f"{path}:{line}: server/ may not import {mod}")
     return bad

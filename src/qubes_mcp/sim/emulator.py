@@ -1,0 +1,84 @@
+"""One emulated dom0: qubesd, the qrexec router and the stock policy, under one root directory.
+
+``run_emulator`` is what ``qubes-mcp sim run`` does: load the saved state (or the fleet on a
+fresh root), install the stock-like default policy and the dom0 service links, start qubesd and
+the router, start the qubes marked ``autostart`` (through the Admin API, as qubesd does at
+boot), then write ``ROOT/run/emulator.ready`` so scripts and tests can wait for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+
+from qubes_mcp.sim.paths import SimPaths
+
+log = logging.getLogger("qubes_mcp.sim")
+
+
+def ready_file(paths: SimPaths) -> Path:
+    """Exists (and holds the emulator's pid) while the emulator serves requests."""
+    return paths.run / "emulator.ready"
+
+
+async def _autostart(paths: SimPaths) -> None:
+    from qubes_mcp.sim.qrexec.qubesd_client import QubesdClient
+
+    client = QubesdClient(paths)
+    names = [
+        line.split(" ", 1)[0]
+        for line in (await client.call("dom0", "admin.vm.List")).decode().splitlines()
+    ]
+    for name in names:
+        if name == "dom0":
+            continue
+        value = (await client.call(name, "admin.vm.property.Get", "autostart")).decode()
+        if value.endswith(" True"):
+            await client.call(name, "admin.vm.Start")
+
+
+async def run_emulator(root: Path, fleet: Path | None, stop: asyncio.Event) -> None:
+    """Serve an emulated dom0 under ``root`` until ``stop`` is set."""
+    from qubes_mcp.sim.qrexec import install_default_policy, install_dom0_rpc, start_router
+    from qubes_mcp.sim.qrexec.operator import DenyAllOperator
+    from qubes_mcp.sim.qubesd import open_app, start_qubesd
+
+    paths = SimPaths(root.resolve())
+    for directory in (paths.run, paths.log_dir, paths.state_file.parent):
+        directory.mkdir(parents=True, exist_ok=True)
+    ready = ready_file(paths)
+    ready.unlink(missing_ok=True)
+
+    install_default_policy(paths)
+    install_dom0_rpc(paths)
+    app = open_app(paths, fleet)
+    qubesd = await start_qubesd(app, paths)
+    router = await start_router(paths, DenyAllOperator())
+    try:
+        await _autostart(paths)
+        ready.write_text(f"{os.getpid()}\n", encoding="ascii")
+        log.info("emulated dom0 ready under %s", paths.root)
+        await stop.wait()
+    finally:
+        ready.unlink(missing_ok=True)
+        await router.close()
+        await qubesd.close()
+
+
+def main_run(root: Path, fleet: Path | None) -> int:
+    """Foreground entry point: serve until SIGINT or SIGTERM."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        await run_emulator(root, fleet, stop)
+
+    asyncio.run(runner())
+    return 0
