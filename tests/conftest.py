@@ -12,8 +12,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from qubes_mcp.sim.paths import SimPaths
+
+# A loaded 2-core CI machine must not turn slow data generation into failures; the properties
+# are what is tested, not the speed. Deadlines off for the same reason.
+settings.register_profile(
+    "qubes-mcp", deadline=None, suppress_health_check=[HealthCheck.too_slow], max_examples=100
+)
+settings.load_profile("qubes-mcp")
 
 BWRAP_REASON = (
     "bubblewrap (bwrap) is required to run commands in emulated qubes; "

@@ -1,0 +1,290 @@
+"""The operator's configuration: one TOML file, read into a frozen, typed object of limits.
+
+Only ``load_config`` touches the file system; ``parse_config`` is pure. Every mistake is a
+:class:`~qubes_mcp.dom0.errors.ConfigError` naming the key, and the gate refuses every request
+while the configuration is missing or malformed (fail closed). Unknown keys are mistakes too:
+a misspelt ``private_cap`` must not silently mean "no cap".
+
+Example (every key shown; only ``[[principal]]`` is required)::
+
+    default_tier = "read"          # tier of an enrolled qube with no tier tag
+    egress_qube = "ai-egress"      # the one qube through which sandbox qubes reach the network
+
+    [[principal]]
+    qube = "mcp-control"           # the control qube that runs the agent
+    scope = "ai"                   # tag prefix: ai-managed, ai-exec, ai-net, ai-full, ai-dump
+    ceiling = "full"               # never more than this on any qube
+    name_prefix = "ai-"            # qubes it creates must be named ai-…
+    may_create = true
+
+    [budget]
+    pool_cap = "64GiB"             # persistent footprint of all of a principal's qubes
+    private_cap = "20GiB"          # largest private volume one qube may ask for
+    default_private = "2GiB"
+    max_qubes = 32                 # qubes in a principal's scope, at most
+
+    [consent]
+    timeout = 120                  # seconds; no answer is a refusal
+    operations = ["qube.shutdown"] # needs consent on top of the operations table's defaults
+    guarded = ["ai-build"]         # every state-changing request on these waits for consent
+
+    [limits]
+    request_bytes = 65536
+    output_bytes = 1048576         # per stream of a command's output
+    run_timeout = 600              # seconds, upper bound for one command
+    event_window = 120             # seconds, upper bound for one events call
+    concurrent_requests = 16
+
+    [paths]
+    qubesd_socket = "/var/run/qubesd.sock"
+    gate_socket = "/run/qubes-mcp/gate.sock"
+    operator_socket = "/run/qubes-mcp/operator.sock"
+    audit_log = "/var/log/qubes-mcp/audit.log"
+    state_dir = "/var/lib/qubes-mcp"
+    qvm_run = "/usr/bin/qvm-run"
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qubes_mcp.dom0.errors import ConfigError
+from qubes_mcp.dom0.names import QUBE_NAME_RE, is_valid_qube_name
+from qubes_mcp.dom0.tiers import Scope, Tier
+
+DEFAULT_CONFIG_PATH = Path("/etc/qubes-mcp/config.toml")
+PREFIX_RE = re.compile(r"\A[a-z][a-z0-9]{0,11}-\Z")
+_SIZE_RE = re.compile(r"\A([0-9]{1,15})\s*(B|KiB|MiB|GiB|TiB)?\Z")
+_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40, None: 1}
+
+
+@dataclass(frozen=True)
+class Principal:
+    """A control qube that runs an agent, with its scope, ceiling and name prefix."""
+
+    qube: str
+    scope: Scope
+    ceiling: Tier
+    name_prefix: str
+    may_create: bool
+
+
+@dataclass(frozen=True)
+class Budget:
+    pool_cap: int
+    private_cap: int
+    default_private: int
+    max_qubes: int
+
+
+@dataclass(frozen=True)
+class Consent:
+    timeout: int
+    operations: frozenset[str]
+    guarded: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Limits:
+    request_bytes: int
+    output_bytes: int
+    run_timeout: int
+    event_window: int
+    concurrent_requests: int
+
+
+@dataclass(frozen=True)
+class Paths:
+    qubesd_socket: Path
+    gate_socket: Path
+    operator_socket: Path
+    audit_log: Path
+    state_dir: Path
+    qvm_run: Path
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    principals: Mapping[str, Principal]
+    default_tier: Tier
+    egress_qube: str | None
+    budget: Budget
+    consent: Consent
+    limits: Limits
+    paths: Paths
+    source: str = field(default="<string>", compare=False)
+
+
+DEFAULT_BUDGET = {
+    "pool_cap": 64 << 30,
+    "private_cap": 20 << 30,
+    "default_private": 2 << 30,
+    "max_qubes": 32,
+}
+DEFAULT_CONSENT = {"timeout": 120, "operations": [], "guarded": []}
+DEFAULT_LIMITS = {
+    "request_bytes": 65536,
+    "output_bytes": 1 << 20,
+    "run_timeout": 600,
+    "event_window": 120,
+    "concurrent_requests": 16,
+}
+DEFAULT_PATHS = {
+    "qubesd_socket": "/var/run/qubesd.sock",
+    "gate_socket": "/run/qubes-mcp/gate.sock",
+    "operator_socket": "/run/qubes-mcp/operator.sock",
+    "audit_log": "/var/log/qubes-mcp/audit.log",
+    "state_dir": "/var/lib/qubes-mcp",
+    "qvm_run": "/usr/bin/qvm-run",
+}
+_BOUNDS = {
+    "timeout": (5, 3600),
+    "max_qubes": (1, 10000),
+    "request_bytes": (1024, 1 << 20),
+    "output_bytes": (1024, 64 << 20),
+    "run_timeout": (1, 24 * 3600),
+    "event_window": (1, 3600),
+    "concurrent_requests": (1, 256),
+}
+
+
+def _table(data: Mapping[str, Any], key: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    raw = data.get(key, {})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{key}] must be a table")
+    unknown = sorted(set(raw) - set(defaults))
+    if unknown:
+        raise ConfigError(f"[{key}]: unknown key {unknown[0]!r} (known: {', '.join(defaults)})")
+    return {**defaults, **raw}
+
+
+def _int(where: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where} must be an integer")
+    name = where.rsplit(".", 1)[-1]
+    low, high = _BOUNDS.get(name, (0, 1 << 62))
+    if not low <= value <= high:
+        raise ConfigError(f"{where} must be between {low} and {high}")
+    return value
+
+
+def parse_size(where: str, value: object) -> int:
+    """An integer number of bytes, or a string like ``"20GiB"`` (binary units only)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where} must be a size")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE_RE.match(value.strip())):
+        size = int(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        raise ConfigError(f'{where} must be bytes or a size like "20GiB"')
+    if size <= 0:
+        raise ConfigError(f"{where} must be positive")
+    return size
+
+
+def _names(where: str, value: object) -> frozenset[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where} must be a list of strings")
+    return frozenset(value)
+
+
+def _principal(index: int, raw: object) -> Principal:
+    where = f"[[principal]] #{index + 1}"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table")
+    known = {"qube", "scope", "ceiling", "name_prefix", "may_create"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})"
+        )
+    qube = raw.get("qube")
+    if not isinstance(qube, str) or not is_valid_qube_name(qube) or qube == "dom0":
+        raise ConfigError(f"{where}: qube must be a qube name ({QUBE_NAME_RE.pattern}), not dom0")
+    try:
+        scope = Scope(str(raw.get("scope", "ai")))
+        ceiling = Tier.parse(str(raw.get("ceiling", "full")))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    prefix = raw.get("name_prefix", f"{scope.prefix}-")
+    if not isinstance(prefix, str) or not PREFIX_RE.match(prefix):
+        raise ConfigError(f"{where}: name_prefix must match {PREFIX_RE.pattern}")
+    may_create = raw.get("may_create", False)
+    if not isinstance(may_create, bool):
+        raise ConfigError(f"{where}: may_create must be true or false")
+    return Principal(qube, scope, ceiling, prefix, may_create)
+
+
+def parse_config(text: str, source: str = "<string>") -> GateConfig:
+    """Parse and check the configuration text; raises ConfigError naming the problem."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    top = {"default_tier", "egress_qube", "principal", "budget", "consent", "limits", "paths"}
+    unknown = sorted(set(data) - top)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {unknown[0]!r} (known: {', '.join(sorted(top))})")
+    raw_principals = data.get("principal")
+    if not isinstance(raw_principals, list) or not raw_principals:
+        raise ConfigError(f"{source}: at least one [[principal]] is required")
+    principals: dict[str, Principal] = {}
+    for index, raw in enumerate(raw_principals):
+        principal = _principal(index, raw)
+        if principal.qube in principals:
+            raise ConfigError(f"{source}: principal {principal.qube!r} is configured twice")
+        principals[principal.qube] = principal
+    try:
+        default_tier = Tier.parse(str(data.get("default_tier", "read")))
+    except ValueError as exc:
+        raise ConfigError(f"{source}: default_tier: {exc}") from None
+    egress = data.get("egress_qube")
+    if egress is not None and (not isinstance(egress, str) or not is_valid_qube_name(egress)):
+        raise ConfigError(f"{source}: egress_qube must be a qube name")
+    if egress in principals:
+        raise ConfigError(f"{source}: egress_qube cannot be a principal's control qube")
+
+    b = _table(data, "budget", DEFAULT_BUDGET)
+    budget = Budget(
+        pool_cap=parse_size("budget.pool_cap", b["pool_cap"]),
+        private_cap=parse_size("budget.private_cap", b["private_cap"]),
+        default_private=parse_size("budget.default_private", b["default_private"]),
+        max_qubes=_int("budget.max_qubes", b["max_qubes"]),
+    )
+    if budget.default_private > budget.private_cap:
+        raise ConfigError(f"{source}: budget.default_private is above budget.private_cap")
+    c = _table(data, "consent", DEFAULT_CONSENT)
+    consent = Consent(
+        timeout=_int("consent.timeout", c["timeout"]),
+        operations=_names("consent.operations", c["operations"]),
+        guarded=_names("consent.guarded", c["guarded"]),
+    )
+    from qubes_mcp.dom0.operations import OPERATIONS_BY_NAME
+
+    for name in sorted(consent.operations - set(OPERATIONS_BY_NAME)):
+        raise ConfigError(f"{source}: consent.operations: unknown operation {name!r}")
+    lim = _table(data, "limits", DEFAULT_LIMITS)
+    limits = Limits(**{k: _int(f"limits.{k}", v) for k, v in lim.items()})
+    p = _table(data, "paths", DEFAULT_PATHS)
+    for key, value in p.items():
+        if not isinstance(value, str) or not value.startswith("/"):
+            raise ConfigError(f"{source}: paths.{key} must be an absolute path")
+    paths = Paths(**{k: Path(v) for k, v in p.items()})
+    return GateConfig(principals, default_tier, egress, budget, consent, limits, paths, source)
+
+
+def load_config(path: Path = DEFAULT_CONFIG_PATH) -> GateConfig:
+    """Read and parse the configuration file; a missing or unreadable file is a ConfigError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the configuration is not UTF-8") from None
+    return parse_config(text, str(path))

@@ -1,0 +1,341 @@
+"""The decision: may this principal do this operation with these arguments, on this fleet?
+
+``decide`` is pure: it takes the request (already schema-checked), the facts read fresh from
+qubesd, and the configuration, and returns a :class:`Verdict` or raises a
+:class:`~qubes_mcp.dom0.errors.GateError`. The order of checks is part of the contract,
+because each step may only reveal what the previous steps proved the agent may see:
+
+1. The caller must be a configured principal (else ``not-found``).
+2. Every qube the request names must exist *and* be in the principal's scope (a copy may also
+   land in the scope's dump sink). Missing and out-of-scope raise the same ``NotFoundError``,
+   in the same order, so neither the message nor the sequence of reads differs.
+3. The effective tier — min(tier tags, ceiling) — on each of them must reach what the
+   operation needs there (``insufficient-tier``; those qubes are known to the agent).
+4. The operation's invariants (``not-allowed``): property and feature allowlists, netvm may be
+   disconnected but never retargeted, no template/standalone creation, no clone of templates or
+   network providers, cross-references stay in scope, the principal may create.
+5. Budgets for create paths (``budget-exceeded``) and name collisions inside the principal's
+   own prefix (``conflict``).
+6. Consent: the table's default, the operator's per-operation list, and guarded qubes.
+
+Nothing here allows by default: an operation the table does not know never reaches this
+function, and every branch that is not an explicit pass raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from qubes_mcp.dom0.config import GateConfig, Principal
+from qubes_mcp.dom0.errors import (
+    BudgetExceededError,
+    ConflictError,
+    InsufficientTierError,
+    InvalidInputError,
+    NotAllowedError,
+    NotFoundError,
+)
+from qubes_mcp.dom0.facts import Facts, QubeFacts
+from qubes_mcp.dom0.names import is_valid_qube_name
+from qubes_mcp.dom0.operations import Operation, Target
+from qubes_mcp.dom0.tiers import Tier, effective_tier
+
+#: VM-valued properties an agent may write, each a cross-reference that must stay in scope
+VM_PROPERTIES = frozenset({"netvm", "default_dispvm", "template"})
+#: feature names an agent may write: in-qube service toggles and qubesdb config for the qube
+WRITABLE_FEATURE_PREFIXES = ("service.", "vm-config.")
+LABELS = ("red", "orange", "yellow", "green", "gray", "blue", "purple", "black")
+_INT_BOUNDS = {"memory": (200, 65536), "maxmem": (0, 65536), "vcpus": (1, 64)}
+_BOOLS = {"true": "True", "false": "False", "1": "True", "0": "False"}
+
+
+@dataclass(frozen=True)
+class Birth:
+    """How the gate creates a qube: what it is, the tags it gets, its network."""
+
+    name: str
+    source: str
+    klass: str  #: "AppVM" or "DispVM"
+    label: str
+    tier: Tier
+    stamp: frozenset[str]
+    netvm: str | None
+    private_size: int | None
+    template_for_dispvms: bool
+    estimate: int
+
+
+@dataclass(frozen=True)
+class Verdict:
+    op: Operation
+    principal: Principal
+    target: str | None
+    args: Mapping[str, Any]
+    tiers: Mapping[str, Tier]
+    consent: bool
+    consent_reasons: tuple[str, ...] = ()
+    birth: Birth | None = None
+
+
+def names_to_read(op: Operation, target: str | None, args: Mapping[str, Any]) -> list[str]:
+    """Every qube name the decision will look at, in the order it looks at them."""
+    names = [] if target is None else [target]
+    names += [args[ref.field] for ref in op.refs if args.get(ref.field) is not None]
+    if op.name == "property.set" and args["property"] in VM_PROPERTIES and args["value"]:
+        names.append(args["value"])
+    if op.creates and args.get("name"):
+        names.append(args["name"])
+    return names
+
+
+def _in_scope(principal: Principal, facts: QubeFacts | None, config: GateConfig) -> Tier:
+    """Step 2 for one qube: its effective tier, or the one not-found refusal."""
+    if facts is None:
+        raise NotFoundError(reason="no such qube")
+    tier = effective_tier(principal.scope, facts.tags, config.default_tier, principal.ceiling)
+    if tier is None:
+        raise NotFoundError(reason=f"{facts.name} is not enrolled in {principal.scope.prefix}")
+    return tier
+
+
+def _need(tier: Tier, needs: Tier, role: str) -> None:
+    if tier < needs:
+        raise InsufficientTierError(
+            f"needs {needs.word} on the {role}, you have {tier.word}",
+            reason=f"{role} tier {tier.word} < {needs.word}",
+        )
+
+
+def _check_property(
+    principal: Principal, config: GateConfig, qube: QubeFacts, args: dict[str, Any], facts: Facts
+) -> None:
+    prop, value = args["property"], args["value"]
+    if prop in VM_PROPERTIES:
+        if value in (None, ""):
+            args["value"] = None
+        elif not is_valid_qube_name(value):
+            raise InvalidInputError("value must be a qube name or null")
+    if prop == "netvm":
+        if qube.flag("provides_network") or qube.name == config.egress_qube:
+            raise NotAllowedError("the netvm of a network-providing qube is operator-only")
+        if args["value"] is None:
+            return  # disconnecting is always allowed
+        ref = facts.get(args["value"])
+        _in_scope(principal, ref, config)
+        current = qube.prop("netvm")
+        if args["value"] != config.egress_qube or current not in ("", config.egress_qube):
+            raise NotAllowedError(
+                "netvm can be set to null, or back to the egress qube from null; "
+                "connecting elsewhere is operator-only"
+            )
+        return
+    if prop == "default_dispvm":
+        if args["value"] is None:
+            return
+        ref = facts.get(args["value"])
+        _in_scope(principal, ref, config)
+        assert ref is not None
+        if not ref.flag("template_for_dispvms"):
+            raise NotAllowedError("default_dispvm must be a disposable template in your scope")
+        return
+    if prop == "template":
+        if args["value"] is None:
+            raise InvalidInputError("template cannot be null")
+        ref = facts.get(args["value"])
+        _in_scope(principal, ref, config)
+        assert ref is not None
+        if ref.klass != "TemplateVM" or qube.klass != "AppVM":
+            raise NotAllowedError("template must be a template in your scope, on an app qube")
+        return
+    if value is None:
+        raise InvalidInputError("value cannot be null for this property")
+    if prop == "label":
+        if value not in LABELS:
+            raise InvalidInputError(f"label must be one of: {', '.join(LABELS)}")
+    elif prop in _INT_BOUNDS:
+        low, high = _INT_BOUNDS[prop]
+        if not value.isdigit() or not low <= int(value) <= high:
+            raise InvalidInputError(f"{prop} must be an integer between {low} and {high}")
+        args["value"] = str(int(value))
+    elif prop in ("autostart", "template_for_dispvms"):
+        if value.lower() not in _BOOLS:
+            raise InvalidInputError(f"{prop} must be true or false")
+        args["value"] = _BOOLS[value.lower()]
+        if prop == "template_for_dispvms" and qube.klass != "AppVM":
+            raise NotAllowedError("only an app qube can be a disposable template")
+    else:  # the schema's choices and this function must agree
+        raise NotAllowedError("property is not writable")
+
+
+def _birth_netvm(
+    principal: Principal, config: GateConfig, source: QubeFacts | None, facts: Facts, network: str
+) -> str | None:
+    """The documented inheritance rule for a new qube's netvm (docs/architecture-gate.md)."""
+    if network == "none":
+        return None
+    if source is not None:  # clone or disposable: the source's own network, if it stays in scope
+        inherited = source.prop("netvm")
+        if not inherited:
+            return None
+        if (
+            facts.get(inherited) is None
+            or effective_tier(
+                principal.scope,
+                facts.get(inherited).tags,  # type: ignore[union-attr]
+                config.default_tier,
+                principal.ceiling,
+            )
+            is None
+        ):
+            raise NotAllowedError("the source's network is outside your scope")
+        return inherited
+    if config.egress_qube is None:
+        return None
+    egress = facts.get(config.egress_qube)
+    if egress is None or not principal.scope.is_enrolled(egress.tags):
+        raise NotAllowedError("the configured egress qube is not in your scope")
+    return config.egress_qube
+
+
+def _plan_birth(
+    *,
+    principal: Principal,
+    config: GateConfig,
+    op: Operation,
+    source: QubeFacts,
+    source_tier: Tier,
+    args: Mapping[str, Any],
+    facts: Facts,
+) -> Birth:
+    if not principal.may_create:
+        raise NotAllowedError("you may not create qubes")
+    if op.name == "qube.create":
+        if source.klass != "TemplateVM":
+            raise NotAllowedError("a qube can only be created from a template")
+        klass, inherit_from = "AppVM", None
+        private = args.get("private_size")
+        estimate = private or config.budget.default_private
+    elif op.name in ("disposable.create", "disposable.run"):
+        if source.klass != "AppVM" or not source.flag("template_for_dispvms"):
+            raise NotAllowedError("a disposable needs a disposable template")
+        klass, inherit_from, private = "DispVM", source, None
+        estimate = max(source.private_size, config.budget.default_private)
+    else:  # qube.clone
+        if source.klass != "AppVM":
+            raise NotAllowedError("only app qubes can be cloned")
+        if source.flag("provides_network"):
+            raise NotAllowedError("a network-providing qube cannot be cloned")
+        klass, inherit_from, private = "AppVM", source, None
+        estimate = max(source.footprint, source.private_size)
+    name = args.get("name")
+    if name is not None and facts.get(name) is not None:
+        raise ConflictError(reason="name collision inside the principal's prefix")
+    if private is not None and private > config.budget.private_cap:
+        raise BudgetExceededError("private_size is above the per-qube cap")
+    if len(facts.scope_qubes) >= config.budget.max_qubes:
+        raise BudgetExceededError("you already have the maximum number of qubes")
+    used = sum(q.footprint for q in facts.scope_qubes)
+    if used + estimate > config.budget.pool_cap:
+        raise BudgetExceededError("the pool budget would be exceeded")
+    scope = principal.scope
+    stamp = {scope.managed, scope.owner(principal.qube)}
+    tier_tag = scope.tier_tag(source_tier)
+    if tier_tag is not None:
+        stamp.add(tier_tag)
+    return Birth(
+        name=name or "",
+        source=source.name,
+        klass=klass,
+        label=args.get("label") or source.prop("label") or "gray",
+        tier=source_tier,
+        stamp=frozenset(stamp),
+        netvm=_birth_netvm(principal, config, inherit_from, facts, args.get("network", "inherit")),
+        private_size=private,
+        template_for_dispvms=bool(args.get("disposable_template")),
+        estimate=estimate,
+    )
+
+
+def _consent(
+    op: Operation, config: GateConfig, principal: Principal, touched: list[QubeFacts]
+) -> tuple[str, ...]:
+    reasons = []
+    if op.consent:
+        reasons.append(f"{op.name} needs consent")
+    if op.name in config.consent.operations:
+        reasons.append(f"the operator asks to confirm {op.name}")
+    if op.state_changing:
+        for q in touched:
+            if q.name in config.consent.guarded or principal.scope.guarded in q.tags:
+                reasons.append(f"{q.name} is guarded")
+    return tuple(reasons)
+
+
+def decide(
+    *,
+    principal: Principal | None,
+    op: Operation,
+    target: str | None,
+    args: Mapping[str, Any],
+    facts: Facts,
+    config: GateConfig,
+) -> Verdict:
+    """Decide one request; see the module docstring for the order of checks."""
+    if principal is None:
+        raise NotFoundError(reason="caller is not a configured principal")
+    work_args = dict(args)
+    tiers: dict[str, Tier] = {}
+    touched: list[QubeFacts] = []
+    target_facts: QubeFacts | None = None
+    if op.target is Target.QUBE:
+        if target is None:
+            raise NotFoundError(reason="no target qube")
+        target_facts = facts.get(target)
+        tiers[target] = _in_scope(principal, target_facts, config)
+        assert target_facts is not None
+        touched.append(target_facts)
+    for ref in op.refs:
+        name = work_args.get(ref.field)
+        if name is None:
+            continue
+        ref_facts = facts.get(name)
+        if (
+            ref.allow_dump
+            and ref_facts is not None
+            and principal.scope.is_dump_sink(ref_facts.tags)
+        ):
+            tiers[name] = ref.needs  # a sink accepts copies and nothing else
+        else:
+            tiers[name] = _in_scope(principal, ref_facts, config)
+        assert ref_facts is not None
+        touched.append(ref_facts)
+        if name == target:
+            raise InvalidInputError(f"{ref.field} must be a different qube")
+    if target is not None and target in tiers:
+        _need(tiers[target], op.needs, "target qube")
+    for ref in op.refs:
+        name = work_args.get(ref.field)
+        if name is not None:
+            _need(tiers[name], ref.needs, ref.field)
+    birth = None
+    if op.name == "property.set":
+        assert target_facts is not None
+        _check_property(principal, config, target_facts, work_args, facts)
+    elif op.name == "feature.set":
+        if not work_args["feature"].startswith(WRITABLE_FEATURE_PREFIXES):
+            raise NotAllowedError("only service.* and vm-config.* features are writable by agents")
+    elif op.creates:
+        assert target_facts is not None and target is not None
+        birth = _plan_birth(
+            principal=principal,
+            config=config,
+            op=op,
+            source=target_facts,
+            source_tier=tiers[target],
+            args=work_args,
+            facts=facts,
+        )
+    reasons = _consent(op, config, principal, touched)
+    return Verdict(op, principal, target, work_args, tiers, bool(reasons), reasons, birth)

@@ -1,0 +1,121 @@
+"""The gate's refusals: one root class, a stable vocabulary of codes, fixed messages.
+
+Every failure in the gate is a :class:`GateError`. The request handler turns any caught
+failure into the JSON refusal of its code; there is no path that ends in "allow by default".
+Messages are fixed per code (or built only from values the caller already proved it may see),
+so no dom0 exception text can reach an agent: the class name of an unexpected exception goes to
+the audit log instead.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class GateError(Exception):
+    """Root of every refusal. ``code`` and ``message`` are what the agent sees."""
+
+    code: ClassVar[str] = "failed"
+    default_message: ClassVar[str] = "the request failed; see the dom0 audit log"
+
+    def __init__(self, message: str | None = None, *, reason: str = "") -> None:
+        self.message = message or self.default_message
+        #: for the audit log and dom0 journal only, never sent to the agent
+        self.reason = reason
+        super().__init__(self.message)
+
+    def to_reply(self) -> dict[str, object]:
+        return {"ok": False, "error": {"code": self.code, "message": self.message}}
+
+
+class InvalidInputError(GateError):
+    """The payload is malformed; checked before any lookup, names a field, never a qube."""
+
+    code = "invalid-input"
+    default_message = "invalid input"
+
+
+class NotFoundError(GateError):
+    """Missing, out of scope, or not visible: byte-identical for all of them."""
+
+    code = "not-found"
+    default_message = "no such qube, or not yours"
+
+    def __init__(self, *, reason: str = "") -> None:
+        # Deliberately no message argument: every not-found is the same bytes.
+        super().__init__(None, reason=reason)
+
+
+class InsufficientTierError(GateError):
+    """The qube is in scope but its effective tier is below what the operation needs."""
+
+    code = "insufficient-tier"
+    default_message = "this qube's tier does not allow that"
+
+
+class NotAllowedError(GateError):
+    """An invariant forbids it at every tier (tag writes, retargeting netvm, …)."""
+
+    code = "not-allowed"
+    default_message = "not allowed"
+
+
+class BudgetExceededError(GateError):
+    code = "budget-exceeded"
+    default_message = "the request would exceed the operator's budget"
+
+
+class ConsentDeniedError(GateError):
+    code = "consent-denied"
+    default_message = "the operator did not approve this request"
+
+
+class ConflictError(GateError):
+    code = "conflict"
+    default_message = "a qube with that name already exists"
+
+
+class InvalidStateError(GateError):
+    code = "invalid-state"
+    default_message = "the qube is not in a state that allows this"
+
+
+class FailedError(GateError):
+    code = "failed"
+
+
+class UnavailableError(GateError):
+    code = "unavailable"
+    default_message = "qubes-mcp gate is unavailable"
+
+
+class ConfigError(UnavailableError):
+    """The operator's configuration is missing or malformed: the gate refuses everything.
+
+    ``str()`` is the precise problem (for the operator); the agent sees only ``unavailable``.
+    """
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(None, reason=problem)
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return self.problem
+
+
+#: every code, for documentation and for the MCP server's tests
+CODES: tuple[str, ...] = tuple(
+    cls.code
+    for cls in (
+        InvalidInputError,
+        NotFoundError,
+        InsufficientTierError,
+        NotAllowedError,
+        BudgetExceededError,
+        ConsentDeniedError,
+        ConflictError,
+        InvalidStateError,
+        FailedError,
+        UnavailableError,
+    )
+)

@@ -1,0 +1,436 @@
+"""THE operations table: the single source of truth for what an agent can ask of dom0.
+
+Each row names the qrexec service, the qube the call is addressed to (its qrexec target), the
+tier it needs on that qube and on every other qube it references, whether it waits for the
+operator by default, its honest MCP annotations, and the exact shape of its JSON payload. The
+gate's dispatcher, its decision function, the generated qrexec policy, the MCP server's tools
+and the documentation are all derived from this table; nothing else may restate it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Literal
+
+from qubes_mcp.dom0.tiers import Tier
+
+FieldKind = Literal["qube", "new_name", "str", "int", "bool", "choice", "argv", "text", "rules"]
+
+
+class Target(Enum):
+    """Where the qrexec call is addressed."""
+
+    GLOBAL = "@adminvm"  #: about no particular qube
+    QUBE = "qube"  #: about the qube named as the qrexec target (scoped by tag in policy)
+
+
+@dataclass(frozen=True)
+class Field:
+    """One key of an operation's JSON payload."""
+
+    name: str
+    kind: FieldKind
+    doc: str
+    required: bool = False
+    default: object = None
+    choices: tuple[str, ...] = ()
+    minimum: int = 0
+    maximum: int = 0
+    max_len: int = 256
+    pattern: str = ""
+    nullable: bool = False
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A qube an operation touches besides its target, and what it needs there."""
+
+    field: str
+    needs: Tier
+    #: a copy may also land in the scope's dump sink (copy-in only, never enrolled)
+    allow_dump: bool = False
+
+
+@dataclass(frozen=True)
+class Operation:
+    name: str
+    service: str
+    summary: str
+    target: Target
+    needs: Tier
+    consent: bool = False
+    read_only: bool = False
+    destructive: bool = False
+    idempotent: bool = False
+    fields: tuple[Field, ...] = ()
+    refs: tuple[Ref, ...] = ()
+    #: creates a qube: principal must be allowed to create, budgets apply, prefix applies
+    creates: bool = False
+    #: the gate waits on the qube for a long time (command, create, consent …)
+    long_running: bool = False
+
+    @property
+    def state_changing(self) -> bool:
+        return not self.read_only
+
+
+_QUBE_DOC = "a qube in your scope"
+_RULE_DOC = (
+    "firewall rules, first match wins; each an object with action (accept|drop) and optionally "
+    "proto (tcp|udp|icmp), one of dst4/dst6/dsthost, dstports (N or N-M, tcp/udp only), "
+    "icmptype (icmp only), specialtarget (dns), comment"
+)
+ARGV = Field(
+    "command",
+    "argv",
+    "the command as a list of arguments (no shell)",
+    required=True,
+    maximum=256,
+    max_len=4096,
+)
+STDIN = Field(
+    "stdin", "text", "text fed to the command's standard input", default="", max_len=1 << 20
+)
+TIMEOUT = Field(
+    "timeout", "int", "seconds before the command is killed", default=60, minimum=1, maximum=3600
+)
+
+OPERATIONS: tuple[Operation, ...] = (
+    # --- read -------------------------------------------------------------------------
+    Operation(
+        "qube.list",
+        "qmcp.List",
+        "List the qubes in your scope with your tier on each",
+        Target.GLOBAL,
+        Tier.READ,
+        read_only=True,
+        idempotent=True,
+    ),
+    Operation(
+        "qube.info",
+        "qmcp.Info",
+        "Read a qube's allowlisted properties, scope tags, features and volumes",
+        Target.QUBE,
+        Tier.READ,
+        read_only=True,
+        idempotent=True,
+    ),
+    Operation(
+        "firewall.get",
+        "qmcp.FirewallGet",
+        "Read a qube's firewall rules",
+        Target.QUBE,
+        Tier.READ,
+        read_only=True,
+        idempotent=True,
+    ),
+    Operation(
+        "devices.list",
+        "qmcp.DevicesList",
+        "List the block devices a qube exposes and those attached to it",
+        Target.QUBE,
+        Tier.READ,
+        read_only=True,
+        idempotent=True,
+    ),
+    Operation(
+        "events.watch",
+        "qmcp.Events",
+        "Collect events about your qubes for a bounded window",
+        Target.GLOBAL,
+        Tier.READ,
+        read_only=True,
+        long_running=True,
+        fields=(
+            Field("seconds", "int", "how long to watch", default=10, minimum=1, maximum=3600),
+            Field("qube", "qube", "only events about this qube", nullable=True),
+        ),
+        refs=(Ref("qube", Tier.READ),),
+    ),
+    Operation(
+        "budget.get",
+        "qmcp.Budget",
+        "Read your pool budget and qube count",
+        Target.GLOBAL,
+        Tier.READ,
+        read_only=True,
+        idempotent=True,
+    ),
+    # --- exec: power ----------------------------------------------------------------------
+    Operation(
+        "qube.start",
+        "qmcp.Start",
+        "Start a qube (and its network chain)",
+        Target.QUBE,
+        Tier.EXEC,
+        idempotent=True,
+        long_running=True,
+    ),
+    Operation(
+        "qube.shutdown",
+        "qmcp.Shutdown",
+        "Shut a qube down cleanly",
+        Target.QUBE,
+        Tier.EXEC,
+        idempotent=True,
+        long_running=True,
+        fields=(
+            Field("force", "bool", "shut down even if other qubes use its network", default=False),
+        ),
+    ),
+    Operation(
+        "qube.pause", "qmcp.Pause", "Pause a running qube", Target.QUBE, Tier.EXEC, idempotent=True
+    ),
+    Operation(
+        "qube.unpause",
+        "qmcp.Unpause",
+        "Unpause a paused qube",
+        Target.QUBE,
+        Tier.EXEC,
+        idempotent=True,
+    ),
+    Operation(
+        "qube.kill",
+        "qmcp.Kill",
+        "Kill a qube at once (unsaved state in it is lost)",
+        Target.QUBE,
+        Tier.EXEC,
+        destructive=True,
+    ),
+    # --- exec: commands and files ------------------------------------------------------------
+    Operation(
+        "qube.run",
+        "qmcp.Run",
+        "Run a command as root in a qube (starts it if needed)",
+        Target.QUBE,
+        Tier.EXEC,
+        destructive=True,
+        long_running=True,
+        fields=(ARGV, STDIN, TIMEOUT),
+    ),
+    Operation(
+        "file.copy",
+        "qmcp.Copy",
+        "Copy files from a qube into another exec qube or into the dump sink "
+        "(they land in ~/QubesIncoming/<source>/)",
+        Target.QUBE,
+        Tier.EXEC,
+        long_running=True,
+        fields=(
+            Field("destination", "qube", "the receiving qube", required=True),
+            Field(
+                "paths",
+                "argv",
+                "absolute paths in the source qube",
+                required=True,
+                maximum=64,
+                max_len=4096,
+            ),
+        ),
+        refs=(Ref("destination", Tier.EXEC, allow_dump=True),),
+    ),
+    # --- net -------------------------------------------------------------------------------
+    Operation(
+        "firewall.set",
+        "qmcp.FirewallSet",
+        "Replace a qube's firewall rules",
+        Target.QUBE,
+        Tier.NET,
+        consent=True,
+        destructive=True,
+        idempotent=True,
+        long_running=True,
+        fields=(Field("rules", "rules", _RULE_DOC, required=True, maximum=256),),
+    ),
+    # --- create ----------------------------------------------------------------------------
+    Operation(
+        "qube.create",
+        "qmcp.Create",
+        "Create an app qube (or a disposable template) from a template in your scope",
+        Target.QUBE,
+        Tier.EXEC,
+        creates=True,
+        long_running=True,
+        fields=(
+            Field("name", "new_name", "the new qube's name, inside your prefix", required=True),
+            Field(
+                "label",
+                "choice",
+                "colour label",
+                default="gray",
+                choices=("red", "orange", "yellow", "green", "gray", "blue", "purple", "black"),
+            ),
+            Field(
+                "disposable_template",
+                "bool",
+                "make it a disposable template (template_for_dispvms)",
+                default=False,
+            ),
+            Field(
+                "private_size",
+                "int",
+                "private volume size in bytes",
+                nullable=True,
+                minimum=1,
+                maximum=1 << 50,
+            ),
+            Field(
+                "network",
+                "choice",
+                "inherit the documented egress, or none",
+                default="inherit",
+                choices=("inherit", "none"),
+            ),
+        ),
+    ),
+    Operation(
+        "disposable.create",
+        "qmcp.CreateDisposable",
+        "Create a disposable from a disposable template in your scope",
+        Target.QUBE,
+        Tier.EXEC,
+        creates=True,
+        long_running=True,
+    ),
+    Operation(
+        "disposable.run",
+        "qmcp.RunDisposable",
+        "Run one command as root in a fresh disposable, then destroy it",
+        Target.QUBE,
+        Tier.EXEC,
+        creates=True,
+        long_running=True,
+        fields=(ARGV, STDIN, TIMEOUT),
+    ),
+    Operation(
+        "qube.clone",
+        "qmcp.Clone",
+        "Clone an app qube in your scope",
+        Target.QUBE,
+        Tier.FULL,
+        creates=True,
+        long_running=True,
+        fields=(Field("name", "new_name", "the clone's name, inside your prefix", required=True),),
+    ),
+    # --- full ------------------------------------------------------------------------------
+    Operation(
+        "property.set",
+        "qmcp.SetProperty",
+        "Set one allowlisted property of a qube",
+        Target.QUBE,
+        Tier.FULL,
+        idempotent=True,
+        fields=(
+            Field(
+                "property",
+                "choice",
+                "the property",
+                required=True,
+                choices=(
+                    "label",
+                    "memory",
+                    "maxmem",
+                    "vcpus",
+                    "netvm",
+                    "default_dispvm",
+                    "template",
+                    "autostart",
+                    "template_for_dispvms",
+                ),
+            ),
+            Field(
+                "value",
+                "str",
+                "the new value; null resets netvm-style references to none",
+                required=True,
+                nullable=True,
+                max_len=64,
+            ),
+        ),
+    ),
+    Operation(
+        "feature.set",
+        "qmcp.SetFeature",
+        "Set one allowlisted feature of a qube",
+        Target.QUBE,
+        Tier.FULL,
+        idempotent=True,
+        fields=(
+            Field(
+                "feature",
+                "str",
+                "the feature name",
+                required=True,
+                max_len=64,
+                pattern=r"\A[a-zA-Z0-9_.-]+\Z",
+            ),
+            Field(
+                "value",
+                "str",
+                "the value (printable ASCII)",
+                required=True,
+                max_len=1024,
+                pattern=r"\A[\x20-\x7e]*\Z",
+            ),
+        ),
+    ),
+    Operation(
+        "device.attach",
+        "qmcp.DeviceAttach",
+        "Attach a block device of one of your qubes to another",
+        Target.QUBE,
+        Tier.FULL,
+        consent=True,
+        long_running=True,
+        fields=(
+            Field("backend", "qube", "the qube that exposes the device", required=True),
+            Field(
+                "device",
+                "str",
+                "the device's port id, e.g. sda",
+                required=True,
+                max_len=64,
+                pattern=r"\A[A-Za-z0-9_.-]+\Z",
+            ),
+            Field("read_only", "bool", "attach read-only", default=False),
+        ),
+        refs=(Ref("backend", Tier.FULL),),
+    ),
+    Operation(
+        "device.detach",
+        "qmcp.DeviceDetach",
+        "Detach a block device from a qube",
+        Target.QUBE,
+        Tier.FULL,
+        consent=True,
+        destructive=True,
+        long_running=True,
+        fields=(
+            Field("backend", "qube", "the qube that exposes the device", required=True),
+            Field(
+                "device",
+                "str",
+                "the device's port id",
+                required=True,
+                max_len=64,
+                pattern=r"\A[A-Za-z0-9_.-]+\Z",
+            ),
+        ),
+        refs=(Ref("backend", Tier.FULL),),
+    ),
+    Operation(
+        "qube.remove",
+        "qmcp.Remove",
+        "Remove a halted qube and all its data",
+        Target.QUBE,
+        Tier.FULL,
+        consent=True,
+        destructive=True,
+        long_running=True,
+    ),
+)
+
+OPERATIONS_BY_NAME: dict[str, Operation] = {op.name: op for op in OPERATIONS}
+OPERATIONS_BY_SERVICE: dict[str, Operation] = {op.service: op for op in OPERATIONS}
+SERVICE_PREFIX = "qmcp."

@@ -1,0 +1,85 @@
+"""Data builders for gate tests: a small fleet of facts and a configuration, as plain values."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from qubes_mcp.dom0.config import GateConfig, parse_config
+from qubes_mcp.dom0.facts import Facts, Prop, QubeFacts
+
+CONFIG_TEXT = """
+default_tier = "read"
+egress_qube = "ai-egress"
+
+[[principal]]
+qube = "mcp-control"
+scope = "ai"
+ceiling = "full"
+name_prefix = "ai-"
+may_create = true
+
+[[principal]]
+qube = "auditor"
+scope = "ai"
+ceiling = "read"
+name_prefix = "aud-"
+may_create = false
+
+[budget]
+pool_cap = "100GiB"
+private_cap = "4GiB"
+default_private = "2GiB"
+max_qubes = 12
+
+[consent]
+timeout = 30
+guarded = ["ai-precious"]
+"""
+
+
+def config(text: str = CONFIG_TEXT) -> GateConfig:
+    return parse_config(text)
+
+
+def qube(name: str, *tags: str, klass: str = "AppVM", state: str = "Halted",
+         footprint: int = 2 << 30, **props: str) -> QubeFacts:
+    return QubeFacts(
+        name=name,
+        klass=klass,
+        state=state,
+        tags=frozenset(tags),
+        props={k: Prop(False, "str", v) for k, v in props.items()},
+        footprint=footprint,
+        private_size=footprint,
+    )
+
+
+def demo_qubes() -> list[QubeFacts]:
+    """Names mirror the emulator's demo fleet."""
+    return [
+        qube("dom0", klass="AdminVM", state="Running"),
+        qube("vault", netvm=""),
+        qube("work", netvm="sys-firewall"),
+        qube("sys-firewall", provides_network="True", netvm="sys-net"),
+        qube("ai-egress", "ai-managed", provides_network="True", netvm="sys-firewall"),
+        qube("ai-notes", "ai-managed", netvm="ai-egress"),
+        qube("ai-dev", "ai-managed", "ai-exec", netvm="ai-egress"),
+        qube("ai-web", "ai-managed", "ai-net", netvm="ai-egress"),
+        qube("ai-build", "ai-managed", "ai-full", netvm="ai-egress"),
+        qube("ai-precious", "ai-managed", "ai-full", netvm=""),
+        qube("ai-offnet", "ai-managed", "ai-full", netvm="sys-firewall"),
+        qube("ai-dvm", "ai-managed", "ai-exec", template_for_dispvms="True", netvm="ai-egress"),
+        qube("ai-debian", "ai-managed", "ai-exec", klass="TemplateVM", netvm=""),
+        qube("ai-fulltpl", "ai-managed", "ai-full", klass="TemplateVM", netvm=""),
+        qube("debian-13-xfce", klass="TemplateVM"),
+        qube("ai-dump", "ai-dump"),
+        qube("ai-hybrid", "ai-managed", "ai-dump", "ai-full"),
+        qube("ai-secret"),  # inside the prefix, but the operator never enrolled it
+    ]
+
+
+def facts(names: Iterable[str], extra: Iterable[QubeFacts] = ()) -> Facts:
+    """Facts for the given names from the demo fleet (missing names map to None)."""
+    fleet = {q.name: q for q in [*demo_qubes(), *extra]}
+    scope = tuple(q for q in fleet.values() if "ai-managed" in q.tags and "ai-dump" not in q.tags)
+    return Facts(qubes={n: fleet.get(n) for n in names}, scope_qubes=scope)
