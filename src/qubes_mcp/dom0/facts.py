@@ -53,4 +53,8 @@ class Facts:
     scope_qubes: tuple[QubeFacts, ...] = ()
 
     def get(self, name: str | None) -> QubeFacts | None:
-        return None if name is None else self.qubes.get(name)
+        if name is None:
+            return None
+        if name in self.qubes:
+            return self.qubes[name]
+        return next((q for q in self.scope_qubes if q.name == name), None)

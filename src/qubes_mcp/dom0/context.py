@@ -1,0 +1,74 @@
+"""What a handler gets: the decided request, the clients it may use, and where to note details.
+
+Also the one place that maps qubesd's exceptions to the gate's vocabulary: a power-state
+complaint becomes ``invalid-state`` with a fixed message, anything else ``failed``; the class
+name is kept for the audit log, qubesd's message never travels to the agent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from qubes_mcp.dom0.admin import AdminClient, QubesdError
+from qubes_mcp.dom0.config import GateConfig, Principal
+from qubes_mcp.dom0.decide import Verdict
+from qubes_mcp.dom0.errors import FailedError, GateError, InvalidStateError
+from qubes_mcp.dom0.facts import Facts
+from qubes_mcp.dom0.reader import FleetReader
+
+_STATE_MESSAGES = {
+    "QubesVMNotHaltedError": "the qube must be halted first",
+    "QubesVMNotStartedError": "the qube is not running",
+    "QubesVMNotRunningError": "the qube is not running",
+    "QubesVMNotPausedError": "the qube is not paused",
+    "QubesVMInUseError": "the qube is in use (another qube depends on it)",
+    "QubesVMShutdownTimeoutError": "the qube did not shut down in time",
+    "DeviceAlreadyAttached": "the device is already attached",
+    "DeviceNotAssigned": "the device is not attached there",
+}
+
+
+def map_qubesd_error(exc: QubesdError) -> GateError:
+    message = _STATE_MESSAGES.get(exc.exc_class)
+    if message is not None:
+        return InvalidStateError(message, reason=f"qubesd {exc.exc_class}")
+    return FailedError(reason=f"qubesd {exc.exc_class}")
+
+
+@dataclass
+class Context:
+    config: GateConfig
+    principal: Principal
+    admin: AdminClient
+    reader: FleetReader
+    verdict: Verdict
+    facts: Facts
+    #: structural audit details (keys from audit_clean.DETAIL_KEYS only)
+    detail: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def args(self) -> dict[str, Any]:
+        return dict(self.verdict.args)
+
+    @property
+    def target(self) -> str:
+        assert self.verdict.target is not None
+        return self.verdict.target
+
+    async def qubesd(self, dest: str, method: str, arg: str = "", payload: bytes = b"") -> str:
+        """An Admin API call whose failure becomes a gate refusal."""
+        try:
+            return await self.admin.call(dest, method, arg, payload)
+        except QubesdError as exc:
+            self.detail["qubesd_error"] = exc.exc_class
+            raise map_qubesd_error(exc) from None
+
+    async def in_scope(self, name: str) -> bool:
+        """Whether ``name`` is enrolled in the principal's scope (one fresh read)."""
+        tags = await self.reader.tags(name)
+        return tags is not None and self.principal.scope.is_enrolled(tags)
+
+
+Handler = Callable[[Context], Awaitable[dict[str, Any]]]

@@ -1,0 +1,160 @@
+"""Read operations: list, info, firewall, devices, events, budget. Everything passes redact."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from typing import Any
+
+from qubes_mcp.dom0 import redact
+from qubes_mcp.dom0.admin import QubesdError
+from qubes_mcp.dom0.context import Context
+from qubes_mcp.dom0.firewall import parse_rule_line
+from qubes_mcp.dom0.tiers import effective_tier
+
+_KV_RE = re.compile(r"([A-Za-z0-9_-]+)='((?:[^'\\]|\\.)*)'")
+_DEVICE_KEYS = ("port_id", "product", "vendor", "name", "serial", "interfaces")
+MAX_EVENTS = 1000
+
+
+def _tier(ctx: Context, tags: frozenset[str]) -> Any:
+    p = ctx.principal
+    return effective_tier(p.scope, tags, ctx.config.default_tier, p.ceiling)
+
+
+async def qube_list(ctx: Context) -> dict[str, Any]:
+    qubes = []
+    for name, fields in await ctx.reader.all_names():
+        if name == "dom0":
+            continue
+        tags = await ctx.reader.tags(name)
+        tier = None if tags is None else _tier(ctx, tags)
+        if tier is not None:
+            qubes.append(
+                {
+                    "name": name,
+                    "class": fields.get("class", ""),
+                    "state": fields.get("state", ""),
+                    "tier": tier.word,
+                }
+            )
+    p = ctx.principal
+    return {
+        "principal": p.qube,
+        "ceiling": p.ceiling.word,
+        "name_prefix": p.name_prefix,
+        "may_create": p.may_create,
+        "qubes": qubes,
+    }
+
+
+async def qube_info(ctx: Context) -> dict[str, Any]:
+    q = ctx.facts.get(ctx.target)
+    assert q is not None
+    features: dict[str, str] = {}
+    for name in await ctx.admin.lines(q.name, "admin.vm.feature.List"):
+        if redact.readable_feature(name):
+            with contextlib.suppress(QubesdError):
+                features[name] = await ctx.admin.call(q.name, "admin.vm.feature.Get", name)
+    visible: dict[str, bool] = {}
+    for prop in redact.VM_VALUED:
+        ref = q.prop(prop)
+        if ref and ref not in visible:
+            visible[ref] = await ctx.in_scope(ref)
+    return redact.info(
+        q,
+        ctx.verdict.tiers[q.name],
+        ctx.principal.scope,
+        features,
+        lambda name: visible.get(name, False),
+    )
+
+
+async def firewall_get(ctx: Context) -> dict[str, Any]:
+    lines = (await ctx.qubesd(ctx.target, "admin.vm.firewall.Get")).split("\n")
+    return {"qube": ctx.target, "rules": [parse_rule_line(line) for line in lines if line]}
+
+
+def _parse_device_line(line: str) -> tuple[str, dict[str, str]]:
+    head, _, rest = line.partition(" ")
+    return head, {k: v.replace("\\'", "'") for k, v in _KV_RE.findall(rest)}
+
+
+async def devices_list(ctx: Context) -> dict[str, Any]:
+    visible: dict[str, bool] = {}
+
+    async def show(name: str) -> str:
+        if name not in visible:
+            visible[name] = await ctx.in_scope(name)
+        return name if visible[name] else redact.OUT_OF_SCOPE
+
+    exposed = []
+    for line in await ctx.admin.lines(ctx.target, "admin.vm.device.block.Available"):
+        _, info = _parse_device_line(line)
+        entry: dict[str, Any] = {k: info[k] for k in _DEVICE_KEYS if k in info}
+        if info.get("attachment"):
+            entry["attached_to"] = await show(info["attachment"])
+        exposed.append(entry)
+    attached = []
+    for line in await ctx.admin.lines(ctx.target, "admin.vm.device.block.Attached"):
+        head, info = _parse_device_line(line)
+        backend = info.get("backend_domain") or head.partition("+")[0]
+        attached.append(
+            {
+                "backend": await show(backend),
+                "port_id": info.get("port_id", ""),
+                "mode": info.get("mode", ""),
+            }
+        )
+    return {"qube": ctx.target, "exposed": exposed, "attached": attached}
+
+
+async def budget_get(ctx: Context) -> dict[str, Any]:
+    qubes = await ctx.reader.scope_qubes()
+    used = sum(q.footprint for q in qubes)
+    b = ctx.config.budget
+    return {
+        "pool_used": used,
+        "pool_cap": b.pool_cap,
+        "pool_free": max(0, b.pool_cap - used),
+        "private_cap": b.private_cap,
+        "qubes": len(qubes),
+        "max_qubes": b.max_qubes,
+    }
+
+
+async def events_watch(ctx: Context) -> dict[str, Any]:
+    """Collect visible events for a bounded window; scope is tracked as tags change."""
+    args = ctx.args
+    seconds = min(args["seconds"], ctx.config.limits.event_window)
+    only = args.get("qube")
+    scope = ctx.principal.scope
+    enrolled = {q["name"] for q in (await qube_list(ctx))["qubes"]}
+    events: list[dict[str, Any]] = []
+    deadline = time.monotonic() + seconds
+    stream = ctx.admin.events("dom0")
+
+    async def collect() -> None:
+        async for ev in stream:
+            about = ev.subject or ev.kwargs.get("vm", "")
+            if ev.name == f"domain-tag-add:{scope.managed}":
+                enrolled.add(about)
+            elif ev.name == f"domain-tag-add:{scope.dump}":
+                enrolled.discard(about)  # a hybrid is in no scope (fail closed)
+            view = (
+                redact.event_view(about, ev.name, ev.kwargs, scope) if about in enrolled else None
+            )
+            if ev.name in (f"domain-tag-delete:{scope.managed}", "domain-delete"):
+                enrolled.discard(about)
+            if view is not None and (only is None or about == only):
+                view["ts"] = round(time.time(), 3)
+                events.append(view)
+                if len(events) >= MAX_EVENTS:
+                    return
+
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(collect(), max(0.0, deadline - time.monotonic()))
+    await stream.aclose()
+    return {"seconds": seconds, "events": events, "truncated": len(events) >= MAX_EVENTS}
