@@ -41,8 +41,14 @@ def config(text: str = CONFIG_TEXT) -> GateConfig:
     return parse_config(text)
 
 
-def qube(name: str, *tags: str, klass: str = "AppVM", state: str = "Halted",
-         footprint: int = 2 << 30, **props: str) -> QubeFacts:
+def qube(
+    name: str,
+    *tags: str,
+    klass: str = "AppVM",
+    state: str = "Halted",
+    footprint: int = 2 << 30,
+    **props: str,
+) -> QubeFacts:
     return QubeFacts(
         name=name,
         klass=klass,

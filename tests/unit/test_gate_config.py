@@ -17,8 +17,12 @@ MINIMAL = '[[principal]]\nqube = "mcp-control"\n'
 def test_minimal_config_has_safe_defaults() -> None:
     cfg = parse_config(MINIMAL)
     p = cfg.principals["mcp-control"]
-    assert (p.scope.prefix, p.ceiling, p.name_prefix, p.may_create) == ("ai", Tier.FULL, "ai-",
-                                                                        False)
+    assert (p.scope.prefix, p.ceiling, p.name_prefix, p.may_create) == (
+        "ai",
+        Tier.FULL,
+        "ai-",
+        False,
+    )
     assert cfg.default_tier is Tier.READ
     assert cfg.egress_qube is None
     assert cfg.budget.pool_cap == 64 << 30

@@ -28,13 +28,20 @@ AGENT = CFG.principals["mcp-control"]
 AUDITOR = CFG.principals["auditor"]
 
 
-def run(op: str, target: str | None, principal: Any = AGENT, extra: Any = (), **args: Any
-        ) -> Verdict:
+def run(
+    op: str, target: str | None, principal: Any = AGENT, extra: Any = (), **args: Any
+) -> Verdict:
     operation = OPERATIONS_BY_NAME[op]
     full_args = {f.name: f.default for f in operation.fields} | args
     names = names_to_read(operation, target, full_args) + ["ai-egress"]
-    return decide(principal=principal, op=operation, target=target, args=full_args,
-                  facts=facts(names, extra), config=CFG)
+    return decide(
+        principal=principal,
+        op=operation,
+        target=target,
+        args=full_args,
+        facts=facts(names, extra),
+        config=CFG,
+    )
 
 
 def refusal(exc_type: type[GateError], *a: Any, **kw: Any) -> GateError:
@@ -45,31 +52,62 @@ def refusal(exc_type: type[GateError], *a: Any, **kw: Any) -> GateError:
 
 # --- promise 1: out of scope is indistinguishable from missing ---------------------------
 
-HIDDEN = ["vault", "work", "sys-firewall", "debian-13-xfce", "dom0", "no-such-qube",
-          "ai-secret", "ai-dump", "ai-hybrid"]
+HIDDEN = [
+    "vault",
+    "work",
+    "sys-firewall",
+    "debian-13-xfce",
+    "dom0",
+    "no-such-qube",
+    "ai-secret",
+    "ai-dump",
+    "ai-hybrid",
+]
 
 
 @pytest.mark.parametrize("name", HIDDEN)
-@pytest.mark.parametrize("op", ["qube.info", "qube.start", "qube.run", "qube.remove",
-                                "firewall.set", "property.set", "qube.clone"])
+@pytest.mark.parametrize(
+    "op",
+    [
+        "qube.info",
+        "qube.start",
+        "qube.run",
+        "qube.remove",
+        "firewall.set",
+        "property.set",
+        "qube.clone",
+    ],
+)
 def test_hidden_targets_get_the_one_not_found(op: str, name: str) -> None:
-    args: dict[str, Any] = {"command": ["true"], "rules": [], "property": "label",
-                            "value": "red", "name": "ai-x"}
-    exc = refusal(NotFoundError, op, name, **{
-        k: v for k, v in args.items() if k in {f.name for f in OPERATIONS_BY_NAME[op].fields}
-    })
+    args: dict[str, Any] = {
+        "command": ["true"],
+        "rules": [],
+        "property": "label",
+        "value": "red",
+        "name": "ai-x",
+    }
+    exc = refusal(
+        NotFoundError,
+        op,
+        name,
+        **{k: v for k, v in args.items() if k in {f.name for f in OPERATIONS_BY_NAME[op].fields}},
+    )
     assert exc.to_reply() == NotFoundError().to_reply()
 
 
 @pytest.mark.parametrize("name", HIDDEN)
 @pytest.mark.parametrize(
     ("op", "target", "field"),
-    [("file.copy", "ai-dev", "destination"), ("device.attach", "ai-build", "backend"),
-     ("events.watch", None, "qube")],
+    [
+        ("file.copy", "ai-dev", "destination"),
+        ("device.attach", "ai-build", "backend"),
+        ("events.watch", None, "qube"),
+    ],
     ids=["copy-destination", "device-backend", "event-filter"],
 )
-def test_hidden_references_get_the_one_not_found(op: str, target: str | None, field: str,
-                                                 name: str) -> None:
+def test_hidden_references_get_the_one_not_found(
+    op: str, target: str | None, field: str, name: str
+) -> None:
     args: dict[str, Any] = {field: name}
     if op == "file.copy":
         args["paths"] = ["/home/user/x"]
@@ -99,8 +137,13 @@ def test_unknown_principal_is_refused_like_a_missing_qube() -> None:
 # --- promise 2: tiers, clamped by the ceiling ------------------------------------------------
 
 TIER_OF = {"ai-notes": Tier.READ, "ai-dev": Tier.EXEC, "ai-web": Tier.NET, "ai-build": Tier.FULL}
-NEEDS = {"qube.info": Tier.READ, "qube.start": Tier.EXEC, "qube.run": Tier.EXEC,
-         "firewall.set": Tier.NET, "qube.remove": Tier.FULL}
+NEEDS = {
+    "qube.info": Tier.READ,
+    "qube.start": Tier.EXEC,
+    "qube.run": Tier.EXEC,
+    "firewall.set": Tier.NET,
+    "qube.remove": Tier.FULL,
+}
 
 
 @pytest.mark.parametrize("target", sorted(TIER_OF))
@@ -128,10 +171,8 @@ def test_untiered_qube_gets_the_default_tier() -> None:
 
 def test_copy_needs_exec_on_both_ends() -> None:
     run("file.copy", "ai-dev", destination="ai-build", paths=["/tmp/x"])
-    refusal(InsufficientTierError, "file.copy", "ai-dev", destination="ai-notes",
-            paths=["/tmp/x"])
-    refusal(InsufficientTierError, "file.copy", "ai-notes", destination="ai-dev",
-            paths=["/tmp/x"])
+    refusal(InsufficientTierError, "file.copy", "ai-dev", destination="ai-notes", paths=["/tmp/x"])
+    refusal(InsufficientTierError, "file.copy", "ai-notes", destination="ai-dev", paths=["/tmp/x"])
 
 
 def test_copy_into_the_dump_sink_is_allowed_and_out_of_it_is_not_found() -> None:
@@ -172,17 +213,25 @@ def test_netvm_can_be_disconnected_and_reconnected_to_the_egress() -> None:
 
 
 def test_the_egress_qubes_netvm_is_operator_only() -> None:
-    fleet_egress = qube("ai-egress", "ai-managed", "ai-full", provides_network="True",
-                        netvm="sys-firewall")
+    fleet_egress = qube(
+        "ai-egress", "ai-managed", "ai-full", provides_network="True", netvm="sys-firewall"
+    )
     with pytest.raises(NotAllowedError):
         run("property.set", "ai-egress", extra=[fleet_egress], property="netvm", value=None)
 
 
 @pytest.mark.parametrize(
     ("feature", "allowed"),
-    [("service.cups", True), ("vm-config.x", True), ("internal", False),
-     ("gui-allow-fullscreen", False), ("tag-created-vm-with", False), ("audiovm", False),
-     ("qubes-mcp.tier", False), ("prohibit-start", False)],
+    [
+        ("service.cups", True),
+        ("vm-config.x", True),
+        ("internal", False),
+        ("gui-allow-fullscreen", False),
+        ("tag-created-vm-with", False),
+        ("audiovm", False),
+        ("qubes-mcp.tier", False),
+        ("prohibit-start", False),
+    ],
 )
 def test_features_are_an_allowlist(feature: str, allowed: bool) -> None:
     if allowed:
@@ -193,19 +242,26 @@ def test_features_are_an_allowlist(feature: str, allowed: bool) -> None:
 
 @pytest.mark.parametrize(
     ("prop", "value", "exc"),
-    [("memory", "0", InvalidInputError), ("memory", "99999999", InvalidInputError),
-     ("vcpus", "1e3", InvalidInputError), ("label", "chartreuse", InvalidInputError),
-     ("autostart", "maybe", InvalidInputError), ("default_dispvm", "ai-build", NotAllowedError),
-     ("template", "ai-build", NotAllowedError), ("template", None, InvalidInputError),
-     ("netvm", "../etc", InvalidInputError)],
+    [
+        ("memory", "0", InvalidInputError),
+        ("memory", "99999999", InvalidInputError),
+        ("vcpus", "1e3", InvalidInputError),
+        ("label", "chartreuse", InvalidInputError),
+        ("autostart", "maybe", InvalidInputError),
+        ("default_dispvm", "ai-build", NotAllowedError),
+        ("template", "ai-build", NotAllowedError),
+        ("template", None, InvalidInputError),
+        ("netvm", "../etc", InvalidInputError),
+    ],
 )
 def test_property_values_are_checked(prop: str, value: str | None, exc: type[GateError]) -> None:
     refusal(exc, "property.set", "ai-build", property=prop, value=value)
 
 
 def test_property_values_are_normalised() -> None:
-    assert run("property.set", "ai-build", property="autostart", value="TRUE").args["value"] \
-        == "True"
+    assert (
+        run("property.set", "ai-build", property="autostart", value="TRUE").args["value"] == "True"
+    )
     assert run("property.set", "ai-build", property="default_dispvm", value="ai-dvm").args
 
 
@@ -225,8 +281,14 @@ def test_birth_tier_is_clamped_by_the_ceiling() -> None:
     low = config(CONFIG_TEXT_LOW_CEILING)
     operation = OPERATIONS_BY_NAME["qube.create"]
     args = {f.name: f.default for f in operation.fields} | {"name": "ai-n"}
-    verdict = decide(principal=low.principals["mcp-control"], op=operation, target="ai-fulltpl",
-                     args=args, facts=facts(["ai-fulltpl", "ai-n", "ai-egress"]), config=low)
+    verdict = decide(
+        principal=low.principals["mcp-control"],
+        op=operation,
+        target="ai-fulltpl",
+        args=args,
+        facts=facts(["ai-fulltpl", "ai-n", "ai-egress"]),
+        config=low,
+    )
     assert verdict.birth is not None and verdict.birth.tier == Tier.EXEC
     assert "ai-full" not in verdict.birth.stamp
 
@@ -241,25 +303,39 @@ CONFIG_TEXT_LOW_CEILING = CONFIG_TEXT.replace('ceiling = "full"', 'ceiling = "ex
         ("qube.create", "ai-notes", {"name": "ai-n"}, InsufficientTierError),
         ("qube.create", "ai-debian", {"name": "ai-build"}, ConflictError),
         ("qube.create", "ai-debian", {"name": "ai-secret"}, ConflictError),
-        ("qube.create", "ai-debian", {"name": "ai-n", "private_size": 5 << 30},
-         BudgetExceededError),
+        (
+            "qube.create",
+            "ai-debian",
+            {"name": "ai-n", "private_size": 5 << 30},
+            BudgetExceededError,
+        ),
         ("qube.clone", "ai-fulltpl", {"name": "ai-n"}, NotAllowedError),  # template
         ("qube.clone", "ai-egress", {"name": "ai-n"}, InsufficientTierError),
         ("qube.clone", "ai-offnet", {"name": "ai-n"}, NotAllowedError),  # out-of-scope netvm
         ("disposable.create", "ai-dev", {}, NotAllowedError),  # not a dvm template
     ],
-    ids=["create-from-app-qube", "create-below-exec", "create-over-existing",
-         "create-over-unenrolled-in-prefix", "private-above-cap", "clone-template",
-         "clone-egress-below-full", "clone-with-foreign-netvm", "disposable-from-app-qube"],
+    ids=[
+        "create-from-app-qube",
+        "create-below-exec",
+        "create-over-existing",
+        "create-over-unenrolled-in-prefix",
+        "private-above-cap",
+        "clone-template",
+        "clone-egress-below-full",
+        "clone-with-foreign-netvm",
+        "disposable-from-app-qube",
+    ],
 )
-def test_create_paths_refuse(op: str, target: str, args: dict[str, Any],
-                             exc: type[GateError]) -> None:
+def test_create_paths_refuse(
+    op: str, target: str, args: dict[str, Any], exc: type[GateError]
+) -> None:
     refusal(exc, op, target, **args)
 
 
 def test_clone_of_a_network_provider_is_not_allowed() -> None:
-    egress_full = qube("ai-egress", "ai-managed", "ai-full", provides_network="True",
-                       netvm="sys-firewall")
+    egress_full = qube(
+        "ai-egress", "ai-managed", "ai-full", provides_network="True", netvm="sys-firewall"
+    )
     refusal(NotAllowedError, "qube.clone", "ai-egress", extra=[egress_full], name="ai-n")
 
 
@@ -267,8 +343,14 @@ def test_principal_that_may_not_create_is_refused() -> None:
     cfg = config(CONFIG_TEXT_LOW_CEILING.replace("may_create = true", "may_create = false", 1))
     operation = OPERATIONS_BY_NAME["disposable.create"]
     with pytest.raises(NotAllowedError):
-        decide(principal=cfg.principals["mcp-control"], op=operation, target="ai-dvm", args={},
-               facts=facts(["ai-dvm", "ai-egress"]), config=cfg)
+        decide(
+            principal=cfg.principals["mcp-control"],
+            op=operation,
+            target="ai-dvm",
+            args={},
+            facts=facts(["ai-dvm", "ai-egress"]),
+            config=cfg,
+        )
 
 
 def test_pool_cap_counts_every_enrolled_qube() -> None:
@@ -278,20 +360,38 @@ def test_pool_cap_counts_every_enrolled_qube() -> None:
         operation = OPERATIONS_BY_NAME["disposable.create"]
         names = ["ai-dvm", "ai-egress"]
         if fits:
-            decide(principal=cfg.principals["mcp-control"], op=operation, target="ai-dvm",
-                   args={}, facts=facts(names), config=cfg)
+            decide(
+                principal=cfg.principals["mcp-control"],
+                op=operation,
+                target="ai-dvm",
+                args={},
+                facts=facts(names),
+                config=cfg,
+            )
         else:
             with pytest.raises(BudgetExceededError, match="pool budget"):
-                decide(principal=cfg.principals["mcp-control"], op=operation, target="ai-dvm",
-                       args={}, facts=facts(names), config=cfg)
+                decide(
+                    principal=cfg.principals["mcp-control"],
+                    op=operation,
+                    target="ai-dvm",
+                    args={},
+                    facts=facts(names),
+                    config=cfg,
+                )
 
 
 def test_max_qubes() -> None:
     cfg = config(CONFIG_TEXT.replace("max_qubes = 12", "max_qubes = 3"))
     operation = OPERATIONS_BY_NAME["disposable.create"]
     with pytest.raises(BudgetExceededError, match="maximum number"):
-        decide(principal=cfg.principals["mcp-control"], op=operation, target="ai-dvm", args={},
-               facts=facts(["ai-dvm", "ai-egress"]), config=cfg)
+        decide(
+            principal=cfg.principals["mcp-control"],
+            op=operation,
+            target="ai-dvm",
+            args={},
+            facts=facts(["ai-dvm", "ai-egress"]),
+            config=cfg,
+        )
 
 
 # --- consent ----------------------------------------------------------------------------------

@@ -21,15 +21,23 @@ from qubes_mcp.dom0.firewall import (
     ("rule", "line"),
     [
         ({"action": "accept"}, "action=accept"),
-        ({"action": "accept", "proto": "tcp", "dstports": "1-1024"},
-         "action=accept proto=tcp dstports=1-1024"),
-        ({"action": "drop", "proto": "icmp", "comment": "No ICMP"},
-         "action=drop proto=icmp comment=No ICMP"),
-        ({"action": "accept", "dst4": "10.0.0.1", "proto": "tcp", "dstports": 443},
-         "action=accept dst4=10.0.0.1/32 proto=tcp dstports=443-443"),
+        (
+            {"action": "accept", "proto": "tcp", "dstports": "1-1024"},
+            "action=accept proto=tcp dstports=1-1024",
+        ),
+        (
+            {"action": "drop", "proto": "icmp", "comment": "No ICMP"},
+            "action=drop proto=icmp comment=No ICMP",
+        ),
+        (
+            {"action": "accept", "dst4": "10.0.0.1", "proto": "tcp", "dstports": 443},
+            "action=accept dst4=10.0.0.1/32 proto=tcp dstports=443-443",
+        ),
         ({"action": "accept", "dst6": "2001:db8::/32"}, "action=accept dst6=2001:db8::/32"),
-        ({"action": "accept", "dsthost": "example.com", "proto": "udp", "dstports": "53"},
-         "action=accept dsthost=example.com proto=udp dstports=53-53"),
+        (
+            {"action": "accept", "dsthost": "example.com", "proto": "udp", "dstports": "53"},
+            "action=accept dsthost=example.com proto=udp dstports=53-53",
+        ),
         ({"action": "accept", "specialtarget": "dns"}, "action=accept specialtarget=dns"),
         ({"action": "drop", "proto": "icmp", "icmptype": 8}, "action=drop proto=icmp icmptype=8"),
     ],
@@ -68,19 +76,29 @@ def test_bad_rules_are_refused(rule: Any) -> None:
 
 
 def test_payload_is_newline_terminated_ascii() -> None:
-    rules = [parse_rule_object({"action": "accept", "specialtarget": "dns"}),
-             parse_rule_object({"action": "drop"})]
+    rules = [
+        parse_rule_object({"action": "accept", "specialtarget": "dns"}),
+        parse_rule_object({"action": "drop"}),
+    ]
     assert render_rules(rules) == b"action=accept specialtarget=dns\naction=drop\n"
 
 
 def test_lines_read_back_as_objects() -> None:
     assert parse_rule_line("action=drop proto=icmp comment=No ICMP here") == {
-        "action": "drop", "proto": "icmp", "comment": "No ICMP here"}
+        "action": "drop",
+        "proto": "icmp",
+        "comment": "No ICMP here",
+    }
 
 
-@given(st.dictionaries(st.sampled_from(["action", "proto", "dst4", "dsthost", "dstports",
-                                        "icmptype", "comment", "zzz"]),
-                       st.one_of(st.text(max_size=20), st.integers(), st.none())))
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            ["action", "proto", "dst4", "dsthost", "dstports", "icmptype", "comment", "zzz"]
+        ),
+        st.one_of(st.text(max_size=20), st.integers(), st.none()),
+    )
+)
 def test_random_rules_only_raise_rule_errors_and_render_parseably(rule: dict[str, Any]) -> None:
     try:
         normal = parse_rule_object(rule)
@@ -88,5 +106,10 @@ def test_random_rules_only_raise_rule_errors_and_render_parseably(rule: dict[str
         return
     line = render_rule(normal)
     assert "\n" not in line
-    assert parse_rule_object(parse_rule_line(line) | ({"icmptype": normal["icmptype"]}
-                                                     if "icmptype" in normal else {})) == normal
+    assert (
+        parse_rule_object(
+            parse_rule_line(line)
+            | ({"icmptype": normal["icmptype"]} if "icmptype" in normal else {})
+        )
+        == normal
+    )

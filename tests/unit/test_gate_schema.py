@@ -20,8 +20,7 @@ def check(op: str, payload: Any) -> dict[str, Any]:
 
 
 def test_defaults_are_filled_in() -> None:
-    assert check("qube.run", {"command": ["id"]}) == {"command": ["id"], "stdin": "",
-                                                     "timeout": 60}
+    assert check("qube.run", {"command": ["id"]}) == {"command": ["id"], "stdin": "", "timeout": 60}
     assert check("qube.list", b"") == {}
 
 
@@ -54,8 +53,9 @@ def test_defaults_are_filled_in() -> None:
         ("firewall.set", {"rules": "action=accept"}, "list of rule objects"),
     ],
 )
-def test_malformed_payloads_are_refused_with_a_named_field(op: str, payload: Any,
-                                                           problem: str) -> None:
+def test_malformed_payloads_are_refused_with_a_named_field(
+    op: str, payload: Any, problem: str
+) -> None:
     with pytest.raises(InvalidInputError) as info:
         check(op, payload)
     assert problem in info.value.message
@@ -81,10 +81,16 @@ def test_random_bytes_never_raise_anything_but_invalid_input(raw: bytes) -> None
             pass
 
 
-@given(st.dictionaries(st.sampled_from(["command", "name", "rules", "seconds", "x"]),
-                       st.recursive(st.none() | st.booleans() | st.integers() | st.text(),
-                                    lambda c: st.lists(c) | st.dictionaries(st.text(), c),
-                                    max_leaves=10)))
+@given(
+    st.dictionaries(
+        st.sampled_from(["command", "name", "rules", "seconds", "x"]),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.text(),
+            lambda c: st.lists(c) | st.dictionaries(st.text(), c),
+            max_leaves=10,
+        ),
+    )
+)
 def test_random_json_never_raises_anything_but_invalid_input(obj: dict[str, Any]) -> None:
     for op in OPERATIONS:
         try:
