@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from tests.gate_fixtures import CONFIG_TEXT, config, facts, qube
 
 from qubes_mcp.dom0.decide import Verdict, decide, names_to_read
 from qubes_mcp.dom0.errors import (
@@ -21,7 +22,6 @@ from qubes_mcp.dom0.errors import (
 )
 from qubes_mcp.dom0.operations import OPERATIONS_BY_NAME
 from qubes_mcp.dom0.tiers import Tier
-from tests.gate_fixtures import CONFIG_TEXT, config, facts, qube
 
 CFG = config()
 AGENT = CFG.principals["mcp-control"]
@@ -33,7 +33,7 @@ def run(
 ) -> Verdict:
     operation = OPERATIONS_BY_NAME[op]
     full_args = {f.name: f.default for f in operation.fields} | args
-    names = names_to_read(operation, target, full_args) + ["ai-egress"]
+    names = [*names_to_read(operation, target, full_args), "ai-egress"]
     return decide(
         principal=principal,
         op=operation,
