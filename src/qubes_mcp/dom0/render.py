@@ -16,7 +16,8 @@ principal and each scope:
 
 No allow rule matches ``@default`` alone: qrexec turns a name that does not exist into
 ``@default``, so such a rule would answer differently for a made-up name than for an
-existing out-of-scope one. The text is validated with the project's own policy engine before anyone writes it.
+existing out-of-scope one. The text is validated with the project's own policy engine before anyone
+writes it.
 """
 
 from __future__ import annotations
