@@ -1,0 +1,264 @@
+"""``qubes-mcp-admin`` subcommands of the gate: run it, install it, answer it, check it.
+
+    gate                         run the gate daemon in the foreground
+    install / uninstall / status / doctor   [--root DIR]
+    policy render | explain [--from QUBE]
+    pending | approve ID [--digest D] | deny ID
+    audit verify [--log PATH]
+    tier QUBE read|exec|net|full|none | enrol QUBE | unenrol QUBE   [--scope ai]
+
+``--config`` (default /etc/qubes-mcp/config.toml) names the configuration; with ``--root``
+the default becomes ROOT/etc/qubes-mcp/config.toml, so the same commands drive an emulator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from qubes_mcp.dom0.admin import AdminClient
+from qubes_mcp.dom0.config import DEFAULT_CONFIG_PATH, GateConfig, load_config
+from qubes_mcp.dom0.errors import GateError
+from qubes_mcp.dom0.install import Layout
+from qubes_mcp.dom0.tiers import Scope, Tier
+from qubes_mcp.policy import PolicyError
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    if args.config:
+        return Path(args.config)
+    root = Path(getattr(args, "root", None) or "/")
+    return Layout(root).config if root != Path("/") else DEFAULT_CONFIG_PATH
+
+
+def _config(args: argparse.Namespace) -> GateConfig:
+    return load_config(_config_path(args))
+
+
+def _fail(message: str) -> int:
+    print(f"qubes-mcp-admin: error: {message}", file=sys.stderr)
+    return 1
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    import logging
+
+    from qubes_mcp.dom0.daemon import run_gate
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        config = _config(args)
+    except GateError as exc:
+        return _fail(str(exc))
+    return run_gate(config, Path(args.ready_file) if args.ready_file else None)
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from qubes_mcp.dom0.install import install
+
+    try:
+        for line in install(
+            Path(args.root), principal=args.principal, egress=args.egress, exe=args.exe
+        ):
+            print(line)
+    except GateError as exc:
+        return _fail(str(exc))
+    except (PolicyError, OSError) as exc:  # say what; nothing more was changed
+        return _fail(f"{type(exc).__name__}: {exc}")
+    return 0
+
+
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    from qubes_mcp.dom0.install import uninstall
+
+    for line in uninstall(Path(args.root), purge=args.purge):
+        print(line)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from qubes_mcp.dom0.install import status
+
+    try:
+        report = status(Path(args.root))
+    except GateError as exc:
+        return _fail(str(exc))
+    for key, value in report.items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from qubes_mcp.dom0.doctor import doctor
+
+    findings = asyncio.run(doctor(Path(args.root), _config_path(args)))
+    for finding in findings:
+        print(finding)
+    if not findings:
+        print("ok: no findings")
+    return 1 if any(f.severity == "error" for f in findings) else 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from qubes_mcp.dom0.render import validated_policy
+
+    try:
+        sys.stdout.write(validated_policy(_config(args)))
+    except GateError as exc:
+        return _fail(str(exc))
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from qubes_mcp.dom0.explain import explain
+
+    try:
+        config = _config(args)
+        print(asyncio.run(explain(config, Layout(Path(args.root)), args.source)))
+    except GateError as exc:
+        return _fail(str(exc))
+    return 0
+
+
+def _operator(args: argparse.Namespace, command: dict[str, Any]) -> dict[str, Any]:
+    from qubes_mcp.dom0.daemon import operator_call
+
+    return asyncio.run(operator_call(_config(args).paths.operator_socket, command))
+
+
+def cmd_pending(args: argparse.Namespace) -> int:
+    try:
+        pending = _operator(args, {"cmd": "pending"})["pending"]
+    except (GateError, OSError) as exc:
+        return _fail(f"the gate is not reachable ({type(exc).__name__})")
+    if args.json:
+        print(json.dumps(pending, indent=2))
+        return 0
+    if not pending:
+        print("nothing is waiting for you")
+    for item in pending:
+        print(
+            f"[{item['id']}] {item['principal']} asks: {item['op']} on {item['target']} "
+            f"({item['seconds_left']}s left; digest {item['digest']})"
+        )
+        for line in str(item["description"]).splitlines():
+            print(f"    {line}")
+        print(f"    why: {'; '.join(item['reasons'])}")
+    return 0
+
+
+def cmd_answer(args: argparse.Namespace) -> int:
+    approve = args.answer == "approve"
+    try:
+        digest = args.digest
+        if approve and not digest:  # bind the answer to the request as it stands now
+            pending = _operator(args, {"cmd": "pending"})["pending"]
+            match = [p for p in pending if p["id"] == args.id]
+            if not match:
+                return _fail(f"no pending request {args.id}")
+            digest = match[0]["digest"]
+            print(f"approving: {match[0]['description']}")
+        answer = _operator(args, {"cmd": args.answer, "id": args.id, "digest": digest or ""})
+    except (GateError, OSError) as exc:
+        return _fail(f"the gate is not reachable ({type(exc).__name__})")
+    result = answer.get("result", answer.get("error"))
+    print(result)
+    return 0 if result in ("approved", "denied") else 1
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from qubes_mcp.dom0.audit_verify import audit_verify_main
+
+    path = Path(args.log) if args.log else _config(args).paths.audit_log
+    return audit_verify_main(path, sys.stdout)
+
+
+async def _set_tags(
+    config: GateConfig, qube: str, scope: Scope, add: set[str], remove: set[str]
+) -> None:
+    client = AdminClient(config.paths.qubesd_socket)
+    have = set(await client.lines(qube, "admin.vm.tag.List"))
+    for tag in sorted(remove & have):
+        await client.call(qube, "admin.vm.tag.Remove", tag)
+    for tag in sorted(add - have):
+        await client.call(qube, "admin.vm.tag.Set", tag)
+
+
+def cmd_tier(args: argparse.Namespace) -> int:
+    try:
+        config = _config(args)
+        scope = Scope(args.scope)
+        tier_tags = {t for t in (scope.tier_tag(x) for x in Tier) if t}
+        if args.command == "enrol":
+            add, remove = {scope.managed}, {scope.dump}
+        elif args.command == "unenrol" or args.tier == "none":
+            add, remove = set(), {scope.managed, *tier_tags}
+        else:
+            tag = scope.tier_tag(Tier.parse(args.tier))
+            add = {scope.managed} | ({tag} if tag else set())
+            remove = (tier_tags - add) | {scope.dump}
+        asyncio.run(_set_tags(config, args.qube, scope, add, remove))
+    except (GateError, ValueError) as exc:
+        return _fail(str(exc))
+    print(f"{args.qube}: +{sorted(add)} -{sorted(remove)}")
+    return 0
+
+
+def register(sub: Any, policy_sub: Any | None = None) -> None:
+    """Add the gate's subcommands to ``qubes-mcp-admin``."""
+
+    def add(name: str, func: Any, help_text: str, *, root: bool = False) -> Any:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", help="configuration file (default: /etc/qubes-mcp/config.toml)")
+        if root:
+            p.add_argument("--root", default="/", help="install root (an emulator's root)")
+        p.set_defaults(func=func)
+        return p
+
+    gate = add("gate", cmd_gate, "run the gate daemon in the foreground")
+    gate.add_argument("--ready-file", help=argparse.SUPPRESS)
+    inst = add("install", cmd_install, "install config, policy, service links, unit", root=True)
+    inst.add_argument(
+        "--principal", default="mcp-control", help="control qube to put in a new config"
+    )
+    inst.add_argument("--egress", help="egress qube to put in a new config")
+    inst.add_argument("--exe", default="/usr/bin/qubes-mcp-admin", help=argparse.SUPPRESS)
+    un = add("uninstall", cmd_uninstall, "remove what install wrote", root=True)
+    un.add_argument("--purge", action="store_true", help="also remove config and audit log")
+    add("status", cmd_status, "show what is installed", root=True)
+    add("doctor", cmd_doctor, "find misconfigurations in config, files and fleet", root=True)
+    pending = add("pending", cmd_pending, "list requests waiting for your consent")
+    pending.add_argument("--json", action="store_true")
+    for answer in ("approve", "deny"):
+        p = add(answer, cmd_answer, f"{answer} a pending request")
+        p.add_argument("id")
+        p.add_argument("--digest", help="the digest `pending` showed (binds the answer)")
+        p.set_defaults(answer=answer)
+    audit = sub.add_parser("audit", help="the tamper-evident audit log")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser("verify", help="check the whole hash chain")
+    verify.add_argument("--config")
+    verify.add_argument("--log", help="log file (default: from the configuration)")
+    verify.set_defaults(func=cmd_audit_verify)
+    tier = add("tier", cmd_tier, "set a qube's tier tags (none = unenrol)")
+    tier.add_argument("qube")
+    tier.add_argument("tier", choices=("read", "exec", "net", "full", "none"))
+    for name in ("enrol", "unenrol"):
+        p = add(name, cmd_tier, f"{name} a qube in a scope")
+        p.add_argument("qube")
+    for p in (tier, *(sub.choices[n] for n in ("enrol", "unenrol"))):
+        p.add_argument("--scope", default="ai")
+    if policy_sub is not None:
+        render = policy_sub.add_parser("render", help="print the generated policy")
+        render.add_argument("--config")
+        render.add_argument("--root", default="/")
+        render.set_defaults(func=cmd_render)
+        explain = policy_sub.add_parser("explain", help="show who may call what")
+        explain.add_argument("--config")
+        explain.add_argument("--root", default="/")
+        explain.add_argument("--from", dest="source", help="only this calling qube")
+        explain.set_defaults(func=cmd_explain)

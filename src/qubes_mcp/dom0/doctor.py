@@ -1,0 +1,122 @@
+"""``qubes-mcp-admin doctor``: find the misconfigurations that quietly weaken the boundary.
+
+Reads the configuration, the installed files and the live fleet (through qubesd, as dom0) and
+reports each finding with what to do about it. It changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from qubes_mcp.dom0.admin import AdminClient
+from qubes_mcp.dom0.config import GateConfig, load_config
+from qubes_mcp.dom0.errors import GateError
+from qubes_mcp.dom0.install import Layout, status
+from qubes_mcp.dom0.reader import FleetReader, parse_getall
+from qubes_mcp.dom0.tiers import Tier
+
+
+@dataclass(frozen=True)
+class Finding:
+    severity: str  # "error" (the boundary is weaker than configured) or "warning"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.severity}: {self.message}"
+
+
+def _install_findings(root: Path) -> list[Finding]:
+    report = status(root)
+    found = []
+    if not report["policy"]:
+        found.append(Finding("error", "the generated policy is not installed (run install)"))
+    elif not report.get("policy_current", False):
+        found.append(
+            Finding(
+                "error",
+                "the installed policy differs from what the config "
+                "renders (policy drift: run install)",
+            )
+        )
+    if report["links"] != f"{len(Layout(root).links())}/{len(Layout(root).links())}":
+        found.append(Finding("error", f"qmcp.* service links incomplete ({report['links']})"))
+    return found
+
+
+async def _fleet_findings(config: GateConfig) -> list[Finding]:
+    client = AdminClient(config.paths.qubesd_socket)
+    found: list[Finding] = []
+    for principal in config.principals.values():
+        scope = principal.scope
+        reader = FleetReader(client, scope)
+        names = {name for name, _ in await reader.all_names()}
+        if principal.qube not in names:
+            found.append(Finding("error", f"principal {principal.qube} does not exist"))
+        enrolled = set()
+        for name in sorted(names - {"dom0"}):
+            tags = await reader.tags(name) or frozenset()
+            tier_tags = {t for t in (scope.tier_tag(x) for x in Tier) if t} & tags
+            if tier_tags and scope.managed not in tags:
+                found.append(
+                    Finding(
+                        "warning",
+                        f"{name} has {sorted(tier_tags)} but not "
+                        f"{scope.managed}: it is invisible to agents, "
+                        "but the policy's copy paths still match it",
+                    )
+                )
+            if scope.managed in tags and scope.dump in tags:
+                found.append(
+                    Finding(
+                        "error",
+                        f"{name} is both enrolled and a dump sink; the gate treats it as neither",
+                    )
+                )
+            if scope.is_enrolled(tags):
+                enrolled.add(name)
+            elif name.startswith(principal.name_prefix) and name != principal.qube:
+                found.append(
+                    Finding(
+                        "warning",
+                        f"{name} is inside {principal.qube}'s name "
+                        "prefix but not enrolled: a create with that "
+                        "name is refused as a conflict (rename it)",
+                    )
+                )
+            if name == principal.qube and scope.is_enrolled(tags):
+                found.append(
+                    Finding("error", f"the control qube {name} is enrolled in its own scope")
+                )
+        egress = config.egress_qube
+        if egress is not None and egress not in enrolled:
+            found.append(
+                Finding("error", f"egress qube {egress} is not enrolled in {scope.prefix}")
+            )
+        for name in sorted(enrolled | {principal.qube}):
+            props = parse_getall(await client.call(name, "admin.vm.property.GetAll"))
+            netvm = props["netvm"].value if "netvm" in props else ""
+            if name == egress or not netvm:
+                continue
+            if netvm != egress and netvm not in enrolled:
+                who = "the control qube" if name == principal.qube else "enrolled qube"
+                found.append(
+                    Finding(
+                        "warning",
+                        f"{who} {name} reaches the network through {netvm}, not the egress qube",
+                    )
+                )
+    return found
+
+
+async def doctor(root: Path, config_path: Path) -> list[Finding]:
+    try:
+        config = load_config(config_path)
+    except GateError as exc:
+        return [Finding("error", f"configuration: {exc}")]
+    findings = _install_findings(root)
+    try:
+        findings += await _fleet_findings(config)
+    except GateError as exc:
+        findings.append(Finding("error", f"cannot read the fleet from qubesd ({exc.reason})"))
+    return findings
