@@ -1,0 +1,68 @@
+"""Byte-exact replay of R4.3 qubesd answers over our socket.
+
+``data/qubesd_r43_api_admin.json`` holds request/answer pairs produced by running the real
+release4.3 ``QubesAdminAPI`` in-process on the ``qubes/tests/api_admin.py`` ``setUp`` fixture
+(dom0, ``test-template``, ``test-vm1``; ``default_kernel=1.0``, ``default_netvm`` None) —
+test vectors as data, no Qubes code. Each sequence runs in order on a fresh emulator with the
+same fixture (same uuids); steps marked ``check: false`` depended on the recording machine
+(no storage backend, no libqubes-pure) and are replayed only to keep the state in step.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.qubesd_fixtures import Qubesd, api_admin_app
+
+DATA = json.loads(
+    (Path(__file__).parent / "data" / "qubesd_r43_api_admin.json").read_text(encoding="utf-8")
+)
+SEQUENCES = {seq["name"]: seq for seq in DATA["sequences"]}
+
+
+@pytest.fixture
+def r43(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Qubesd]:
+    uuids = SEQUENCES[request.node.callspec.params["name"]]["uuids"]
+    q = Qubesd(api_admin_app(tmp_path / "root", uuids)).start()
+    try:
+        yield q
+    finally:
+        q.stop()
+
+
+def _request(step: dict[str, Any]) -> bytes:
+    header = f"{step['method']}+{step['arg']} {step['src']} name {step['dest']}"
+    return header.encode("latin-1") + b"\0" + step["payload"].encode("latin-1")
+
+
+@pytest.mark.parametrize("name", sorted(SEQUENCES))
+def test_sequence_matches_r43_bytes(r43: Qubesd, name: str) -> None:
+    mismatches = []
+    for step in SEQUENCES[name]["steps"]:
+        if " " in step["arg"]:
+            continue  # recorded in-process; over the wire a space is a framing error
+        got = r43.raw(_request(step))
+        if step["check"] and got != step["expect"].encode("latin-1"):
+            mismatches.append((step["method"], step["dest"], step["arg"], step["expect"], got))
+    assert mismatches == []
+
+
+def test_vectors_cover_the_core_methods() -> None:
+    methods = {s["method"] for seq in SEQUENCES.values() for s in seq["steps"] if s["check"]}
+    for required in (
+        "admin.vm.List",
+        "admin.vm.property.GetAll",
+        "admin.vm.property.GetDefault",
+        "admin.property.GetAll",
+        "admin.vm.property.Set",
+        "admin.vm.Create.AppVM",
+        "admin.vm.Remove",
+        "admin.vm.feature.CheckWithTemplate",
+        "admin.vm.tag.Remove",
+        "admin.vm.volume.Info",
+    ):
+        assert required in methods
