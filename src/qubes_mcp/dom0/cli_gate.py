@@ -170,11 +170,32 @@ def cmd_answer(args: argparse.Namespace) -> int:
     return 0 if result in ("approved", "denied") else 1
 
 
+def _log_path(args: argparse.Namespace) -> Path:
+    return Path(args.log) if args.log else _config(args).paths.audit_log
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from qubes_mcp.dom0.audit_verify import audit_verify_main
 
-    path = Path(args.log) if args.log else _config(args).paths.audit_log
-    return audit_verify_main(path, sys.stdout)
+    checkpoint = None
+    if args.checkpoint:
+        seq, _, digest = args.checkpoint.partition(":")
+        if not seq.isdigit() or not digest:
+            return _fail("--checkpoint must be SEQ:HASH (as verify printed it)")
+        checkpoint = (int(seq), digest)
+    try:
+        return audit_verify_main(_log_path(args), sys.stdout, checkpoint=checkpoint)
+    except GateError as exc:
+        return _fail(str(exc))
+
+
+def cmd_audit_recover(args: argparse.Namespace) -> int:
+    from qubes_mcp.dom0.audit_repair import audit_recover_main
+
+    try:
+        return audit_recover_main(_log_path(args), sys.stdout, reason=args.reason)
+    except GateError as exc:
+        return _fail(str(exc))
 
 
 async def _set_tags(
@@ -243,7 +264,20 @@ def register(sub: Any, policy_sub: Any | None = None) -> None:
     verify = audit_sub.add_parser("verify", help="check the whole hash chain")
     verify.add_argument("--config")
     verify.add_argument("--log", help="log file (default: from the configuration)")
+    verify.add_argument(
+        "--checkpoint",
+        help="SEQ:HASH printed by an earlier verify, kept "
+        "off this machine: also catches a consistent rewrite",
+    )
     verify.set_defaults(func=cmd_audit_verify)
+    recover = audit_sub.add_parser(
+        "recover",
+        help="repair a crash-torn tail (refuses on tampering); the repair is itself recorded",
+    )
+    recover.add_argument("--config")
+    recover.add_argument("--log", help="log file (default: from the configuration)")
+    recover.add_argument("--reason", default="", help="why, for the record")
+    recover.set_defaults(func=cmd_audit_recover)
     tier = add("tier", cmd_tier, "set a qube's tier tags (none = unenrol)")
     tier.add_argument("qube")
     tier.add_argument("tier", choices=("read", "exec", "net", "full", "none"))

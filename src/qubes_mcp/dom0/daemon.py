@@ -78,7 +78,10 @@ class GateDaemon:
     ) -> None:
         self.config = config
         self.consent = consent or ConsentBroker(config.consent.timeout, desktop_notifier)
-        self.gate = Gate(config, audit or AuditLog(config.paths.audit_log), self.consent)
+        # create=False: a log that vanished entirely must not silently restart at seq 1
+        self.gate = Gate(
+            config, audit or AuditLog(config.paths.audit_log, create=False), self.consent
+        )
         self._slots = asyncio.Semaphore(config.limits.concurrent_requests)
         self._servers: list[asyncio.AbstractServer] = []
 

@@ -128,8 +128,10 @@ class Gate:
         #: the pool-cap check and the create must not interleave between requests
         self.create_lock = asyncio.Lock()
 
-    def _audit(self, call: _Call, *, decision: str, outcome: str, code: str = "") -> None:
-        self.audit.append(
+    async def _audit(self, call: _Call, *, decision: str, outcome: str, code: str = "") -> None:
+        # append fsyncs: keep it off the event loop so other requests are not stalled
+        await asyncio.to_thread(
+            self.audit.append,
             principal=call.request.source,
             op=call.op.name if call.op else call.request.service,
             decision=decision,
@@ -151,17 +153,17 @@ class Gate:
         try:
             result = await self._run(call)
         except GateError as exc:
-            return self._refuse(call, exc)
+            return await self._refuse(call, exc)
         except Exception as exc:  # fail closed on anything unexpected; keep only the class
             log.exception("qubes-mcp gate: unexpected %s", type(exc).__name__)
             call.detail["error_class"] = type(exc).__name__
-            return self._refuse(call, FailedError(reason=f"unexpected {type(exc).__name__}"))
+            return await self._refuse(call, FailedError(reason=f"unexpected {type(exc).__name__}"))
         if call.op is not None and call.op.state_changing:
             call.detail["duration_ms"] = round((time.monotonic() - call.started) * 1000)
-            self._audit(call, decision="allowed", outcome="ok")
+            await self._audit(call, decision="allowed", outcome="ok")
         return {"ok": True, "result": result}
 
-    def _refuse(self, call: _Call, exc: GateError) -> dict[str, Any]:
+    async def _refuse(self, call: _Call, exc: GateError) -> dict[str, Any]:
         if exc.reason:
             call.detail.setdefault("reason", exc.reason)
         log.info(
@@ -177,7 +179,7 @@ class Gate:
             if call.acting:
                 outcome = "rolled-back" if call.detail.get("rolled_back") else "failed"
             try:
-                self._audit(
+                await self._audit(
                     call,
                     decision="allowed" if call.acting else "refused",
                     outcome=outcome,
@@ -229,7 +231,7 @@ class Gate:
             )
             call.detail["consent"] = "approved"
         if op.state_changing:
-            self._audit(call, decision="allowed", outcome="pending")
+            await self._audit(call, decision="allowed", outcome="pending")
         call.acting = True
         ctx = Context(self.config, principal, self.admin, reader, verdict, facts, call.detail)
         return await HANDLERS[op.name](ctx)

@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from qubes_mcp.dom0.audit import AuditLog
 from qubes_mcp.dom0.config import GateConfig, load_config
 from qubes_mcp.dom0.fsutil import atomic_write, locked
 from qubes_mcp.dom0.operations import OPERATIONS
@@ -151,12 +152,14 @@ def install(
     done.append(f"linked {len(layout.links())} qmcp.* services to {config.paths.gate_socket}")
     atomic_write(layout.unit, UNIT_TEXT.format(exe=exe, config=layout.config).encode(), 0o644)
     done.append(f"wrote {layout.unit}")
-    for directory, mode in (
-        (config.paths.audit_log.parent, 0o700),
-        (config.paths.state_dir, 0o700),
-    ):
+    for directory in (config.paths.audit_log.parent, config.paths.state_dir):
         directory.mkdir(parents=True, exist_ok=True)
-        directory.chmod(mode)
+        directory.chmod(0o700)
+    if not config.paths.audit_log.exists():
+        # the only place the chain may start; the daemon opens it with create=False
+        with AuditLog(config.paths.audit_log, create=True) as log:
+            log.append(principal="operator", op="install", decision="allowed", outcome="ok")
+        done.append(f"started the audit log {config.paths.audit_log}")
     return done
 
 

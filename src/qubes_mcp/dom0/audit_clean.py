@@ -1,0 +1,151 @@
+"""Taming values before they reach the audit log: escape, cap, allowlist.
+
+Values handed to the log may have come from a hostile agent (a refused request is logged
+with what it asked for), so nothing is stored as given:
+
+- every string is escaped — backslash, and any character that is not printable: controls,
+  NUL, newlines, bidi overrides, lone surrogates from non-UTF-8 bytes — and capped at
+  :data:`TEXT_CAP` characters with a visible ``…[+N chars]`` marker. The work is O(cap)
+  however long the input is, so a 1 MB value costs the same as a short one;
+- integers outside ±2**63 and every other type are logged by their escaped ``str()``;
+- lists keep :data:`LIST_CAP` items and say how many were left out;
+- ``detail`` keeps only keys in :data:`DETAIL_KEYS`. They are structural facts — names,
+  counts, sizes, digests, error classes — never property or feature values and never command
+  output. The values of any other key are dropped and the key names listed under
+  ``dropped_keys``, so a caller's mistake is visible without storing what it tried to log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Final
+
+#: per-string cap, in characters after escaping
+TEXT_CAP: Final = 256
+#: at most this many target names and items per list value
+LIST_CAP: Final = 8
+_INT_LIMIT: Final = 2**63
+_MAX_SKIPPED: Final = 10_000
+
+#: The only ``detail`` keys whose values are stored; each says *what* was touched or how big,
+#: never the content. Extend this set (with a comment) rather than reusing a key for a value.
+DETAIL_KEYS: Final = frozenset(
+    {
+        # qube names and kinds the request named (names, not property values)
+        *("source", "dest", "template", "klass", "label"),
+        # which property / feature / tag / service / input field was involved: the key only
+        *("property", "feature", "tag", "service", "field"),
+        # devices and storage
+        *("device", "device_class", "volume", "size"),
+        # firewall: how many rules and which action, never the rules
+        *("rule_count", "action"),
+        # run and copy: digests and byte counts instead of command text or output
+        *("command_sha256", "command_bytes", "stdin_bytes", "stdout_bytes", "stderr_bytes"),
+        *("exit_code", "files", "bytes"),
+        # the decision and what followed
+        *("tier", "tier_needed", "invariant", "consent", "consent_id", "rolled_back"),
+        *("duration_ms", "error_class", "qubesd_error"),
+        # written by the log itself (callers may not set the first two)
+        *("dropped_keys", "overflow", "torn_bytes", "torn_sha256", "anchor_lag", "reason"),
+    }
+)
+_RESERVED: Final = frozenset({"dropped_keys", "overflow"})
+
+Scalar = str | int | bool | None
+DetailValue = Scalar | list[str | int]
+
+
+def _escape_char(ch: str) -> str:
+    if ch == "\\":
+        return "\\\\"
+    if ch.isprintable():
+        return ch
+    code = ord(ch)
+    if 0xDC80 <= code <= 0xDCFF:  # a non-UTF-8 byte carried by surrogateescape
+        return f"\\x{code - 0xDC00:02x}"
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def clean_text(untrusted_value: object, cap: int = TEXT_CAP) -> str:
+    """Escape and cap one value; the result is printable and at most ``cap`` + marker chars.
+
+    ``bytes`` are decoded as UTF-8 with each invalid byte shown as ``\\xNN``.
+    """
+    if isinstance(untrusted_value, bytes | bytearray):
+        # Decode only a prefix: decoding 1 MB to keep 256 characters would be O(n).
+        untrusted_text = bytes(untrusted_value[: cap * 4]).decode("utf-8", "surrogateescape")
+        total, unit = len(untrusted_value), "bytes"
+    else:
+        untrusted_text = (
+            untrusted_value if isinstance(untrusted_value, str) else str(untrusted_value)
+        )
+        total, unit = len(untrusted_text), "chars"
+    out: list[str] = []
+    used = taken = 0
+    for ch in untrusted_text:
+        piece = _escape_char(ch)
+        if used + len(piece) > cap:
+            break
+        out.append(piece)
+        used += len(piece)
+        taken += len(ch.encode("utf-8", "surrogateescape")) if unit == "bytes" else 1
+    # ---- fenced: from here the text is printable, backslash-escaped and capped ----
+    if taken < total:
+        out.append(f"…[+{total - taken} {unit}]")
+    return "".join(out)
+
+
+def clean_scalar(value: object) -> Scalar:
+    """``None``, a bool, a 64-bit int, or else escaped capped text."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int) and -_INT_LIMIT < value < _INT_LIMIT:
+        return value
+    return clean_text(value)
+
+
+def clean_list(values: Iterable[object]) -> list[str | int]:
+    """At most :data:`LIST_CAP` tamed items, then a marker counting the rest."""
+    out: list[str | int] = []
+    skipped = 0
+    for item in values:
+        if len(out) >= LIST_CAP:
+            skipped += 1
+            if skipped >= _MAX_SKIPPED:  # an endless iterable must not hold the log
+                break
+            continue
+        cleaned = clean_scalar(item)
+        out.append(cleaned if isinstance(cleaned, str | int) else clean_text(cleaned))
+    if skipped:
+        more = "+" if skipped >= _MAX_SKIPPED else ""
+        out.append(f"…[+{skipped}{more} items]")
+    return out
+
+
+def clean_detail(untrusted_detail: Mapping[str, object] | None) -> dict[str, DetailValue]:
+    """Keep allowlisted keys with tamed values; name (never store) the others."""
+    out: dict[str, DetailValue] = {}
+    dropped: list[object] = []
+    for key, value in (untrusted_detail or {}).items():
+        if key not in DETAIL_KEYS or key in _RESERVED:
+            dropped.append(key)
+        elif isinstance(value, set | frozenset):
+            out[key] = clean_list(sorted(value, key=str))
+        elif isinstance(value, list | tuple):
+            out[key] = clean_list(value)
+        else:
+            out[key] = clean_scalar(value)
+    if dropped:
+        out["dropped_keys"] = clean_list(sorted(dropped, key=str))
+    return out
+
+
+def clean_targets(untrusted_targets: Iterable[object] | str | bytes) -> list[str]:
+    """Target qube names, tamed (a lone string is one target)."""
+    if isinstance(untrusted_targets, str | bytes):
+        untrusted_targets = [untrusted_targets]
+    return [str(t) for t in clean_list(untrusted_targets)]
