@@ -1,0 +1,175 @@
+"""The whole thing on one machine: an emulated dom0 with the gate installed and running.
+
+Used by ``qubes-mcp demo``/``up``, the end-to-end tests and the benchmarks. Every part runs as
+it would for a user: ``qubes-mcp sim run`` and ``qubes-mcp-admin gate`` are subprocesses,
+and the gate is installed with ``qubes-mcp-admin install --root``, so what is exercised here
+is exactly what the README tells people to run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qubes_mcp.sim.paths import SimPaths
+
+PRINCIPAL = "mcp-control"
+EGRESS = "ai-egress"
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            text = log.read_text(errors="replace") if log.exists() else ""
+            raise RuntimeError(f"{proc.args!r} did not become ready:\n{text[-4000:]}")
+        time.sleep(0.05)
+
+
+@dataclass
+class Stack:
+    root: Path
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def paths(self) -> SimPaths:
+        return SimPaths(self.root)
+
+    @property
+    def config(self) -> Path:
+        return self.root / "etc/qubes-mcp/config.toml"
+
+    def admin(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """``qubes-mcp-admin --config ROOT/... ARGS`` (operator commands)."""
+        cmd, *rest = args
+        return subprocess.run(
+            [sys.executable, "-m", "qubes_mcp.dom0.cli", cmd, "--config", str(self.config), *rest],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def call(
+        self,
+        target: str,
+        service: str,
+        payload: bytes = b"",
+        *,
+        source: str = PRINCIPAL,
+        timeout: float = 300,
+    ) -> subprocess.CompletedProcess[bytes]:
+        """``qubes-mcp sim call`` as the principal (or any qube)."""
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "qubes_mcp.cli",
+                "sim",
+                "call",
+                "--root",
+                str(self.root),
+                "--from",
+                source,
+                target,
+                service,
+            ],
+            input=payload,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        self.procs.clear()
+
+
+def start_stack(root: Path, *, fleet: Path | None = None, timeout: float = 60) -> Stack:
+    """Start the emulator, install the gate into its root, start the gate."""
+    root = root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    stack = Stack(root)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    log_dir = root.parent
+    try:
+        emu_log = log_dir / f"{root.name}.emulator.log"
+        argv = [sys.executable, "-m", "qubes_mcp.cli", "sim", "run", "--root", str(root)]
+        if fleet is not None:
+            argv += ["--fleet", str(fleet)]
+        with emu_log.open("wb") as out:
+            emu = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+        stack.procs.append(emu)
+        _wait_for(root / "run" / "emulator.ready", emu, emu_log, timeout)
+        installed = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "qubes_mcp.dom0.cli",
+                "install",
+                "--root",
+                str(root),
+                "--principal",
+                PRINCIPAL,
+                "--egress",
+                EGRESS,
+                "--exe",
+                f"{sys.executable} -m qubes_mcp.dom0.cli",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env=env,
+        )
+        if installed.returncode != 0:
+            raise RuntimeError(f"install failed: {installed.stderr}")
+        gate_log = log_dir / f"{root.name}.gate.log"
+        ready = root / "run" / "qubes-mcp" / "gate.ready"
+        with gate_log.open("wb") as out:
+            gate = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "qubes_mcp.dom0.cli",
+                    "gate",
+                    "--config",
+                    str(stack.config),
+                    "--ready-file",
+                    str(ready),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        stack.procs.append(gate)
+        _wait_for(ready, gate, gate_log, timeout)
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+@contextlib.contextmanager
+def running_stack(root: Path, *, fleet: Path | None = None) -> Iterator[Stack]:
+    stack = start_stack(root, fleet=fleet)
+    try:
+        yield stack
+    finally:
+        stack.stop()
