@@ -306,3 +306,14 @@ def test_noninteractive_filter_is_qubesds(text: str, target: str, expected: bool
         service="admin.vm.List", argument="+", source="test-vm1", target=target, system_info=INFO
     )
     assert allowed is expected
+
+
+@pytest.mark.parametrize(
+    ("internal", "expected"), [(None, False), ("", False), ("1", True), (True, True)],
+    ids=["feature-unset-null", "feature-empty", "feature-set", "boolean"],
+)
+def test_system_info_takes_internal_as_qubesd_sends_it(internal: object, expected: bool) -> None:
+    # R4.3 qubesd puts the *feature* value in GetSystemInfo: null, or a string
+    info = SystemInfo.from_json({"domains": {"dom0": {"type": "AdminVM", "internal": internal}}})
+    domain = info.get("dom0")
+    assert domain is not None and domain.internal is expected

@@ -67,6 +67,10 @@ def _domain_from_json(name: str, obj: object) -> DomainInfo:
     flags = {}
     for key in ("template_for_dispvms", "internal"):
         value = obj.get(key, False)
+        # qubesd sends the *feature* for "internal" (CA qubes/api/internal.py):
+        # null when unset, else its string value; qrexec only tests its truth.
+        if value is None or (key == "internal" and isinstance(value, str)):
+            value = bool(value)
         if not isinstance(value, bool):
             raise SystemInfoError(f"domain {name!r}: {key!r} must be a boolean")
         flags[key] = value

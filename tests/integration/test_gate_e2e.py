@@ -1,0 +1,151 @@
+"""The gate end to end on the emulator: installed with ``qubes-mcp-admin install --root``,
+running as ``qubes-mcp-admin gate``, called through qrexec as the principal's qube.
+
+Every operation works at the tier it needs and is refused below it; refusals are the gate's
+fixed vocabulary; state changes land in the audit log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from qubes_mcp.sim.stack import Stack, start_stack
+from tests.gate_e2e import answer_when_pending, audit_lines, gate_call
+
+pytestmark = pytest.mark.bwrap
+
+NOT_FOUND = {"ok": False, "error": {"code": "not-found", "message": "no such qube, or not yours"}}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    s = start_stack(tmp_path_factory.mktemp("gate") / "root")
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def ok(reply: dict[str, object]) -> dict[str, object]:
+    assert reply.get("ok") is True, reply
+    result = reply["result"]
+    assert isinstance(result, dict)
+    return result
+
+
+def code(reply: dict[str, object]) -> str:
+    assert reply.get("ok") is False, reply
+    return reply["error"]["code"]  # type: ignore[index,no-any-return]
+
+
+def test_list_shows_only_enrolled_qubes_with_their_tiers(stack: Stack) -> None:
+    result = ok(gate_call(stack, "@adminvm", "qmcp.List"))
+    tiers = {q["name"]: q["tier"] for q in result["qubes"]}  # type: ignore[index,union-attr]
+    assert tiers["ai-dev"] == "exec" and tiers["ai-build"] == "full"
+    assert tiers["ai-web"] == "net" and tiers["ai-notes"] == "read"
+    for hidden in ("vault", "personal", "work", "sys-net", "mcp-control", "ai-dump", "dom0"):
+        assert hidden not in tiers
+
+
+def test_info_redacts_out_of_scope_references_and_tier_tags(stack: Stack) -> None:
+    info = ok(gate_call(stack, "ai-dev", "qmcp.Info"))
+    assert info["tags"] == ["ai-managed"]
+    props = info["properties"]
+    assert props["netvm"] == "ai-egress"  # type: ignore[index]
+    assert props["template"] == "<out-of-scope>"  # type: ignore[index]
+    assert "qid" not in props  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("hidden", ["vault", "sys-firewall", "no-such-qube", "ai-dump", "dom0"])
+def test_hidden_qubes_are_refused_identically_by_qrexec(stack: Stack, hidden: str) -> None:
+    assert gate_call(stack, hidden, "qmcp.Info") == {"refused": 126}
+    assert gate_call(stack, hidden, "qmcp.Run", {"command": ["id"]}) == {"refused": 126}
+
+
+@pytest.mark.parametrize("hidden", ["vault", "no-such-qube", "sys-net"])
+def test_hidden_copy_destinations_are_the_one_not_found(stack: Stack, hidden: str) -> None:
+    reply = gate_call(
+        stack, "ai-dev", "qmcp.Copy", {"destination": hidden, "paths": ["/etc/hostname"]}
+    )
+    assert reply == NOT_FOUND
+
+
+def test_start_and_run_a_command_as_root_in_an_exec_qube(stack: Stack) -> None:
+    ok(gate_call(stack, "ai-dev", "qmcp.Start"))
+    result = ok(
+        gate_call(stack, "ai-dev", "qmcp.Run", {"command": ["sh", "-c", "id -u; hostname"]})
+    )
+    assert result["exit_code"] == 0
+    assert result["stdout"] == "0\nai-dev\n"
+
+
+def test_read_tier_refuses_exec(stack: Stack) -> None:
+    assert code(gate_call(stack, "ai-notes", "qmcp.Start")) == "insufficient-tier"
+    assert (
+        code(gate_call(stack, "ai-notes", "qmcp.Run", {"command": ["id"]})) == "insufficient-tier"
+    )
+
+
+def test_copy_lands_in_the_destinations_incoming(stack: Stack) -> None:
+    ok(
+        gate_call(
+            stack, "ai-dev", "qmcp.Run", {"command": ["sh", "-c", "echo hi > /home/user/note"]}
+        )
+    )
+    result = ok(
+        gate_call(
+            stack, "ai-dev", "qmcp.Copy", {"destination": "ai-build", "paths": ["/home/user/note"]}
+        )
+    )
+    assert result["copied"] is True, result
+    seen = ok(
+        gate_call(
+            stack,
+            "ai-build",
+            "qmcp.Run",
+            {"command": ["cat", "/home/user/QubesIncoming/ai-dev/note"]},
+        )
+    )
+    assert seen["stdout"] == "hi\n"
+
+
+def test_bad_input_gets_a_clear_error_and_changes_nothing(stack: Stack) -> None:
+    before = len(audit_lines(stack))
+    reply = gate_call(stack, "ai-build", "qmcp.Run", {"command": "rm -rf /"})
+    assert reply["error"]["message"] == "command must be a non-empty list of strings"  # type: ignore[index]
+    raw = stack.call("ai-build", "qmcp.Run", b"\xff\xfe not json")
+    assert b"payload is not valid JSON" in raw.stdout
+    assert len(audit_lines(stack)) == before + 2  # refused, recorded, nothing run
+
+
+def test_netvm_cannot_be_retargeted(stack: Stack) -> None:
+    reply = gate_call(
+        stack, "ai-build", "qmcp.SetProperty", {"property": "netvm", "value": "ai-web"}
+    )
+    assert code(reply) == "not-allowed"
+
+
+def test_remove_waits_for_the_operator_and_a_denial_changes_nothing(stack: Stack) -> None:
+    operator = answer_when_pending(stack, "deny", op="qube.remove")
+    assert code(gate_call(stack, "ai-notes", "qmcp.Remove")) in ("insufficient-tier",)
+    operator.join(0)
+    # ai-build is full: the request reaches the operator, who says no
+    operator = answer_when_pending(stack, "deny", op="qube.remove")
+    assert code(gate_call(stack, "ai-build", "qmcp.Remove")) == "consent-denied"
+    operator.join(5)
+    assert "ai-build" in str(gate_call(stack, "@adminvm", "qmcp.List"))
+
+
+def test_the_audit_chain_verifies(stack: Stack) -> None:
+    result = stack.admin("audit", "verify")
+    assert result.returncode == 0, result.stdout + result.stderr
+    ops = [line["op"] for line in audit_lines(stack)]
+    assert "qube.start" in ops and "qube.run" in ops
+
+
+def test_doctor_on_the_demo_fleet_reports_no_errors(stack: Stack) -> None:
+    result = stack.admin("doctor", "--root", str(stack.root))
+    assert "error:" not in result.stdout, result.stdout
