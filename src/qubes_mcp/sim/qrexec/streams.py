@@ -1,0 +1,150 @@
+"""Moving a call's bytes between the caller's frames and a service (process or socket)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from qubes_mcp.sim.qrexec import wire
+from qubes_mcp.sim.qrexec.config import RouterConfig
+
+log = logging.getLogger("qubes_mcp.sim.qrexec")
+
+
+async def _pump_input(
+    reader: asyncio.StreamReader,
+    deliver: Callable[[bytes], Awaitable[None]],
+    close: Callable[[], Awaitable[None]],
+) -> None:
+    """Caller's STDIN frames to ``deliver`` until the empty frame; then ``close``."""
+    delivering = True
+    while True:
+        frame = await wire.read_frame(reader)
+        if frame is None:
+            break
+        kind, data = frame
+        if kind != wire.STDIN:
+            raise wire.WireError(f"unexpected frame {kind:#x} from the caller")
+        if not data:
+            break
+        if delivering:
+            try:
+                await deliver(data)
+            except (ConnectionError, OSError):
+                delivering = False  # the service stopped reading; keep draining the caller
+    with contextlib.suppress(ConnectionError, OSError):
+        await close()
+
+
+async def _pump_output(
+    source: asyncio.StreamReader, writer: asyncio.StreamWriter, kind: int
+) -> None:
+    while chunk := await source.read(wire.MAX_DATA_LEN):
+        writer.write(wire.encode_frame(kind, chunk))
+        await writer.drain()
+
+
+async def _finish(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    code: int,
+    input_task: asyncio.Task[None],
+    config: RouterConfig,
+) -> None:
+    """Send the exit code, then let the caller finish sending before closing, so its last
+    frames are not answered with a reset that would destroy the reply it has not read."""
+    writer.write(wire.encode_exit(code))
+    await writer.drain()
+    with contextlib.suppress(OSError, RuntimeError):
+        writer.write_eof()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(asyncio.shield(input_task), config.drain_timeout)
+    if not input_task.done():
+        input_task.cancel()
+    with contextlib.suppress(Exception):
+        while await asyncio.wait_for(reader.read(65536), config.drain_timeout):
+            pass
+
+
+async def stream_process(
+    proc: asyncio.subprocess.Process,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    config: RouterConfig,
+    kill: Callable[[], None] | None = None,
+) -> None:
+    """Stream a process's stdin/stdout/stderr to and from the caller, then its exit code.
+
+    ``kill`` ends the process (and everything it started) when the call outlives
+    ``config.call_timeout``; by default its process group is killed.
+    """
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    stdin = proc.stdin
+
+    async def deliver(data: bytes) -> None:
+        stdin.write(data)
+        await stdin.drain()
+
+    async def close() -> None:
+        stdin.close()
+
+    input_task = asyncio.create_task(_pump_input(reader, deliver, close))
+    try:
+        async with asyncio.timeout(config.call_timeout):
+            await asyncio.gather(
+                _pump_output(proc.stdout, writer, wire.STDOUT),
+                _pump_output(proc.stderr, writer, wire.STDERR),
+                proc.wait(),
+            )
+    except TimeoutError:
+        if kill is not None:
+            kill()
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+    code = proc.returncode if proc.returncode is not None else 1
+    if code < 0:
+        code = 128 - code  # killed by a signal: the shell convention qrexec follows
+    await _finish(reader, writer, code, input_task, config)
+
+
+async def stream_socket(
+    path: Path,
+    descriptor: bytes,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    config: RouterConfig,
+) -> None:
+    """A socket service: descriptor, then the caller's input; its output until EOF; exit 0."""
+    try:
+        sreader, swriter = await asyncio.open_unix_connection(str(path))
+    except OSError as exc:
+        log.warning("socket service %s unreachable: %s", path, exc)
+        writer.write(wire.encode_exit(wire.EXIT_NOT_FOUND))
+        await writer.drain()
+        return
+    swriter.write(descriptor)
+
+    async def deliver(data: bytes) -> None:
+        swriter.write(data)
+        await swriter.drain()
+
+    async def close() -> None:
+        if swriter.can_write_eof():
+            swriter.write_eof()
+
+    input_task = asyncio.create_task(_pump_input(reader, deliver, close))
+    try:
+        async with asyncio.timeout(config.call_timeout):
+            await _pump_output(sreader, writer, wire.STDOUT)
+    except (TimeoutError, ConnectionError):
+        pass
+    finally:
+        swriter.close()
+    await _finish(reader, writer, 0, input_task, config)

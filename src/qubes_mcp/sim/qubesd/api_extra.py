@@ -1,0 +1,198 @@
+"""Less common R4.3 methods: suspend/resume, volume settings and snapshots, pool drivers,
+and the per-qube denied device interfaces (``admin.vm.device.denied.*``).
+
+The emulated storage keeps no revisions, so ``ListSnapshots`` is empty and ``Revert`` is
+always refused the way R4.3 refuses an unknown revision (zero bytes).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+from qubes_mcp.sim import exc
+from qubes_mcp.sim.qubesd import lifecycle
+from qubes_mcp.sim.qubesd import props as pdefs
+from qubes_mcp.sim.qubesd.api import Call, method, validate_size
+
+#: ``admin.pool.ListDrivers`` (R4.3 entry points, parameters of each driver's ``__init__``)
+POOL_DRIVERS = (
+    ("file", "revisions_to_keep dir_path ephemeral_volatile"),
+    ("file-reflink", "revisions_to_keep dir_path setup_check ephemeral_volatile"),
+    ("linux-kernel", "dir_path"),
+    ("lvm_thin", "revisions_to_keep volume_group thin_pool ephemeral_volatile"),
+    ("callback", "conf_id"),
+    ("zfs", "revisions_to_keep container ephemeral_volatile snap_on_start_forensics"),
+)
+
+
+@method("admin.vm.Suspend", no_payload=True)
+async def vm_suspend(call: Call) -> None:
+    call.enforce(not call.arg)
+    call.permission()
+    vm = call.dest
+    if vm.klass == "AdminVM":
+        raise exc.QubesVMError(vm.name, "Cannot suspend Dom0 fake domain!")
+    if not vm.is_running():
+        raise exc.QubesVMNotRunningError(vm.name)
+    vm.power = "Suspended"
+
+
+@method("admin.vm.Resume", no_payload=True)
+async def vm_resume(call: Call) -> None:
+    call.enforce(not call.arg)
+    call.permission()
+    vm = call.dest
+    if vm.klass == "AdminVM":
+        raise AttributeError("AdminVM has no resume()")
+    if vm.power == "Suspended":
+        vm.power = "Running"
+        call.app.fire(vm, "domain-resumed")
+    else:
+        await lifecycle.unpause(call.app, vm)
+
+
+# --- volumes -----------------------------------------------------------------------------
+
+
+@method("admin.vm.volume.ListSnapshots", no_payload=True)
+async def vm_volume_list_snapshots(call: Call) -> str:
+    call.enforce(call.arg in call.dest.volumes)
+    return "".join(f"{r}\n" for r in call.filtered([]))
+
+
+@method("admin.vm.volume.Revert")
+async def vm_volume_revert(call: Call) -> None:
+    call.enforce(call.arg in call.dest.volumes)
+    untrusted_revision = call.untrusted_payload.decode("ascii").strip()
+    revisions: tuple[str, ...] = ()  # the emulated storage keeps no revisions
+    call.enforce(untrusted_revision in revisions)
+
+
+@method("admin.vm.volume.Set.revisions_to_keep")
+async def vm_volume_set_revisions(call: Call) -> None:
+    call.enforce(call.arg in call.dest.volumes)
+    newvalue = validate_size(call.untrusted_payload, allow_negative=True)
+    call.permission(newvalue=newvalue)
+    vol = call.dest.volumes[call.arg]
+    if newvalue < -1:
+        raise exc.QubesValueError("Invalid value for revisions_to_keep")
+    toggles = newvalue != vol.revisions_to_keep and -1 in (vol.revisions_to_keep, newvalue)
+    if call.dest.is_running() and toggles:
+        raise exc.QubesVMNotHaltedError(call.dest.name)
+    vol.revisions_to_keep = newvalue
+    call.save()
+
+
+def _payload_bool(call: Call) -> bool:
+    try:
+        return pdefs.parse_bool(call.untrusted_payload.decode("ascii"))
+    except (UnicodeDecodeError, exc.QubesValueError):
+        raise exc.ProtocolError("Invalid value") from None
+
+
+@method("admin.vm.volume.Set.rw")
+async def vm_volume_set_rw(call: Call) -> None:
+    call.enforce(call.arg in call.dest.volumes)
+    newvalue = _payload_bool(call)
+    call.permission(newvalue=newvalue)
+    if not call.dest.is_halted():
+        raise exc.QubesVMNotHaltedError(call.dest.name)
+    call.dest.volumes[call.arg].rw = newvalue
+    call.save()
+
+
+@method("admin.vm.volume.Set.ephemeral")
+async def vm_volume_set_ephemeral(call: Call) -> None:
+    call.enforce(call.arg in call.dest.volumes)
+    newvalue = _payload_bool(call)
+    call.permission(newvalue=newvalue)
+    call.dest.volumes[call.arg].ephemeral = newvalue
+    call.save()
+
+
+@method("admin.vm.volume.Clear", no_payload=True)
+async def vm_volume_clear(call: Call) -> None:
+    call.enforce(call.arg in call.dest.volumes)
+    call.permission()
+    vol = call.dest.volumes[call.arg]
+    if not vol.save_on_stop:
+        # R4.3 drivers: "Cannot import_data: <vid> is not save_on_stop" (NotImplementedError)
+        raise NotImplementedError(f"Cannot import_data: {lifecycle.vid(call.dest, vol)}")
+    if not call.dest.is_halted():
+        raise exc.QubesVMNotHaltedError(call.dest.name)
+    call.app.fire(call.dest, "domain-volume-import-begin", volume=call.arg, size=vol.size)
+    if call.arg == "private":
+        target = call.app.paths.private_dir(call.dest.name)
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+    call.app.fire(call.dest, "domain-volume-import-end", volume=call.arg, success=True)
+    call.save()
+
+
+# --- pools -------------------------------------------------------------------------------
+
+
+@method("admin.pool.ListDrivers", no_payload=True)
+async def pool_list_drivers(call: Call) -> str:
+    call.enforce(call.dest.name == "dom0")
+    call.enforce(not call.arg)
+    drivers = call.filtered(list(POOL_DRIVERS))
+    return "".join(f"{name} {params}\n" for name, params in drivers)
+
+
+@method("admin.pool.volume.List", no_payload=True)
+async def pool_volume_list(call: Call) -> str:
+    call.enforce(call.dest.name == "dom0")
+    call.enforce(call.arg in call.app.pools)
+    vids = [
+        lifecycle.vid(vm, vol)
+        for vm in call.app.domains.values()
+        for vol in vm.volumes.values()
+        if vol.pool == call.arg and not vol.snap_on_start and vol.name != "kernel"
+    ]
+    return "".join(f"{v}\n" for v in call.filtered(vids))
+
+
+# --- denied device interfaces ------------------------------------------------------------
+
+
+def split_interfaces(text: str) -> list[str]:
+    """``DeviceInterface.from_str_bulk``: 7-character interface codes."""
+    if len(text) % 7 != 0:
+        raise exc.QubesValueError(
+            f"Invalid length of interfaces={text!r} (is {len(text)}, expected multiple of 7)"
+        )
+    return [text[i : i + 7] for i in range(0, len(text), 7)]
+
+
+@method("admin.vm.device.denied.List", no_payload=True)
+async def vm_device_denied_list(call: Call) -> str:
+    call.enforce(not call.arg)
+    call.permission()
+    return "\n".join(split_interfaces(str(call.dest.get("devices_denied", ""))))
+
+
+@method("admin.vm.device.denied.Add")
+async def vm_device_denied_add(call: Call) -> None:
+    to_add = split_interfaces(call.untrusted_payload.decode("ascii", errors="strict"))
+    if len(set(to_add)) != len(to_add):
+        raise exc.QubesValueError("Duplicated device interfaces in payload.")
+    call.permission(interfaces=to_add)
+    prev = str(call.dest.get("devices_denied", ""))
+    call.app.set_prop(call.dest, "devices_denied", prev + "".join(to_add))
+    if prev != call.dest.get("devices_denied", ""):
+        call.save()
+
+
+@method("admin.vm.device.denied.Remove")
+async def vm_device_denied_remove(call: Call) -> None:
+    denied = split_interfaces(str(call.dest.get("devices_denied", "")))
+    payload = call.untrusted_payload.decode("ascii", errors="strict")
+    to_remove = split_interfaces(payload) if payload != "all" else list(denied)
+    if len(set(to_remove)) != len(to_remove):
+        raise exc.QubesValueError("Duplicated device interfaces in payload.")
+    call.permission(interfaces=to_remove)
+    new_denied = "".join(i for i in denied if i not in to_remove)
+    if new_denied != call.dest.get("devices_denied", ""):
+        call.app.set_prop(call.dest, "devices_denied", new_denied)
+        call.save()
