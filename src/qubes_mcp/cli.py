@@ -10,7 +10,7 @@ from collections.abc import Sequence
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qubes-mcp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    from qubes_mcp.sim import cli as sim_cli
+    import qubes_mcp.sim.cli as sim_cli
 
     sim_cli.add_parser(sub)
     return parser

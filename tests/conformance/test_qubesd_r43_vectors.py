@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from tests.qubesd_fixtures import Qubesd, api_admin_app, demo_fixture  # noqa: F401 - fixture
 
 DATA = json.loads(

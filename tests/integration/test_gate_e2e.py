@@ -8,7 +8,6 @@ fixed vocabulary; state changes land in the audit log.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 

@@ -13,8 +13,8 @@ except ImportError as exc:  # helper B's qubesd has not landed yet
         allow_module_level=True,
     )
 
-from conftest import RunningEmulator
 from qubes_mcp.policy import PolicyError, SystemInfo
+from tests.emulator_process import RunningEmulator
 
 try:  # qubesd R4.3 sends "internal": None (the feature's value, absent) for most qubes
     SystemInfo.from_json({"domains": {"dom0": {"type": "AdminVM", "tags": [], "internal": None}}})

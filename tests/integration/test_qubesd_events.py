@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from tests.qubesd_fixtures import EventStream, Qubesd, demo_fixture, err, ok  # noqa: F401 - fixture
 
 POLICY = """\

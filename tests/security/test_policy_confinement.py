@@ -12,11 +12,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from tests.gate_fixtures import config, demo_qubes
 
 from qubes_mcp.dom0.operations import OPERATIONS
 from qubes_mcp.dom0.render import POLICY_NAME, validated_policy
 from qubes_mcp.policy import AccessDenied, AllowResolution, Policy, SystemInfo
+from tests.gate_fixtures import config, demo_qubes
 
 STOCK = Path(__file__).resolve().parents[2] / "src" / "qubes_mcp" / "sim" / "data" / "policy.d"
 

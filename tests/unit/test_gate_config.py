@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tests.gate_fixtures import CONFIG_TEXT
 
 from qubes_mcp.dom0.config import load_config, parse_config
 from qubes_mcp.dom0.errors import ConfigError, UnavailableError
 from qubes_mcp.dom0.tiers import Tier
+from tests.gate_fixtures import CONFIG_TEXT
 
 MINIMAL = '[[principal]]\nqube = "mcp-control"\n'
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from tests.gate_fixtures import CONFIG_TEXT, config, facts, qube
 
 from qubes_mcp.dom0.decide import Verdict, decide, names_to_read
 from qubes_mcp.dom0.errors import (
@@ -22,6 +21,7 @@ from qubes_mcp.dom0.errors import (
 )
 from qubes_mcp.dom0.operations import OPERATIONS_BY_NAME
 from qubes_mcp.dom0.tiers import Tier
+from tests.gate_fixtures import CONFIG_TEXT, config, facts, qube
 
 CFG = config()
 AGENT = CFG.principals["mcp-control"]

@@ -309,7 +309,8 @@ def test_noninteractive_filter_is_qubesds(text: str, target: str, expected: bool
 
 
 @pytest.mark.parametrize(
-    ("internal", "expected"), [(None, False), ("", False), ("1", True), (True, True)],
+    ("internal", "expected"),
+    [(None, False), ("", False), ("1", True), (True, True)],
     ids=["feature-unset-null", "feature-empty", "feature-set", "boolean"],
 )
 def test_system_info_takes_internal_as_qubesd_sends_it(internal: object, expected: bool) -> None:

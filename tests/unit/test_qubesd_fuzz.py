@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from tests.qubesd_fixtures import Qubesd, demo_app
 
 READ_METHODS = [

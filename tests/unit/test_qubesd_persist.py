@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from tests.qubesd_fixtures import Qubesd, demo_app, demo_fixture, ok  # noqa: F401 - fixture
 
 from qubes_mcp.sim.fleet import FleetError, load_fleet, open_app
 from qubes_mcp.sim.paths import SimPaths
 from qubes_mcp.sim.qubesd import QubesApp
 from qubes_mcp.sim.qubesd.persist import StateFileError
+from tests.qubesd_fixtures import Qubesd, demo_app, demo_fixture, ok  # noqa: F401 - fixture
 
 
 def test_round_trip_keeps_state_and_reboots(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from tests.qubesd_fixtures import EventStream, Qubesd, demo_fixture, err, ok  # noqa: F401 - fixture
 
 # (setup calls, call, expected reply, resulting power state of "work")

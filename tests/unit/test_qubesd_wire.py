@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from tests.qubesd_fixtures import Qubesd, demo_fixture, err, ok  # noqa: F401 - fixture
 
 ZERO = b""
@@ -241,9 +242,8 @@ def test_record_lists_handled_requests(demo: Qubesd) -> None:
 
 
 def test_stale_socket_is_replaced_live_one_is_not(tmp_path: Path) -> None:
-    from tests.qubesd_fixtures import demo_app
-
     from qubes_mcp.sim.qubesd.server import cleanup_socket
+    from tests.qubesd_fixtures import demo_app
 
     app = demo_app(tmp_path / "root")
     q = Qubesd(app).start()

@@ -18,6 +18,8 @@ from qubes_mcp.dom0.errors import InvalidInputError
 from qubes_mcp.dom0.names import is_valid_qube_name
 from qubes_mcp.dom0.operations import Field, Operation
 
+#: total bytes of a command line or path list (see _check_argv)
+ARGV_TOTAL_MAX = 16384
 #: JSON nesting and size are bounded by the byte cap; this bounds the parse itself
 _MAX_DEPTH = 8
 
@@ -80,6 +82,10 @@ def _check_argv(f: Field, value: object) -> list[str]:
             raise InvalidInputError(f"{f.name} items must be strings without NUL")
         if len(item) > f.max_len:
             raise InvalidInputError(f"{f.name} items must be at most {f.max_len} characters")
+    # qrexec carries the whole argv in the service argument (at most 65000 bytes, with every
+    # unusual byte written as three): keep the total well inside that
+    if sum(len(item.encode()) + 1 for item in value) > ARGV_TOTAL_MAX:
+        raise InvalidInputError(f"{f.name} is longer than {ARGV_TOTAL_MAX} bytes in total")
     return list(value)
 
 

@@ -43,6 +43,7 @@ async def _autostart(paths: SimPaths) -> None:
 
 async def run_emulator(root: Path, fleet: Path | None, stop: asyncio.Event) -> None:
     """Serve an emulated dom0 under ``root`` until ``stop`` is set."""
+    from qubes_mcp.sim.dom0_tools.qvm_run import install as install_qvm_run
     from qubes_mcp.sim.qrexec import install_default_policy, install_dom0_rpc, start_router
     from qubes_mcp.sim.qrexec.operator import DenyAllOperator
     from qubes_mcp.sim.qubesd import open_app, start_qubesd
@@ -53,8 +54,11 @@ async def run_emulator(root: Path, fleet: Path | None, stop: asyncio.Event) -> N
     ready = ready_file(paths)
     ready.unlink(missing_ok=True)
 
+    for directory in paths.policy_dirs:  # both must exist, or qrexec denies everything
+        directory.mkdir(parents=True, exist_ok=True)
     install_default_policy(paths)
     install_dom0_rpc(paths)
+    install_qvm_run(paths)
     app = open_app(paths, fleet)
     qubesd = await start_qubesd(app, paths)
     router = await start_router(paths, DenyAllOperator())

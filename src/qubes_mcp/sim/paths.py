@@ -36,6 +36,12 @@ class SimPaths:
         """The qrexec router's control socket; only host-side (dom0) tools reach it."""
         return self.run / "qrexec" / "router.sock"
 
+    @property
+    def dom0_direct_sock(self) -> Path:
+        """dom0's direct line to a qube, no policy (``qrexec-client -d`` in a real dom0; what
+        ``qvm-run`` uses there). Host-side only, like the control socket."""
+        return self.run / "qrexec" / "dom0-direct.sock"
+
     def vm_agent_sock(self, name: str) -> Path:
         """Per-qube qrexec socket; bound into that qube's sandboxes, so the router knows the
         caller by the socket it connected to, never by what the caller claims."""

@@ -48,10 +48,9 @@ class Stack:
         return self.root / "etc/qubes-mcp/config.toml"
 
     def admin(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        """``qubes-mcp-admin --config ROOT/... ARGS`` (operator commands)."""
-        cmd, *rest = args
+        """``qubes-mcp-admin ARGS --config ROOT/...`` (operator commands)."""
         return subprocess.run(
-            [sys.executable, "-m", "qubes_mcp.dom0.cli", cmd, "--config", str(self.config), *rest],
+            [sys.executable, "-m", "qubes_mcp.dom0.cli", *args, "--config", str(self.config)],
             capture_output=True,
             text=True,
             timeout=timeout,

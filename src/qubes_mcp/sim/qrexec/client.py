@@ -81,10 +81,13 @@ async def call(
     timeout: float = 60.0,
     on_stdout: Callable[[bytes], None] | None = None,
     on_stderr: Callable[[bytes], None] | None = None,
+    socket_path: Path | None = None,
 ) -> CallResult:
     """Call ``service_and_arg`` on ``target`` as ``source``.
 
-    Output is collected in the result, or handed to ``on_stdout``/``on_stderr`` as it arrives
+    ``socket_path`` selects another router socket (``paths.dom0_direct_sock`` for dom0's
+    policy-free line to a qube, where ``source`` names the user). Output is collected in the
+    result, or handed to ``on_stdout``/``on_stderr`` as it arrives
     (then the result's byte fields stay empty). A refusal is ``exit_code == 126`` with
     ``Request refused`` on stderr.
 
@@ -93,7 +96,7 @@ async def call(
         TimeoutError: the call took longer than ``timeout``.
     """
     try:
-        reader, writer = await asyncio.open_unix_connection(str(paths.router_sock))
+        reader, writer = await asyncio.open_unix_connection(str(socket_path or paths.router_sock))
     except OSError as exc:
         raise RouterUnavailableError(f"cannot reach the qrexec router: {exc}") from None
     out = bytearray()

@@ -62,6 +62,7 @@ class Router:
         self.policy = PolicyCache(paths.policy_dirs)
         self.sandboxes: dict[str, QubeSandbox] = {}
         self._control: asyncio.AbstractServer | None = None
+        self._direct: asyncio.AbstractServer | None = None
         self._agents: dict[str, asyncio.AbstractServer] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._events_task: asyncio.Task[None] | None = None
@@ -76,6 +77,7 @@ class Router:
         sock_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.paths.router_sock.parent, 0o700)  # host-side tools only
         self._control = await self._listen(self.paths.router_sock, None)
+        self._direct = await self._listen(self.paths.dom0_direct_sock, None, direct=True)
         self._events_task = asyncio.create_task(self._follow_events())
         with contextlib.suppress(QubesdUnavailableError, QubesdError):
             await self._resync()
@@ -103,10 +105,14 @@ class Router:
                 await self._events_task
         for name in list(self._agents):
             await self.drop_agent(name)
-        if self._control is not None:
-            self._control.close()
-            with contextlib.suppress(FileNotFoundError):
-                self.paths.router_sock.unlink()
+        for server, path in (
+            (self._control, self.paths.router_sock),
+            (self._direct, self.paths.dom0_direct_sock),
+        ):
+            if server is not None:
+                server.close()
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
         # Cancel the calls in flight before waiting for the server: since Python 3.12
         # wait_closed() also waits for every open connection.
         for task in list(self._tasks):
@@ -114,10 +120,13 @@ class Router:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if self._control is not None:
-            await self._control.wait_closed()
+        for server in (self._control, self._direct):
+            if server is not None:
+                await server.wait_closed()
 
-    async def _listen(self, path: Path, vm_source: str | None) -> asyncio.AbstractServer:
+    async def _listen(
+        self, path: Path, vm_source: str | None, *, direct: bool = False
+    ) -> asyncio.AbstractServer:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 
@@ -126,7 +135,10 @@ class Router:
             assert task is not None
             self._tasks.add(task)
             try:
-                await self._serve_connection(reader, writer, vm_source)
+                if direct:
+                    await self._serve_direct(reader, writer)
+                else:
+                    await self._serve_connection(reader, writer, vm_source)
             finally:
                 self._tasks.discard(task)
 
@@ -197,6 +209,52 @@ class Router:
             pass
         except Exception:
             log.exception("qrexec call failed")
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _serve_direct(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """dom0 runs a service in a qube with no policy evaluation, as ``qrexec-client -d``
+        does for ``qvm-run`` in a real dom0. The request's source field names the user."""
+        try:
+            frame = await asyncio.wait_for(wire.read_frame(reader), self.config.request_timeout)
+            if frame is None or frame[0] != wire.REQUEST:
+                raise wire.WireError("first frame must be REQUEST")
+            untrusted = wire.parse_request(frame[1])
+            user = untrusted.untrusted_source.decode("ascii", errors="replace")
+            request = sanitise_request(
+                wire.UntrustedRequest(
+                    untrusted.untrusted_target, untrusted.untrusted_service, b"dom0"
+                ),
+                None,
+            )
+            info = await self.qubesd.system_info()
+            name = _domain_name(info, request.target)
+            if name is None or name == "dom0":
+                raise RefusedError(f"no qube {request.target!r} to run in")
+            if info["domains"][name].get("power_state") != "Running":
+                try:
+                    await self.qubesd.start(name)
+                except (QubesdError, QubesdUnavailableError) as exc:
+                    raise RefusedError(f"cannot start {name!r}: {exc}") from None
+            await self._call_vm(request, name, user, reader, writer)
+        except (
+            wire.WireError,
+            RefusedError,
+            TimeoutError,
+            UnicodeError,
+            QubesdError,
+            QubesdUnavailableError,
+        ) as exc:
+            log.info("dom0 direct call refused: %s", exc)
+            with contextlib.suppress(OSError, RuntimeError):
+                writer.write(wire.encode_frame(wire.REFUSED))
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
         finally:
             writer.close()
             with contextlib.suppress(Exception):

@@ -45,8 +45,11 @@ def find_service(service_and_arg: str) -> str | None:
 
 def _enter_home() -> None:
     home = os.environ.get("HOME", "/")
-    if home == "/home/user":
-        os.makedirs("/rw/home/user", mode=0o755, exist_ok=True)
+    # Like the first boot of a real qube (mount-dirs): /home/user lives on the private
+    # volume and exists whoever runs first, so root's commands may write to it too.
+    os.makedirs("/rw/home/user", mode=0o755, exist_ok=True)
+    if home != "/home/user":
+        os.makedirs(home, mode=0o700, exist_ok=True)
     os.chdir(home)
     os.environ["PWD"] = home  # /home/user is a symlink here; shells keep the logical path
 
