@@ -146,7 +146,17 @@ def test_internal_methods_are_not_on_the_admin_socket(demo: Qubesd) -> None:
 def test_vm_list_is_filtered_by_policy_for_qubes(with_policy: Qubesd) -> None:
     listing = with_policy.call("dom0", "admin.vm.List", src="ai-dev").decode()
     names = [line.split(" ")[0] for line in listing[2:].splitlines()]
-    assert names == ["dom0", "ai-build", "ai-dev", "ai-dvm", "ai-egress", "ai-notes", "ai-web"]
+    assert names == [
+        "dom0",
+        "ai-build",
+        "ai-debian",
+        "ai-dev",
+        "ai-dvm",
+        "ai-egress",
+        "ai-notes",
+        "ai-usb",
+        "ai-web",
+    ]  # every qube tagged ai-managed (the demo fleet)
     assert with_policy.call("dom0", "admin.vm.List", src="ai-notes") == ok("")
     assert b"\nwork " in with_policy.call("dom0", "admin.vm.List")
 
