@@ -13,6 +13,9 @@ def build_parser() -> argparse.ArgumentParser:
     import qubes_mcp.sim.cli as sim_cli
 
     sim_cli.add_parser(sub)
+    import qubes_mcp.server.cli as server_cli
+
+    server_cli.add_parser(sub)
     return parser
 
 

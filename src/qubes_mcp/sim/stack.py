@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,8 +100,18 @@ class Stack:
         self.procs.clear()
 
 
-def start_stack(root: Path, *, fleet: Path | None = None, timeout: float = 60) -> Stack:
-    """Start the emulator, install the gate into its root, start the gate."""
+def start_stack(
+    root: Path,
+    *,
+    fleet: Path | None = None,
+    config_edit: Callable[[str], str] | None = None,
+    timeout: float = 60,
+) -> Stack:
+    """Start the emulator, install the gate into its root, start the gate.
+
+    ``config_edit`` may rewrite the configuration ``install`` would write (tests use it for
+    small budgets, guarded qubes, consent lists).
+    """
     root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     stack = Stack(root)
@@ -116,6 +126,12 @@ def start_stack(root: Path, *, fleet: Path | None = None, timeout: float = 60) -
             emu = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
         stack.procs.append(emu)
         _wait_for(root / "run" / "emulator.ready", emu, emu_log, timeout)
+        if config_edit is not None:
+            from qubes_mcp.dom0.install import Layout, default_config_text
+
+            text = config_edit(default_config_text(Layout(root), PRINCIPAL, EGRESS))
+            stack.config.parent.mkdir(parents=True, exist_ok=True)
+            stack.config.write_text(text)
         installed = subprocess.run(
             [
                 sys.executable,

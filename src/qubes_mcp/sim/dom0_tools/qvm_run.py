@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 from qubes_mcp.sim.paths import SimPaths
-from qubes_mcp.sim.qrexec import wire
 from qubes_mcp.sim.qrexec.client import RouterUnavailableError, call
 from qubes_mcp.sim.vm_files.vmexec import encode_args
 
@@ -116,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     except RouterUnavailableError as exc:
         print(f"qvm-run: error: {exc}", file=sys.stderr)
         return 1
-    if result.exit_code == wire.EXIT_REFUSED:
-        print(f"qvm-run: error: cannot run in {args.vmname}", file=sys.stderr)
+    # the command's own exit code; a refusal of the line itself already said so on stderr
     return result.exit_code
 
 

@@ -1,0 +1,273 @@
+"""The dom0 gate (issue 3): per-call cost of the daemon vs a fresh Python process per call.
+
+For ``qmcp.List``, ``qmcp.Info`` (on ``ai-dev``) and ``qmcp.Run ["true"]`` (on ``ai-dev``),
+side by side:
+
+- ``daemon``: the running ``qubes-mcp-admin gate``, driven through its socket exactly as
+  qrexec drives it (descriptor ``qmcp.Op+ mcp-control keyword adminvm|name QUBE\\0``, payload,
+  EOF; one JSON reply);
+- ``router``: the same daemon reached through the emulated qrexec router as the principal's
+  qube (``sim/qrexec/client.call``): what the MCP server in ``mcp-control`` really waits for;
+- ``oneshot``: ``python -m bench.gate_oneshot`` per call, the same request on its stdin: the
+  prior art's model (interpreter start, imports, config load, then the very same
+  ``Gate.handle``).
+
+Then the qubesd round trips per operation, counted by ``AdminClient.round_trips`` on an
+in-process ``Gate`` (same config, its own audit log): ``List`` with the demo fleet and with
+1,000 qubes (at most N + a constant: one ``admin.vm.List`` and one ``admin.vm.tag.List`` per
+qube), and ``Info``/``Start``/``Run`` with both fleets (constant).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from bench import stacks
+from bench.common import (
+    REPO,
+    Budget,
+    Result,
+    bwrap_problem,
+    measure,
+    measure_async,
+    skipped,
+    unix_request,
+)
+from qubes_mcp.dom0.audit import AuditLog
+from qubes_mcp.dom0.config import GateConfig, load_config
+from qubes_mcp.dom0.consent import ConsentBroker
+from qubes_mcp.dom0.gate import Gate, Request
+from qubes_mcp.sim.qrexec.client import call as qrexec_call
+from qubes_mcp.sim.stack import PRINCIPAL, Stack
+
+EXEC_QUBE = "ai-dev"
+RUN_PAYLOAD = {"command": ["true"]}
+#: (op, qrexec target as the descriptor names it, payload, needs bwrap)
+OPS: tuple[tuple[str, str | None, dict[str, Any] | None, bool], ...] = (
+    ("List", None, None, False),
+    ("Info", EXEC_QUBE, None, False),
+    ("Run", EXEC_QUBE, RUN_PAYLOAD, True),
+)
+FAST = Budget(count=300, seconds=4.0, warmup=5)  # List/Info on the daemon
+SLOW = Budget(count=40, seconds=8.0, warmup=2)  # anything that starts a process per call
+BIG_LIST = Budget(count=20, seconds=6.0, warmup=1)
+
+
+def descriptor(op: str, target: str | None) -> bytes:
+    """What qrexec writes first on a socket service's connection."""
+    where = "keyword adminvm" if target is None else f"name {target}"
+    return f"qmcp.{op}+ {PRINCIPAL} {where}\0".encode()
+
+
+def _payload(payload: dict[str, Any] | None) -> bytes:
+    return b"" if payload is None else json.dumps(payload).encode()
+
+
+def _check(op: str, raw: bytes) -> dict[str, Any]:
+    reply: dict[str, Any] = json.loads(raw)
+    if reply.get("ok") is not True:
+        raise RuntimeError(f"qmcp.{op} was refused: {reply}")
+    return reply
+
+
+def _daemon(config: GateConfig, op: str, target: str | None, body: bytes) -> Callable[[], object]:
+    request = descriptor(op, target) + body
+
+    def one() -> object:
+        return _check(op, unix_request(config.paths.gate_socket, request))
+
+    return one
+
+
+def _oneshot(s: Stack, op: str, target: str | None, body: bytes) -> Callable[[], object]:
+    argv = [sys.executable, "-m", "bench.gate_oneshot", "--config", str(s.config)]
+    request = descriptor(op, target) + body
+
+    def one() -> object:
+        done = subprocess.run(
+            argv, input=request, capture_output=True, cwd=REPO, timeout=120, check=False
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"one-shot gate failed: {done.stderr.decode(errors='replace')}")
+        return _check(op, done.stdout)
+
+    return one
+
+
+def _via_router(
+    s: Stack, op: str, target: str | None, body: bytes
+) -> Callable[[], Awaitable[object]]:
+    async def one() -> object:
+        result = await qrexec_call(
+            s.paths,
+            source=PRINCIPAL,
+            target=target or "@adminvm",
+            service_and_arg=f"qmcp.{op}",
+            stdin=body,
+            timeout=120,
+        )
+        if result.exit_code != 0:
+            raise RuntimeError(f"qmcp.{op} via qrexec: exit {result.exit_code} {result.stderr!r}")
+        return _check(op, result.stdout)
+
+    return one
+
+
+def _ratio_note(fast: Result | None, slow: Result) -> str:
+    if fast is None or fast.p50 is None or slow.p50 is None:
+        return ""
+    return f"p50 ×{slow.p50 / fast.p50:.1f} the daemon's"
+
+
+def _startup_baseline(quick: bool) -> list[Result]:
+    """Where a one-shot call's time goes: a bare interpreter, then the gate's imports."""
+    rows = []
+    for name, code, what in (
+        ("gate.oneshot-python", "pass", "fresh `python -c pass` (interpreter start only)"),
+        (
+            "gate.oneshot-imports",
+            "import bench.gate_oneshot",
+            "fresh python importing the gate (no config, no request)",
+        ),
+    ):
+        argv = [sys.executable, "-c", code]
+
+        def one(argv: list[str] = argv) -> object:
+            return subprocess.run(argv, capture_output=True, cwd=REPO, timeout=60, check=True)
+
+        rows.append(
+            Result.from_sample(
+                name, what, measure(one, SLOW.scaled(quick)), notes="baseline for *.oneshot"
+            )
+        )
+    return rows
+
+
+def side_by_side(quick: bool) -> list[Result]:
+    s = stacks.stack(stacks.DEMO)
+    config = load_config(s.config)
+    n = stacks.qube_count(s)
+    no_bwrap = bwrap_problem()
+    results: list[Result] = []
+    for op, target, payload, needs_bwrap in OPS:
+        where = "@adminvm" if target is None else target
+        label = f"qmcp.{op} → {where}" + (' ["true"]' if op == "Run" else "") + f", N={n}"
+        if needs_bwrap and no_bwrap is not None:
+            results.append(skipped(f"gate.{op}", label, no_bwrap))
+            continue
+        body = _payload(payload)
+        budget = (SLOW if needs_bwrap else FAST).scaled(quick)
+        daemon = Result.from_sample(
+            f"gate.{op}.daemon",
+            f"{label}: gate daemon socket",
+            measure(_daemon(config, op, target, body), budget),
+            notes="as qrexec drives it",
+        )
+        router = Result.from_sample(
+            f"gate.{op}.router",
+            f"{label}: via qrexec router from {PRINCIPAL}",
+            asyncio.run(measure_async(_via_router(s, op, target, body), budget)),
+            notes="what the MCP server waits for",
+        )
+        oneshot = Result.from_sample(
+            f"gate.{op}.oneshot",
+            f"{label}: fresh python per call",
+            measure(_oneshot(s, op, target, body), SLOW.scaled(quick)),
+        )
+        oneshot.notes = _ratio_note(daemon, oneshot)
+        results += [daemon, router, oneshot]
+    results += _startup_baseline(quick)
+    big = stacks.stack(stacks.BIG)
+    big_config = load_config(big.config)
+    n_big = stacks.qube_count(big)
+    results.append(
+        Result.from_sample(
+            "gate.List.daemon",
+            f"qmcp.List → @adminvm, N={n_big}: gate daemon socket",
+            measure(_daemon(big_config, "List", None, b""), BIG_LIST.scaled(quick)),
+            notes="fresh reads: N+1 qubesd calls per List",
+        )
+    )
+    return results
+
+
+async def _count(
+    gate: Gate, op: str, target: str | None, body: bytes
+) -> tuple[int, float, dict[str, Any]]:
+    before = gate.admin.round_trips
+    t0 = time.perf_counter()
+    reply = await gate.handle(Request(f"qmcp.{op}", PRINCIPAL, target, body))
+    elapsed = time.perf_counter() - t0
+    if reply.get("ok") is not True:
+        raise RuntimeError(f"qmcp.{op} on {target} was refused: {reply}")
+    result: dict[str, Any] = reply["result"]
+    return gate.admin.round_trips - before, elapsed, result
+
+
+async def _round_trips(kind: str, target: str, bwrap: bool) -> list[Result]:
+    """List, then Info, Start and Run on one halted in-scope qube ``target``."""
+    s = stacks.stack(kind)
+    config = load_config(s.config)
+    n = stacks.qube_count(s)
+    rows: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="qubes-mcp-bench-audit-") as tmp:
+        audit = AuditLog(Path(tmp) / "audit.log", create=True)
+        gate = Gate(config, audit, ConsentBroker(config.consent.timeout, None))
+        trips, elapsed, result = await _count(gate, "List", None, b"")
+        in_scope = len(result["qubes"])
+        verdict = "≤ N+2 ✓" if trips <= n + 2 else "> N+2 ✗"
+        rows.append(
+            Result(
+                "gate.trips.List",
+                f"qubesd round trips, one qmcp.List, N={n} ({in_scope} in scope)",
+                1,
+                p50=elapsed,
+                notes=f"{trips} round trips ({verdict})",
+                extra={"round_trips": trips, "qubes": n, "in_scope": in_scope},
+            )
+        )
+        ops: list[tuple[str, bytes]] = [("Info", b"")]
+        if bwrap:
+            ops += [("Start", b""), ("Run", _payload(RUN_PAYLOAD))]
+        for op, body in ops:
+            trips, elapsed, _ = await _count(gate, op, target, body)
+            rows.append(
+                Result(
+                    f"gate.trips.{op}",
+                    f"qubesd round trips, one qmcp.{op} → {target}, N={n}",
+                    1,
+                    p50=elapsed,
+                    notes=f"{trips} round trips",
+                    extra={"round_trips": trips, "qubes": n},
+                )
+            )
+        audit.close()
+    return rows
+
+
+def round_trips() -> list[Result]:
+    bwrap = bwrap_problem() is None
+    rows = asyncio.run(_round_trips(stacks.DEMO, "ai-build", bwrap))
+    small = {r.name: r.extra["round_trips"] for r in rows}
+    big = asyncio.run(_round_trips(stacks.BIG, "bench-0000", bwrap))
+    for row in big:
+        before = small.get(row.name)
+        if row.name != "gate.trips.List" and before is not None:
+            same = row.extra["round_trips"] == before
+            row.notes += " (same as the demo fleet: constant ✓)" if same else f" (was {before} ✗)"
+    rows += big
+    if not bwrap:
+        rows.append(skipped("gate.trips.Start/Run", "round trips of Start and Run", "no bwrap"))
+    return rows
+
+
+def run(quick: bool) -> list[Result]:
+    return side_by_side(quick) + round_trips()

@@ -1,0 +1,112 @@
+"""The FastMCP application: which tools are registered, and the capabilities view.
+
+``build_server`` is the one place a server is assembled (the CLI, the tests and the benchmark
+all use it). Tool selection (``--read-only``, ``--tools``, ``--disable``) only trims what the
+agent is offered; it is a convenience for the operator, not a control (dom0 decides).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import cast
+
+from fastmcp import Context, FastMCP
+
+from qubes_mcp.server import models
+from qubes_mcp.server.gateway import Gateway
+from qubes_mcp.server.registry import GROUPS, ToolDef, register
+from qubes_mcp.server.tools_act import act_tools
+from qubes_mcp.server.tools_admin import admin_tools
+from qubes_mcp.server.tools_read import read_tools
+from qubes_mcp.server.transport import Timeouts, Transport
+
+CAPABILITIES_URI = "qubes://capabilities"
+
+INSTRUCTIONS = """\
+Operate qubes (isolated VMs) on a Qubes OS machine. Call qube_list (or read the
+qubes://capabilities resource) first: it lists the qubes in your scope and your tier on each
+(read < exec < net < full). dom0 decides every call; a refusal reads '<code>: <message>', and
+'not-found' also means 'not yours'. Some calls wait for the operator's approval in dom0."""
+
+
+class UnknownGroupError(ValueError):
+    """``--tools``/``--disable`` named a group that does not exist."""
+
+
+class Capabilities(models.QubeList):
+    #: each registered tool → the tier it needs on the qube it is about
+    tools: dict[str, str]
+
+
+def all_tool_defs(gw: Gateway) -> list[ToolDef]:
+    """Every tool this server can offer, in documentation order."""
+    return [*read_tools(gw), *act_tools(gw), *admin_tools(gw)]
+
+
+def select_groups(
+    tools: Iterable[str] | None = None, disable: Iterable[str] = (), *, read_only: bool = False
+) -> frozenset[str]:
+    """The groups to register.
+
+    Raises:
+        UnknownGroupError: a name is not one of :data:`GROUPS`.
+    """
+    chosen = set(GROUPS if tools is None else tools)
+    off = set(disable)
+    unknown = (chosen | off) - set(GROUPS)
+    if unknown:
+        raise UnknownGroupError(
+            f"unknown tool group(s): {', '.join(sorted(unknown))} (known: {', '.join(GROUPS)})"
+        )
+    return frozenset(chosen - off)
+
+
+def build_server(
+    transport: Transport,
+    *,
+    groups: frozenset[str] | None = None,
+    read_only: bool = False,
+    timeouts: Timeouts | None = None,
+) -> FastMCP:
+    """A FastMCP server whose tools call dom0 through ``transport``.
+
+    Args:
+        transport: how calls reach the gate.
+        groups: tool groups to offer (default: all).
+        read_only: offer only tools whose operation is read-only.
+        timeouts: transport timeouts (default: the gate's defaults).
+    """
+    gw = Gateway(transport, timeouts or Timeouts())
+    mcp = FastMCP("qubes-mcp", instructions=INSTRUCTIONS, mask_error_details=True)
+    wanted = frozenset(GROUPS) if groups is None else groups
+    defs = [
+        d
+        for d in all_tool_defs(gw)
+        if d.group in wanted and (not read_only or (d.op is not None and d.op.read_only))
+    ]
+    needs = {d.tool_name: d.op.needs for d in defs if d.op is not None}
+
+    async def capabilities(ctx: Context | None = None) -> Capabilities:
+        listed = await gw.call(ctx, "qube.list")
+        return cast(Capabilities, {**listed, "tools": needs})
+
+    async def capabilities_get(ctx: Context) -> Capabilities:
+        """Your qubes and tiers as dom0 reports them, plus each offered tool and the tier it
+        needs: everything needed to plan. Same content as the qubes://capabilities resource."""
+        return await capabilities(ctx)
+
+    if "read" in wanted:
+        defs.append(ToolDef(capabilities_get, "read", None, name="capabilities_get"))
+
+        @mcp.resource(
+            CAPABILITIES_URI,
+            name="capabilities",
+            description="Your qubes, your tier on each, and the tools offered (JSON).",
+            mime_type="application/json",
+        )
+        async def capabilities_resource() -> str:
+            return json.dumps(await capabilities(None), sort_keys=True)
+
+    register(mcp, defs)
+    return mcp

@@ -1,0 +1,147 @@
+"""The structured results of the tools, as the gate returns them (its JSON reply's ``result``).
+
+TypedDicts give each tool an output schema an agent can plan with. They describe, they do not
+defend: the gate in dom0 already redacted everything here (an out-of-scope reference reads
+``<out-of-scope>``). ``NotRequired`` marks keys the gate includes only sometimes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NotRequired
+
+from typing_extensions import TypedDict
+
+QubeSummary = TypedDict(
+    "QubeSummary",
+    {
+        "name": str,
+        "class": str,  # AppVM, DispVMTemplate, DispVM, TemplateVM, StandaloneVM …
+        "state": str,
+        "tier": str,  # read | exec | net | full: your tier on this qube
+    },
+)
+
+
+class QubeList(TypedDict):
+    principal: str
+    ceiling: str
+    name_prefix: str
+    may_create: bool
+    qubes: list[QubeSummary]
+
+
+QubeInfo = TypedDict(
+    "QubeInfo",
+    {
+        "name": str,
+        "class": str,
+        "state": str,
+        "tier": str,
+        "properties": dict[str, Any],
+        "tags": list[str],
+        "features": dict[str, str],
+        "volumes": dict[str, dict[str, int]],
+    },
+)
+
+
+class FirewallRules(TypedDict):
+    qube: str
+    rules: list[dict[str, Any]]
+
+
+class Devices(TypedDict):
+    qube: str
+    exposed: list[dict[str, str]]
+    attached: list[dict[str, str]]
+
+
+class Event(TypedDict):
+    event: str
+    subject: str
+    ts: float
+
+
+class Events(TypedDict):
+    seconds: int
+    events: list[Event]
+    truncated: bool
+
+
+class Budget(TypedDict):
+    pool_used: int
+    pool_cap: int
+    pool_free: int
+    private_cap: int
+    qubes: int
+    max_qubes: int
+
+
+class PowerState(TypedDict):
+    qube: str
+    state: str
+
+
+class CommandResult(TypedDict):
+    qube: str
+    exit_code: int | None  # None when the command was killed by its timeout
+    stdout: str
+    stderr: str
+    truncated: bool
+    timed_out: bool
+
+
+class DisposableCommandResult(CommandResult):
+    disposable: str
+
+
+class CopyResult(TypedDict):
+    source: str
+    destination: str
+    paths: list[str]
+    copied: bool
+    exit_code: int | None
+    stderr: str
+    landed_in: str
+
+
+class FirewallSetResult(TypedDict):
+    qube: str
+    rules: int
+
+
+NewQube = TypedDict(
+    "NewQube",
+    {
+        "name": str,
+        "class": str,
+        "tier": str,
+        "netvm": str | None,
+        "source": str,
+        "label": str,
+    },
+)
+
+
+class PropertySetResult(TypedDict):
+    qube: str
+    property: str
+    value: str | None
+
+
+class FeatureSetResult(TypedDict):
+    qube: str
+    feature: str
+    value: str
+
+
+class DeviceAttachResult(TypedDict):
+    frontend: str
+    backend: str
+    device: str
+    read_only: NotRequired[bool]
+
+
+class RemoveResult(TypedDict):
+    qube: str
+    removed: bool

@@ -1,0 +1,69 @@
+"""Parameter types shared by the tools: the schema an agent sees for each argument.
+
+They restate the gate's field constraints (``operations.json``) so that clients can validate
+before calling; a test compares every tool's JSON schema with the table. The server enforcing
+them is a convenience, not a control: the gate checks every payload again.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, NotRequired
+
+from pydantic import ConfigDict, Field
+from typing_extensions import TypedDict
+
+#: qubesd's qube-name rule (``$`` without multiline matches only at the end, so no "dom0\n")
+QUBE_NAME_PATTERN = r"^[a-zA-Z][a-zA-Z0-9_.-]{0,30}$"
+FEATURE_PATTERN = r"^[a-zA-Z0-9_.-]+$"
+PRINTABLE_PATTERN = r"^[\x20-\x7e]*$"
+DEVICE_PATTERN = r"^[A-Za-z0-9_.-]+$"
+
+
+def qube_param(description: str) -> object:
+    """The ``Field`` of any argument that names a qube."""
+    return Field(pattern=QUBE_NAME_PATTERN, max_length=31, description=description)
+
+
+Qube = Annotated[str, qube_param("a qube in your scope (see qube_list)")]
+Command = Annotated[
+    list[Annotated[str, Field(max_length=4096)]],
+    Field(
+        min_length=1,
+        max_length=256,
+        description="the command as a list of arguments (no shell), e.g. ['sh', '-c', 'id']",
+    ),
+]
+Stdin = Annotated[
+    str, Field(max_length=1 << 20, description="text fed to the command's standard input")
+]
+Timeout = Annotated[int, Field(ge=1, le=3600, description="seconds before the command is killed")]
+Label = Literal["red", "orange", "yellow", "green", "gray", "blue", "purple", "black"]
+PropertyName = Literal[
+    "label",
+    "memory",
+    "maxmem",
+    "vcpus",
+    "netvm",
+    "default_dispvm",
+    "template",
+    "autostart",
+    "template_for_dispvms",
+]
+
+
+class FirewallRule(TypedDict):
+    """One firewall rule; the first rule that matches a packet decides."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
+
+    action: Literal["accept", "drop"]
+    proto: NotRequired[Literal["tcp", "udp", "icmp"]]
+    dst4: NotRequired[Annotated[str, Field(max_length=64, description="IPv4 address[/prefix]")]]
+    dst6: NotRequired[Annotated[str, Field(max_length=64, description="IPv6 address[/prefix]")]]
+    dsthost: NotRequired[Annotated[str, Field(max_length=255, description="a host name")]]
+    dstports: NotRequired[
+        Annotated[int | str, Field(description="a port N or a range 'N-M' (tcp/udp only)")]
+    ]
+    icmptype: NotRequired[Annotated[int, Field(ge=0, le=255, description="icmp only")]]
+    specialtarget: NotRequired[Literal["dns"]]
+    comment: NotRequired[Annotated[str, Field(max_length=256)]]

@@ -1,0 +1,104 @@
+"""How a hand-written tool function becomes an MCP tool: name, group, annotations, description.
+
+Annotations and the tier line of every description are derived from the operations table, so
+they cannot drift from what the gate enforces; the argument schemas are hand-written (for good
+schemas) and a test compares them with the table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from fastmcp import FastMCP
+from mcp.types import ToolAnnotations
+
+from qubes_mcp.server.groups import GROUPS
+from qubes_mcp.server.table import OpSpec
+
+__all__ = ["EXTRA_TOOLS", "GROUPS", "ToolDef", "describe", "register", "tool_annotations"]
+
+#: tools that are not one operation each (documented in docs/tools.md)
+EXTRA_TOOLS = ("capabilities_get",)
+
+
+def tool_name(op_name: str) -> str:
+    """``qube.list`` → ``qube_list``: one tool per operation, named after it."""
+    return op_name.replace(".", "_")
+
+
+@dataclass(frozen=True)
+class ToolDef:
+    """One tool before registration."""
+
+    fn: Callable[..., Any]
+    group: str
+    op: OpSpec | None = None  #: None for the extra tools
+    name: str = ""
+    description: str = ""
+    read_only: bool = True
+
+    @property
+    def tool_name(self) -> str:
+        return self.name or tool_name(self.op.name if self.op else self.fn.__name__)
+
+
+def _first_paragraph(doc: str | None) -> str:
+    return (doc or "").strip().split("\n\n")[0].replace("\n", " ").strip()
+
+
+def describe(op: OpSpec, doc: str | None) -> str:
+    """The description an agent reads: what it does, what tier it needs, how refusals read."""
+    lines = [_first_paragraph(doc) or op.summary + "."]
+    where = "on the qube" if not op.is_global else "on each qube it reports about"
+    needs = f"Needs tier '{op.needs}' {where}"
+    for ref in op.refs:
+        extra = " (or the scope's dump sink)" if ref.allow_dump else ""
+        needs += f", and '{ref.needs}' on {ref.field}{extra}"
+    lines.append(needs + " (tiers: read < exec < net < full).")
+    if op.consent:
+        lines.append("Waits for the operator to approve it in dom0.")
+    elif not op.read_only:
+        lines.append("May wait for the operator to approve it in dom0 (guarded qubes).")
+    lines.append(
+        "Refusals read '<code>: <message>'; 'not-found: no such qube, or not yours' means the "
+        "qube does not exist or is outside your scope (deliberately indistinguishable)."
+    )
+    return "\n".join(lines)
+
+
+def tool_annotations(op: OpSpec) -> ToolAnnotations:
+    """Honest hints from the table; nothing a tool does reaches outside the machine's qubes."""
+    return ToolAnnotations(
+        read_only_hint=op.read_only,
+        destructive_hint=op.destructive,
+        idempotent_hint=op.idempotent,
+        open_world_hint=False,
+    )
+
+
+def register(mcp: FastMCP, defs: Iterable[ToolDef]) -> list[str]:
+    """Add ``defs`` to ``mcp``; return the tool names in order."""
+    names = []
+    for d in defs:
+        if d.op is not None:
+            description = describe(d.op, d.fn.__doc__)
+            hints = tool_annotations(d.op)
+        else:
+            description = d.description or _first_paragraph(d.fn.__doc__)
+            hints = ToolAnnotations(
+                read_only_hint=True,
+                destructive_hint=False,
+                idempotent_hint=True,
+                open_world_hint=False,
+            )
+        mcp.tool(
+            d.fn,
+            name=d.tool_name,
+            description=description,
+            annotations=hints,
+            tags={d.group},
+        )
+        names.append(d.tool_name)
+    return names

@@ -1,0 +1,93 @@
+"""Tools that act inside existing qubes: power, commands, file copies, firewall."""
+
+from __future__ import annotations
+
+from typing import Annotated, cast
+
+from fastmcp import Context
+from pydantic import Field
+
+from qubes_mcp.server import models
+from qubes_mcp.server.gateway import Gateway
+from qubes_mcp.server.params import Command, FirewallRule, Qube, Stdin, Timeout, qube_param
+from qubes_mcp.server.registry import ToolDef
+
+
+def act_tools(gw: Gateway) -> list[ToolDef]:
+    """The power, exec, files and network groups, bound to ``gw``."""
+    table = gw.table
+
+    async def qube_start(qube: Qube, ctx: Context) -> models.PowerState:
+        """Start a qube (and the qubes that give it network)."""
+        return cast(models.PowerState, await gw.call(ctx, "qube.start", qube))
+
+    async def qube_shutdown(
+        qube: Qube,
+        ctx: Context,
+        force: Annotated[
+            bool, Field(description="shut down even if other qubes use its network")
+        ] = False,
+    ) -> models.PowerState:
+        """Shut a qube down cleanly."""
+        return cast(models.PowerState, await gw.call(ctx, "qube.shutdown", qube, {"force": force}))
+
+    async def qube_pause(qube: Qube, ctx: Context) -> models.PowerState:
+        """Pause a running qube."""
+        return cast(models.PowerState, await gw.call(ctx, "qube.pause", qube))
+
+    async def qube_unpause(qube: Qube, ctx: Context) -> models.PowerState:
+        """Unpause a paused qube."""
+        return cast(models.PowerState, await gw.call(ctx, "qube.unpause", qube))
+
+    async def qube_kill(qube: Qube, ctx: Context) -> models.PowerState:
+        """Kill a qube at once; unsaved state in it is lost."""
+        return cast(models.PowerState, await gw.call(ctx, "qube.kill", qube))
+
+    async def qube_run(
+        qube: Qube, command: Command, ctx: Context, stdin: Stdin = "", timeout: Timeout = 60
+    ) -> models.CommandResult:
+        """Run a command as root in a qube (starting it if needed); returns its exit code and
+        output (each stream capped by dom0; exit_code is null when the timeout killed it)."""
+        payload = {"command": command, "stdin": stdin, "timeout": timeout}
+        return cast(models.CommandResult, await gw.call(ctx, "qube.run", qube, payload))
+
+    async def file_copy(
+        source: Annotated[str, qube_param("the qube the files are in")],
+        destination: Annotated[
+            str, qube_param("the receiving qube (an exec qube, or your scope's dump sink)")
+        ],
+        paths: Annotated[
+            list[Annotated[str, Field(max_length=4096)]],
+            Field(min_length=1, max_length=64, description="absolute paths in the source qube"),
+        ],
+        ctx: Context,
+    ) -> models.CopyResult:
+        """Copy files from one qube to another; they land in ~/QubesIncoming/<source>/."""
+        payload = {"destination": destination, "paths": paths}
+        return cast(models.CopyResult, await gw.call(ctx, "file.copy", source, payload))
+
+    async def firewall_set(
+        qube: Qube,
+        rules: Annotated[
+            list[FirewallRule],
+            Field(max_length=256, description="the complete new rule list, first match wins"),
+        ],
+        ctx: Context,
+    ) -> models.FirewallSetResult:
+        """Replace a qube's firewall rules (the whole list at once)."""
+        payload = {"rules": rules}
+        return cast(models.FirewallSetResult, await gw.call(ctx, "firewall.set", qube, payload))
+
+    return [
+        ToolDef(fn, group, table.op(op))
+        for op, group, fn in (
+            ("qube.start", "power", qube_start),
+            ("qube.shutdown", "power", qube_shutdown),
+            ("qube.pause", "power", qube_pause),
+            ("qube.unpause", "power", qube_unpause),
+            ("qube.kill", "power", qube_kill),
+            ("qube.run", "exec", qube_run),
+            ("file.copy", "files", file_copy),
+            ("firewall.set", "network", firewall_set),
+        )
+    ]

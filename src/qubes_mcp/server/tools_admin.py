@@ -1,0 +1,168 @@
+"""Tools that change the set of qubes or their configuration: create, config, devices, remove."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, cast
+
+from fastmcp import Context
+from pydantic import Field
+
+from qubes_mcp.server import models
+from qubes_mcp.server.gateway import Gateway
+from qubes_mcp.server.params import (
+    DEVICE_PATTERN,
+    FEATURE_PATTERN,
+    PRINTABLE_PATTERN,
+    Command,
+    Label,
+    PropertyName,
+    Qube,
+    Stdin,
+    Timeout,
+    qube_param,
+)
+from qubes_mcp.server.registry import ToolDef
+
+NewName = Annotated[
+    str, qube_param("the new qube's name; it must start with your name_prefix (see qube_list)")
+]
+Backend = Annotated[str, qube_param("the qube that exposes the device")]
+Device = Annotated[
+    str,
+    Field(max_length=64, pattern=DEVICE_PATTERN, description="the device's port id, e.g. sda"),
+]
+DispTemplate = Annotated[str, qube_param("a disposable template in your scope")]
+
+
+def admin_tools(gw: Gateway) -> list[ToolDef]:
+    """The create, config, devices and remove groups, bound to ``gw``."""
+    table = gw.table
+
+    async def qube_create(
+        *,
+        template: Annotated[str, qube_param("the template to base it on (in your scope)")],
+        name: NewName,
+        ctx: Context,
+        label: Annotated[Label, Field(description="colour label")] = "gray",
+        disposable_template: Annotated[
+            bool, Field(description="make it a disposable template (template_for_dispvms)")
+        ] = False,
+        private_size: Annotated[
+            int | None,
+            Field(ge=1, le=1 << 50, description="private volume size in bytes"),
+        ] = None,
+        network: Annotated[
+            Literal["inherit", "none"],
+            Field(description="inherit the documented egress, or none"),
+        ] = "inherit",
+    ) -> models.NewQube:
+        """Create an app qube (or a disposable template) from a template in your scope."""
+        payload = {
+            "name": name,
+            "label": label,
+            "disposable_template": disposable_template,
+            "private_size": private_size,
+            "network": network,
+        }
+        return cast(models.NewQube, await gw.call(ctx, "qube.create", template, payload))
+
+    async def disposable_create(template: DispTemplate, ctx: Context) -> models.NewQube:
+        """Create a disposable from a disposable template in your scope (remove it when done)."""
+        return cast(models.NewQube, await gw.call(ctx, "disposable.create", template))
+
+    async def disposable_run(
+        template: DispTemplate,
+        command: Command,
+        ctx: Context,
+        stdin: Stdin = "",
+        timeout: Timeout = 60,
+    ) -> models.DisposableCommandResult:
+        """Run one command as root in a fresh disposable, which is destroyed afterwards."""
+        payload = {"command": command, "stdin": stdin, "timeout": timeout}
+        return cast(
+            models.DisposableCommandResult,
+            await gw.call(ctx, "disposable.run", template, payload),
+        )
+
+    async def qube_clone(
+        qube: Annotated[str, qube_param("the app qube to clone (in your scope)")],
+        name: NewName,
+        ctx: Context,
+    ) -> models.NewQube:
+        """Clone an app qube in your scope under a new name."""
+        return cast(models.NewQube, await gw.call(ctx, "qube.clone", qube, {"name": name}))
+
+    async def property_set(
+        qube: Qube,
+        property: Annotated[PropertyName, Field(description="the property")],
+        value: Annotated[
+            str | None,
+            Field(
+                max_length=64,
+                description="the new value; null resets netvm-style references to none",
+            ),
+        ],
+        ctx: Context,
+    ) -> models.PropertySetResult:
+        """Set one allowlisted property of a qube."""
+        payload = {"property": property, "value": value}
+        return cast(models.PropertySetResult, await gw.call(ctx, "property.set", qube, payload))
+
+    async def feature_set(
+        qube: Qube,
+        feature: Annotated[
+            str, Field(max_length=64, pattern=FEATURE_PATTERN, description="the feature name")
+        ],
+        value: Annotated[
+            str,
+            Field(
+                max_length=1024,
+                pattern=PRINTABLE_PATTERN,
+                description="the value (printable ASCII)",
+            ),
+        ],
+        ctx: Context,
+    ) -> models.FeatureSetResult:
+        """Set one allowlisted feature of a qube."""
+        payload = {"feature": feature, "value": value}
+        return cast(models.FeatureSetResult, await gw.call(ctx, "feature.set", qube, payload))
+
+    async def device_attach(
+        qube: Annotated[str, qube_param("the qube to attach the device to")],
+        backend: Backend,
+        device: Device,
+        ctx: Context,
+        read_only: Annotated[bool, Field(description="attach read-only")] = False,
+    ) -> models.DeviceAttachResult:
+        """Attach a block device of one of your qubes to another of your qubes."""
+        payload = {"backend": backend, "device": device, "read_only": read_only}
+        return cast(models.DeviceAttachResult, await gw.call(ctx, "device.attach", qube, payload))
+
+    async def device_detach(
+        qube: Annotated[str, qube_param("the qube the device is attached to")],
+        backend: Backend,
+        device: Device,
+        ctx: Context,
+    ) -> models.DeviceAttachResult:
+        """Detach a block device from a qube."""
+        payload = {"backend": backend, "device": device}
+        return cast(models.DeviceAttachResult, await gw.call(ctx, "device.detach", qube, payload))
+
+    async def qube_remove(qube: Qube, ctx: Context) -> models.RemoveResult:
+        """Remove a halted qube and all its data (shut it down first)."""
+        return cast(models.RemoveResult, await gw.call(ctx, "qube.remove", qube))
+
+    return [
+        ToolDef(fn, group, table.op(op))
+        for op, group, fn in (
+            ("qube.create", "create", qube_create),
+            ("disposable.create", "create", disposable_create),
+            ("disposable.run", "exec", disposable_run),
+            ("qube.clone", "create", qube_clone),
+            ("property.set", "config", property_set),
+            ("feature.set", "config", feature_set),
+            ("device.attach", "devices", device_attach),
+            ("device.detach", "devices", device_detach),
+            ("qube.remove", "remove", qube_remove),
+        )
+    ]

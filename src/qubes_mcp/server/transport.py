@@ -1,0 +1,248 @@
+"""How the MCP server reaches dom0: one qrexec call per tool call, JSON in, JSON out.
+
+Two transports make the same call: :class:`QrexecTransport` runs ``qrexec-client-vm`` in the
+control qube (production); :class:`SimTransport` goes through the emulator's qrexec router as
+the principal (development, tests, demos). Both return the gate's ``result`` object or raise
+:class:`GateRefusalError`.
+
+Every failure of the transport itself (qrexec refused the call, the client crashed or timed
+out, the reply is not the gate's JSON) becomes the gate's not-found refusal, byte for byte:
+qrexec policy refuses out-of-scope targets before the gate sees them, so an agent must not be
+able to tell "refused by policy" from "refused by the gate" from "broken pipe".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from qubes_mcp.server.table import ADMINVM, OpSpec, load_table
+
+#: the production qrexec client inside a qube
+QREXEC_CLIENT_VM = "/usr/lib/qubes/qrexec-client-vm"
+#: largest reply accepted from the gate (command output is capped at 1 MiB per stream in dom0;
+#: JSON escaping of binary output can grow it a few times)
+MAX_REPLY_BYTES = 16 << 20
+#: qrexec-client-vm's exit code when policy refuses the call
+EXIT_REFUSED = 126
+#: qubesd's qube-name rule; anything else never reaches the command line
+_TARGET_RE = re.compile(r"\A[a-zA-Z][a-zA-Z0-9_.-]{0,30}\Z")
+
+
+class GateRefusalError(Exception):
+    """The gate (or qrexec on its behalf) refused: ``code`` and ``message`` are for the agent."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class _TransportFailureError(Exception):
+    """The call did not produce a reply from the gate (reason for the server log only)."""
+
+
+def not_found() -> GateRefusalError:
+    """The one refusal every transport failure turns into."""
+    table = load_table()
+    return GateRefusalError(table.not_found_code, table.not_found_message)
+
+
+def decode_reply(untrusted_stdout: bytes) -> dict[str, Any]:
+    """The gate's reply → its ``result``; a refusal or anything malformed raises.
+
+    Raises:
+        GateRefusalError: the gate refused (its code and message), or the reply is not a
+            well-formed gate reply (then the not-found refusal).
+    """
+    try:
+        untrusted_reply = json.loads(untrusted_stdout.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise not_found() from None
+    if not isinstance(untrusted_reply, dict):
+        raise not_found()
+    if untrusted_reply.get("ok") is True and isinstance(untrusted_reply.get("result"), dict):
+        result: dict[str, Any] = untrusted_reply["result"]
+        return result
+    untrusted_error = untrusted_reply.get("error")
+    if untrusted_reply.get("ok") is False and isinstance(untrusted_error, dict):
+        code = untrusted_error.get("code")
+        message = untrusted_error.get("message")
+        # only the gate's own vocabulary is relayed; a short message, printable text only
+        if (
+            code in load_table().codes
+            and isinstance(message, str)
+            and len(message) <= 1024
+            and message.isprintable()
+        ):
+            raise GateRefusalError(code, message)
+    raise not_found()
+
+
+def check_target(target: str) -> str:
+    """``@adminvm`` or a well-formed qube name; anything else is the not-found refusal."""
+    if target == ADMINVM or _TARGET_RE.match(target):
+        return target
+    raise not_found()
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """How long the server waits for dom0, ordered so dom0 always answers first.
+
+    The gate bounds every wait it makes (a command's timeout, an event window, the operator's
+    consent window); the server waits for that bound plus a margin, so a refusal or result
+    from dom0 always arrives before the MCP call gives up.
+    """
+
+    #: the gate's consent window (``[consent] timeout``; the gate's default is 120 s)
+    consent: float = 120.0
+    #: added to every bound: process start-up, qubesd round trips, qube start
+    margin: float = 30.0
+    #: a short call (reads, pause …)
+    short: float = 60.0
+    #: a long call without its own bound (start, create, clone, remove …)
+    long: float = 600.0
+
+    def for_call(self, op: OpSpec, payload: dict[str, Any]) -> float:
+        """The transport timeout for one call of ``op`` with ``payload``."""
+        bound = self.long if op.long_running else self.short
+        for key in ("timeout", "seconds"):  # the op's own bound, when it has one
+            value = payload.get(key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                bound = max(bound, float(value))
+        if not op.read_only:
+            # any state-changing call may wait for the operator (consent ops, guarded qubes)
+            bound += self.consent
+        return bound + self.margin
+
+
+class Transport(Protocol):
+    """One qrexec call to the gate."""
+
+    async def call(self, target: str, service: str, payload: bytes, timeout: float) -> bytes:
+        """Call ``service`` on ``target`` with ``payload``; return the gate's raw stdout.
+
+        Raises:
+            GateRefusalError: the call was refused or failed (always the not-found refusal).
+        """
+        ...
+
+
+async def invoke(
+    transport: Transport, op: OpSpec, target: str, payload: dict[str, Any], timeouts: Timeouts
+) -> dict[str, Any]:
+    """Make ``op``'s call and return the gate's result (see :func:`decode_reply`)."""
+    data = json.dumps(payload, separators=(",", ":")).encode()
+    raw = await transport.call(
+        check_target(target), op.service, data, timeouts.for_call(op, payload)
+    )
+    return decode_reply(raw)
+
+
+async def _feed(stdin: asyncio.StreamWriter, payload: bytes) -> None:
+    with contextlib.suppress(ConnectionError, OSError):
+        stdin.write(payload)
+        await stdin.drain()
+        stdin.close()
+
+
+class QrexecTransport:
+    """``qrexec-client-vm TARGET SERVICE`` with the payload on stdin (the control qube)."""
+
+    def __init__(self, client: str = QREXEC_CLIENT_VM) -> None:
+        self.client = client
+
+    async def call(self, target: str, service: str, payload: bytes, timeout: float) -> bytes:
+        try:
+            return await self._call(target, service, payload, timeout)
+        except (_TransportFailureError, TimeoutError, OSError):
+            raise not_found() from None
+
+    async def _call(self, target: str, service: str, payload: bytes, timeout: float) -> bytes:
+        # own session: a timeout or cancellation kills the client and anything it started
+        proc = await asyncio.create_subprocess_exec(
+            self.client,
+            target,
+            service,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        feeder: asyncio.Task[None] | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                assert proc.stdin is not None and proc.stdout is not None
+                # written concurrently: a client that answers before reading must not deadlock
+                feeder = asyncio.create_task(_feed(proc.stdin, payload))
+                out = bytearray()
+                while chunk := await proc.stdout.read(1 << 16):
+                    out += chunk
+                    if len(out) > MAX_REPLY_BYTES:
+                        raise _TransportFailureError("reply too large")
+                code = await proc.wait()
+        finally:
+            if feeder is not None:
+                feeder.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await feeder
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                # reap it even when this task is being cancelled
+                await asyncio.shield(proc.wait())
+        if code != 0:
+            raise _TransportFailureError(f"exit {code}")
+        return bytes(out)
+
+
+class SimTransport:
+    """The same call through the emulator's qrexec router, as the principal's qube."""
+
+    def __init__(self, root: Path, principal: str = "mcp-control") -> None:
+        self.root = root
+        self.principal = principal
+
+    async def call(self, target: str, service: str, payload: bytes, timeout: float) -> bytes:
+        # the emulator is a development dependency of this transport only
+        from qubes_mcp.sim.paths import SimPaths
+        from qubes_mcp.sim.qrexec.client import RouterUnavailableError, call
+        from qubes_mcp.sim.qrexec.wire import WireError
+
+        out = bytearray()
+
+        def collect(chunk: bytes) -> None:
+            out.extend(chunk)
+            if len(out) > MAX_REPLY_BYTES:
+                raise _TransportFailureError("reply too large")
+
+        try:
+            result = await call(
+                SimPaths(self.root),
+                source=self.principal,
+                target=target,
+                service_and_arg=service,
+                stdin=payload,
+                timeout=timeout,
+                on_stdout=collect,
+                on_stderr=lambda _chunk: None,
+            )
+        except (
+            _TransportFailureError,
+            RouterUnavailableError,
+            WireError,
+            TimeoutError,
+            OSError,
+        ):
+            raise not_found() from None
+        if result.exit_code != 0:
+            raise not_found()
+        return bytes(out)
