@@ -1,0 +1,79 @@
+"""Promise 1 below the reply bytes: a missing qube and an out-of-scope qube cost the gate the
+same qubesd round trips, in the same order, and no measurable difference in time.
+
+The gate runs in-process here (its real code, a real emulated qubesd on a socket), so the
+round trips can be counted exactly; the timing check compares medians over many alternating
+calls and allows generous noise, since the shared 2-core CI machine is busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from qubes_mcp.dom0.admin import AdminClient
+from qubes_mcp.dom0.audit import AuditLog
+from qubes_mcp.dom0.config import parse_config
+from qubes_mcp.dom0.consent import ConsentBroker
+from qubes_mcp.dom0.gate import Gate, Request
+from tests.gate_fixtures import CONFIG_TEXT
+from tests.qubesd_fixtures import Qubesd, demo_app
+
+HIDDEN = ["vault", "sys-net", "debian-13-xfce", "ai-dump-not-here", "no-such-qube", "zz-nope"]
+
+
+@pytest.fixture
+def qubesd(tmp_path: Path) -> Iterator[Qubesd]:
+    q = Qubesd(demo_app(tmp_path / "root")).start()
+    try:
+        yield q
+    finally:
+        q.stop()
+
+
+def _gate(qubesd: Qubesd, tmp_path: Path) -> Gate:
+    config = parse_config(
+        CONFIG_TEXT + f'\n[paths]\nqubesd_socket = "{qubesd.paths.qubesd_sock}"\n'
+    )
+    audit = AuditLog(tmp_path / "audit" / "audit.log")
+    return Gate(config, audit, ConsentBroker(5), AdminClient(qubesd.paths.qubesd_sock))
+
+
+def _copy_to(gate: Gate, destination: str) -> tuple[bytes, int, float]:
+    payload = json.dumps({"destination": destination, "paths": ["/etc/hostname"]}).encode()
+    before = gate.admin.round_trips
+    started = time.perf_counter()
+    reply = asyncio.run(gate.handle(Request("qmcp.Copy", "mcp-control", "ai-dev", payload)))
+    elapsed = time.perf_counter() - started
+    return json.dumps(reply).encode(), gate.admin.round_trips - before, elapsed
+
+
+@pytest.mark.parametrize("hidden", HIDDEN)
+def test_same_bytes_and_same_round_trips_for_missing_and_out_of_scope(
+    qubesd: Qubesd, tmp_path: Path, hidden: str
+) -> None:
+    gate = _gate(qubesd, tmp_path)
+    reply_missing, trips_missing, _ = _copy_to(gate, "no-such-qube")
+    reply_hidden, trips_hidden, _ = _copy_to(gate, hidden)
+    assert reply_hidden == reply_missing
+    assert trips_hidden == trips_missing
+
+
+def test_no_measurable_timing_difference(qubesd: Qubesd, tmp_path: Path) -> None:
+    gate = _gate(qubesd, tmp_path)
+    for _ in range(10):  # warm up both paths
+        _copy_to(gate, "vault")
+        _copy_to(gate, "no-such-qube")
+    hidden, missing = [], []
+    for _ in range(150):
+        hidden.append(_copy_to(gate, "vault")[2])
+        missing.append(_copy_to(gate, "no-such-qube")[2])
+    m_hidden, m_missing = statistics.median(hidden), statistics.median(missing)
+    # a real difference would be a whole extra qubesd round trip (~0.2 ms+); noise is allowed
+    assert abs(m_hidden - m_missing) < max(0.15 * m_missing, 0.0003), (m_hidden, m_missing)
