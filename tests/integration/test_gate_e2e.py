@@ -7,7 +7,9 @@ fixed vocabulary; state changes land in the audit log.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -148,3 +150,50 @@ def test_the_audit_chain_verifies(stack: Stack) -> None:
 def test_doctor_on_the_demo_fleet_reports_no_errors(stack: Stack) -> None:
     result = stack.admin("doctor", "--root", str(stack.root))
     assert "error:" not in result.stdout, result.stdout
+
+
+def test_concurrent_creates_cannot_overshoot_the_qube_budget(tmp_path: Path) -> None:
+    """The cap check and the create are one section: of four racing creates with room for
+    one more qube, exactly one succeeds."""
+    import concurrent.futures
+
+    enrolled = 8  # ai-* qubes of the demo fleet, the dump sink not counted
+    s = start_stack(
+        tmp_path / "root",
+        config_edit=lambda t: t.replace("max_qubes = 32", f"max_qubes = {enrolled + 1}"),
+    )
+    try:
+        assert ok(gate_call(s, "@adminvm", "qmcp.Budget"))["qubes"] == enrolled
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            replies = list(
+                pool.map(
+                    lambda n: gate_call(s, "ai-debian", "qmcp.Create", {"name": f"ai-race{n}"}),
+                    range(4),
+                )
+            )
+        codes = sorted("ok" if r.get("ok") else r["error"]["code"] for r in replies)
+        assert codes == ["budget-exceeded"] * 3 + ["ok"], replies
+        assert ok(gate_call(s, "@adminvm", "qmcp.Budget"))["qubes"] == enrolled + 1
+    finally:
+        s.stop()
+
+
+def _volume_size(stack: Stack, qube: str, volume: str) -> int:
+    from qubes_mcp.dom0.admin import AdminClient
+
+    info = asyncio.run(
+        AdminClient(stack.paths.qubesd_sock).call(qube, "admin.vm.volume.Info", volume)
+    )
+    return int(dict(line.split("=", 1) for line in info.splitlines())["size"])
+
+
+def test_budget_reports_the_persistent_footprint(stack: Stack) -> None:
+    """Private volumes of every enrolled qube, plus the root of templates and standalones —
+    not every provisioned volume (the prior art's 8x over-count)."""
+    budget = ok(gate_call(stack, "@adminvm", "qmcp.Budget"))
+    names = [q["name"] for q in ok(gate_call(stack, "@adminvm", "qmcp.List"))["qubes"]]
+    expected = sum(_volume_size(stack, n, "private") for n in names)
+    expected += _volume_size(stack, "ai-debian", "root")
+    assert budget["pool_used"] == expected
+    assert budget["qubes"] == len(names)
+    assert budget["pool_free"] == budget["pool_cap"] - budget["pool_used"]

@@ -1,8 +1,8 @@
 """The tool list an agent sees (names, descriptions, argument and output schemas, annotations)
 is pinned: any change shows up as a diff of tests/server/snapshots/tools.json in review.
 
-Regenerate deliberately with ``QMCP_UPDATE_SNAPSHOTS=1 pytest tests/unit/test_server_schemas_snapshot.py``;
-a missing snapshot fails too (it is never written silently).
+Regenerate deliberately with ``QMCP_UPDATE_SNAPSHOTS=1`` set while running this file; a missing
+snapshot fails too (it is never written silently).
 """
 
 from __future__ import annotations

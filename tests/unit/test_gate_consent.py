@@ -1,0 +1,69 @@
+"""The consent broker: an answer is bound to the exact request, and silence is a refusal."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from qubes_mcp.dom0.consent import ConsentBroker, request_digest
+from qubes_mcp.dom0.errors import ConsentDeniedError
+
+ARGS = {
+    "principal": "mcp-control",
+    "op": "qube.remove",
+    "target": "ai-x",
+    "args": {},
+    "description": "REMOVE qube ai-x",
+    "reasons": ("qube.remove needs consent",),
+}
+
+
+async def _ask_and(broker: ConsentBroker, answer: str, digest: str | None = None) -> object:
+    task = asyncio.create_task(broker.ask(**ARGS))  # type: ignore[arg-type]
+    while not broker.pending():
+        await asyncio.sleep(0)
+    request = broker.pending()[0]
+    result = broker.answer(
+        request.id, approve=answer == "approve", digest=request.digest if digest is None else digest
+    )
+    if result == "mismatch":
+        broker.answer(request.id, approve=False)
+    try:
+        return result, await task
+    except ConsentDeniedError as exc:
+        return result, exc
+
+
+def test_approval_with_the_shown_digest_goes_through() -> None:
+    result, outcome = asyncio.run(_ask_and(ConsentBroker(10), "approve"))
+    assert result == "approved" and isinstance(outcome, str)
+
+
+def test_denial_is_a_refusal() -> None:
+    result, outcome = asyncio.run(_ask_and(ConsentBroker(10), "deny"))
+    assert result == "denied" and isinstance(outcome, ConsentDeniedError)
+
+
+def test_an_approval_for_another_request_is_not_an_approval() -> None:
+    other = request_digest("mcp-control", "qube.remove", "ai-other", {})
+    result, outcome = asyncio.run(_ask_and(ConsentBroker(10), "approve", digest=other))
+    assert result == "mismatch" and isinstance(outcome, ConsentDeniedError)
+
+
+def test_no_answer_in_time_is_a_refusal_and_leaves_nothing_pending() -> None:
+    broker = ConsentBroker(0.05)
+    with pytest.raises(ConsentDeniedError):
+        asyncio.run(broker.ask(**ARGS))  # type: ignore[arg-type]
+    assert broker.pending() == []
+
+
+def test_unknown_or_answered_ids_are_unknown() -> None:
+    broker = ConsentBroker(10)
+    assert broker.answer("deadbeef", approve=True, digest="x") == "unknown"
+
+
+def test_digest_covers_every_argument() -> None:
+    a = request_digest("p", "qube.run", "ai-x", {"command": ["ls"]})
+    b = request_digest("p", "qube.run", "ai-x", {"command": ["rm"]})
+    assert a != b
