@@ -46,6 +46,8 @@ async def qube_list(ctx: Context) -> dict[str, Any]:
         "ceiling": p.ceiling.word,
         "name_prefix": p.name_prefix,
         "may_create": p.may_create,
+        # so the MCP side can order its timeouts after dom0's (consent answered or refused)
+        "consent_timeout": ctx.config.consent.timeout,
         "qubes": qubes,
     }
 
