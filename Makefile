@@ -20,6 +20,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench tools
 	$(BIN)/ruff format --check src tests bench tools
 	$(BIN)/python tools/check_imports.py
+	$(BIN)/python tools/gen_operations.py --check
+	$(BIN)/python tools/gen_tools_doc.py --check
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -33,23 +33,29 @@ COLUMNS = ("name", "what", "n", "p50", "p99", "mean", "rps", "notes")
 Runner = Callable[[bool], list[Result]]
 
 
-def discover() -> dict[str, Runner]:
-    """``{short name: run}`` for every ``bench_<name>`` module exposing ``run(quick)``."""
-    found: dict[str, Runner] = {}
-    names = sorted(
-        m.name for m in pkgutil.iter_modules(bench.__path__) if m.name.startswith("bench_")
-    )
-    for module_name in names:
-        module = importlib.import_module(f"bench.{module_name}")
-        run = getattr(module, "run", None)
-        if not callable(run) or "quick" not in inspect.signature(run).parameters:
-            continue
-        found[module_name.removeprefix("bench_")] = run
+def discover() -> list[str]:
+    """Short names of every ``bench_<name>`` module, in run order (nothing imported yet: a
+    benchmark whose dependencies are missing must not stop the others)."""
+    found = [
+        m.name.removeprefix("bench_")
+        for m in pkgutil.iter_modules(bench.__path__)
+        if m.name.startswith("bench_")
+    ]
     rank = {name: i for i, name in enumerate(ORDER)}
-    return dict(sorted(found.items(), key=lambda kv: (rank.get(kv[0], len(ORDER)), kv[0])))
+    return sorted(found, key=lambda name: (rank.get(name, len(ORDER)), name))
 
 
-def select(available: dict[str, Runner], only: Sequence[str]) -> dict[str, Runner]:
+def load(name: str) -> Runner | None:
+    """The module's ``run(quick)``, or None when it has none (a helper, not a benchmark)."""
+    module = importlib.import_module(f"bench.bench_{name}")
+    run = getattr(module, "run", None)
+    if not callable(run) or "quick" not in inspect.signature(run).parameters:
+        return None
+    runner: Runner = run
+    return runner
+
+
+def select(available: list[str], only: Sequence[str]) -> list[str]:
     if not only:
         return available
     wanted = {w.removeprefix("bench_") for item in only for w in item.split(",") if w}
@@ -58,20 +64,32 @@ def select(available: dict[str, Runner], only: Sequence[str]) -> dict[str, Runne
         raise SystemExit(
             f"unknown benchmark(s) {', '.join(sorted(unknown))}; available: {', '.join(available)}"
         )
-    return {k: v for k, v in available.items() if k in wanted}
+    return [name for name in available if name in wanted]
 
 
-def run_all(selected: dict[str, Runner], quick: bool) -> list[Result]:
+def _failed(name: str, exc: BaseException) -> Result:
+    traceback.print_exc()
+    return Result(name, "(benchmark failed)", 0, notes=f"FAILED: {exc!r}"[:300])
+
+
+def run_all(selected: list[str], quick: bool) -> list[Result]:
     results: list[Result] = []
     try:
-        for name, run in selected.items():
+        for name in selected:
+            try:
+                run = load(name)
+            except Exception as exc:  # noqa: BLE001 - e.g. an optional dependency is missing
+                results.append(_failed(name, exc))
+                continue
+            if run is None:
+                print(f"[bench] {name}: no run(quick), not a benchmark", file=sys.stderr)
+                continue
             print(f"[bench] {name} …", file=sys.stderr, flush=True)
             start = time.monotonic()
             try:
                 rows = run(quick)
             except Exception as exc:  # noqa: BLE001 - one failure must not hide the others
-                traceback.print_exc()
-                rows = [Result(name, "(benchmark failed)", 0, notes=f"FAILED: {exc!r}"[:300])]
+                rows = [_failed(name, exc)]
             print(
                 f"[bench] {name}: {len(rows)} rows in {time.monotonic() - start:.1f} s",
                 file=sys.stderr,

@@ -170,17 +170,20 @@ def side_by_side(quick: bool) -> list[Result]:
             f"{label}: gate daemon socket",
             measure(_daemon(config, op, target, body), budget),
             notes="as qrexec drives it",
+            qubes=n,
         )
         router = Result.from_sample(
             f"gate.{op}.router",
             f"{label}: via qrexec router from {PRINCIPAL}",
             asyncio.run(measure_async(_via_router(s, op, target, body), budget)),
             notes="what the MCP server waits for",
+            qubes=n,
         )
         oneshot = Result.from_sample(
             f"gate.{op}.oneshot",
             f"{label}: fresh python per call",
             measure(_oneshot(s, op, target, body), SLOW.scaled(quick)),
+            qubes=n,
         )
         oneshot.notes = _ratio_note(daemon, oneshot)
         results += [daemon, router, oneshot]
@@ -193,7 +196,8 @@ def side_by_side(quick: bool) -> list[Result]:
             "gate.List.daemon",
             f"qmcp.List → @adminvm, N={n_big}: gate daemon socket",
             measure(_daemon(big_config, "List", None, b""), BIG_LIST.scaled(quick)),
-            notes="fresh reads: N+1 qubesd calls per List",
+            notes="fresh reads: one admin.vm.tag.List per qube",
+            qubes=n_big,
         )
     )
     return results

@@ -242,3 +242,40 @@ def test_clone_then_remove_a_full_qube(stack: Stack) -> None:
         removed = tool(stack, "qube_remove", qube="ai-clone1")
     assert removed == {"qube": "ai-clone1", "removed": True}
     assert "ai-clone1" not in {q["name"] for q in tool(stack, "qube_list")["qubes"]}
+
+
+# --- every tool below its tier ------------------------------------------------------------------
+
+#: one call per tool on a qube where the principal's tier is one step too low
+BELOW_TIER: dict[str, dict[str, Any]] = {
+    "qube_start": {"qube": "ai-notes"},
+    "qube_shutdown": {"qube": "ai-notes"},
+    "qube_pause": {"qube": "ai-notes"},
+    "qube_unpause": {"qube": "ai-notes"},
+    "qube_kill": {"qube": "ai-notes"},
+    "qube_run": {"qube": "ai-notes", "command": ["id"]},
+    "file_copy": {"source": "ai-notes", "destination": "ai-dev", "paths": ["/etc/hostname"]},
+    "firewall_set": {"qube": "ai-dev", "rules": [{"action": "drop"}]},
+    "qube_create": {"template": "ai-notes", "name": "ai-below1"},
+    "disposable_create": {"template": "ai-notes"},
+    "disposable_run": {"template": "ai-notes", "command": ["id"]},
+    "qube_clone": {"qube": "ai-dev", "name": "ai-below2"},
+    "property_set": {"qube": "ai-dev", "property": "label", "value": "red"},
+    "feature_set": {"qube": "ai-dev", "feature": "service.x", "value": "1"},
+    "device_attach": {"qube": "ai-dev", "backend": "ai-usb", "device": "sdb"},
+    "device_detach": {"qube": "ai-dev", "backend": "ai-usb", "device": "sdb"},
+    "qube_remove": {"qube": "ai-dev"},
+}
+
+
+def test_the_below_tier_list_covers_every_tool_above_read() -> None:
+    from qubes_mcp.dom0.operations import OPERATIONS
+    from qubes_mcp.dom0.tiers import Tier
+
+    above_read = {op.name.replace(".", "_") for op in OPERATIONS if op.needs > Tier.READ}
+    assert set(BELOW_TIER) == above_read
+
+
+@pytest.mark.parametrize("name", sorted(BELOW_TIER))
+def test_each_tool_is_refused_one_tier_too_low(stack: Stack, name: str) -> None:
+    assert refusal(stack, name, **BELOW_TIER[name]).startswith("insufficient-tier: needs ")

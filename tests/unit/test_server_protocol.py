@@ -156,3 +156,47 @@ def test_capabilities_resource_relays_a_refusal() -> None:
                 await c.read_resource(CAPABILITIES_URI)
 
     run(go())
+
+
+class HoldForever:
+    """A dom0 that never answers; records whether the server cancelled its call."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.cancelled = asyncio.Event()
+
+    async def call(self, target: str, service: str, payload: bytes, timeout: float) -> bytes:
+        self.started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        return b""  # pragma: no cover - never reached
+
+
+def test_cancelling_the_mcp_call_cancels_the_dom0_call() -> None:
+    dom0 = HoldForever()
+
+    async def go() -> None:
+        async with Client(build_server(dom0)) as c:
+            call = asyncio.create_task(c.call_tool("qube_start", {"qube": "ai-dev"}))
+            await asyncio.wait_for(dom0.started.wait(), 10)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            await asyncio.wait_for(dom0.cancelled.wait(), 10)
+
+    run(go())
+    assert dom0.cancelled.is_set()
+
+
+def test_an_emulator_that_is_not_running_is_not_found(tmp_path: Any) -> None:
+    from qubes_mcp.server.transport import SimTransport
+
+    async def go() -> None:
+        async with Client(build_server(SimTransport(tmp_path))) as c:
+            with pytest.raises(ToolError, match=r"^not-found: no such qube, or not yours$"):
+                await c.call_tool("qube_list", {})
+
+    run(go())

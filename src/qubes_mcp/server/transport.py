@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from qubes_mcp.server.table import ADMINVM, OpSpec, load_table
+
+_log = logging.getLogger(__name__)
 
 #: the production qrexec client inside a qube
 QREXEC_CLIENT_VM = "/usr/lib/qubes/qrexec-client-vm"
@@ -163,7 +166,9 @@ class QrexecTransport:
     async def call(self, target: str, service: str, payload: bytes, timeout: float) -> bytes:
         try:
             return await self._call(target, service, payload, timeout)
-        except (_TransportFailureError, TimeoutError, OSError):
+        except (_TransportFailureError, TimeoutError, OSError) as exc:
+            # for whoever runs the server (its stderr), never for the agent
+            _log.warning("%s on %s: %s %s", service, target, type(exc).__name__, exc)
             raise not_found() from None
 
     async def _call(self, target: str, service: str, payload: bytes, timeout: float) -> bytes:
@@ -241,8 +246,10 @@ class SimTransport:
             WireError,
             TimeoutError,
             OSError,
-        ):
+        ) as exc:
+            _log.warning("%s on %s: %s %s", service, target, type(exc).__name__, exc)
             raise not_found() from None
         if result.exit_code != 0:
+            _log.info("%s on %s: exit %d", service, target, result.exit_code)
             raise not_found()
         return bytes(out)
