@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/qubes-mcp demo
+	$(BIN)/qubes-mcp demo --serve
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench tools

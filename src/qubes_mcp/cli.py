@@ -1,4 +1,4 @@
-"""``qubes-mcp``: the emulator (``sim``) and, later, the MCP server (``serve``) and ``demo``."""
+"""``qubes-mcp``: the MCP server (``serve``), the emulator (``sim``) and the ``demo``."""
 
 from __future__ import annotations
 
@@ -8,14 +8,15 @@ from collections.abc import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import qubes_mcp.server.cli as server_cli
+    import qubes_mcp.sim.cli as sim_cli
+    from qubes_mcp import demo
+
     parser = argparse.ArgumentParser(prog="qubes-mcp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    import qubes_mcp.sim.cli as sim_cli
-
-    sim_cli.add_parser(sub)
-    import qubes_mcp.server.cli as server_cli
-
     server_cli.add_parser(sub)
+    sim_cli.add_parser(sub)
+    demo.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,232 @@
+"""``qubes-mcp demo``: a scripted agent session through a real MCP client, on the emulator.
+
+It starts an emulated dom0 with the demo fleet, installs the gate into it
+(``qubes-mcp-admin install --root``), starts the gate, builds the MCP server on the emulator's
+qrexec router, and drives it with FastMCP's client exactly as an agent would — printing what
+the agent asks, what dom0 answers, and what the operator sees. With ``--serve`` it then keeps
+everything running and serves MCP over HTTP on localhost for your own client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from qubes_mcp.sim.stack import Stack, start_stack
+
+BOLD, DIM, RED, GREEN, CYAN, END = (
+    "\033[1m",
+    "\033[2m",
+    "\033[31m",
+    "\033[32m",
+    "\033[36m",
+    "\033[0m",
+)
+
+
+def say(text: str) -> None:
+    print(f"\n{BOLD}{text}{END}", flush=True)
+
+
+def show(label: str, value: object, colour: str = "") -> None:
+    text = value if isinstance(value, str) else json.dumps(value, indent=2)
+    lines = str(text).splitlines() or [""]
+    print(f"  {colour}{label}{END} {lines[0]}")
+    for line in lines[1:]:
+        print(f"  {' ' * len(label)} {line}")
+
+
+class Operator:
+    """The demo's operator in dom0: reads each pending request, answers from a script."""
+
+    def __init__(self, stack: Stack, answers: dict[str, str]) -> None:
+        self.stack, self.answers = stack, answers
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> Operator:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            pending = json.loads(self.stack.admin("pending", "--json").stdout or "[]")
+            for item in pending:
+                answer = self.answers.get(item["target"], "deny")
+                print(f"\n  {CYAN}[dom0] operator sees:{END} {item['description']}")
+                print(f"  {CYAN}[dom0] operator runs:{END} qubes-mcp-admin {answer} {item['id']}")
+                self.stack.admin(answer, item["id"])
+            self._stop.wait(0.2)
+
+
+async def _tool(client: Any, tool: str, /, **args: Any) -> Any:
+    show("agent →", f"{tool}({', '.join(f'{k}={v!r}' for k, v in args.items())})", DIM)
+    result = await client.call_tool(tool, args, raise_on_error=False)
+    text = result.content[0].text if result.content else ""
+    if result.is_error:
+        show("dom0  ✗", text, RED)
+        return None
+    data = result.structured_content or json.loads(text)
+    return data.get("result", data) if isinstance(data, dict) else data
+
+
+def _dom0_tags(stack: Stack, qube: str) -> list[str]:
+    from qubes_mcp.dom0.admin import AdminClient
+
+    tags = asyncio.run(AdminClient(stack.paths.qubesd_sock).lines(qube, "admin.vm.tag.List"))
+    return [t for t in tags if t.startswith("ai-")]
+
+
+async def session(stack: Stack) -> None:
+    import logging
+
+    from fastmcp import Client
+
+    from qubes_mcp.server.app import build_server
+    from qubes_mcp.server.transport import SimTransport
+
+    # the server logs each refused tool call; the transcript already shows the refusal
+    # (set after importing fastmcp, which configures its own logger level on import)
+    logging.getLogger("fastmcp").setLevel(logging.CRITICAL)
+    server = build_server(SimTransport(stack.root))
+    async with Client(server) as client:
+        say("1. What may I see? (everything else does not exist for the agent)")
+        listing = await _tool(client, "qube_list")
+        for q in listing["qubes"]:
+            print(f"           {q['name']:<12} {q['class']:<11} {q['state']:<8} tier={q['tier']}")
+        print(
+            f"           {DIM}(the fleet also has vault, personal, work, sys-net, … "
+            f"— never listed){END}"
+        )
+
+        say("2. Read a qube: references outside the scope are redacted, tiers stay in dom0")
+        info = await _tool(client, "qube_info", qube="ai-dev")
+        show(
+            "dom0  ✓",
+            {k: info[k] for k in ("tags",)}
+            | {
+                "properties": {k: info["properties"].get(k) for k in ("template", "netvm", "label")}
+            },
+            GREEN,
+        )
+        await _tool(client, "qube_info", qube="vault")
+        await _tool(client, "qube_info", qube="no-such-qube")
+
+        say("3. Create a qube from a template in the scope")
+        created = await _tool(
+            client, "qube_create", template="ai-debian", name="ai-demo", label="green"
+        )
+        show("dom0  ✓", created, GREEN)
+        show("[dom0] tags:", " ".join(await asyncio.to_thread(_dom0_tags, stack, "ai-demo")), CYAN)
+        clone = await _tool(client, "qube_clone", qube="ai-build", name="ai-scratch")
+        show("dom0  ✓", f"{clone['name']}: tier {clone['tier']}, netvm {clone['netvm']}", GREEN)
+
+        say("4. Run a command as root in an exec qube (a bubblewrap sandbox: no network)")
+        ran = await _tool(
+            client,
+            "qube_run",
+            qube="ai-dev",
+            command=[
+                "sh",
+                "-c",
+                "id -un; hostname; echo hello > /home/user/notes.txt; "
+                "(getent hosts example.com || echo no network)",
+            ],
+        )
+        show("dom0  ✓", ran["stdout"].rstrip(), GREEN)
+
+        say("5. Exec needs the exec tier: ai-notes is read-only")
+        await _tool(client, "qube_run", qube="ai-notes", command=["id"])
+
+        say("6. Copy a file between exec qubes (qubes.Filecopy, qube to qube)")
+        await _tool(
+            client,
+            "file_copy",
+            source="ai-dev",
+            destination="ai-build",
+            paths=["/home/user/notes.txt"],
+        )
+        seen = await _tool(
+            client,
+            "qube_run",
+            qube="ai-build",
+            command=["cat", "/home/user/QubesIncoming/ai-dev/notes.txt"],
+        )
+        show("dom0  ✓", f"ai-build has it: {seen['stdout'].strip()}", GREEN)
+
+        say("7. Destructive requests wait for the operator in dom0")
+        with Operator(stack, {"ai-scratch": "approve", "ai-build": "deny"}):
+            removed = await _tool(client, "qube_remove", qube="ai-scratch")
+            if removed:
+                show("dom0  ✓", removed, GREEN)
+            await _tool(client, "qube_remove", qube="ai-build")
+
+        say("8. Retargeting a qube's network is never allowed (egress is the operator's)")
+        await _tool(client, "property_set", qube="ai-build", property="netvm", value="ai-web")
+
+    say("9. The operator verifies the tamper-evident audit log")
+    verified = stack.admin("audit", "verify")
+    show("[dom0]", verified.stdout.strip() or verified.stderr.strip(), CYAN)
+
+
+def main(args: argparse.Namespace) -> int:
+    root = Path(args.root).resolve()
+    if root.exists():
+        shutil.rmtree(root)
+    say(f"Starting an emulated Qubes dom0 under {root} and installing the gate …")
+    stack = start_stack(root)
+    try:
+        asyncio.run(session(stack))
+        if not args.serve:
+            return 0
+        serve(stack, args.port)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stack.stop()
+    return 0
+
+
+def serve(stack: Stack, port: int) -> None:
+    from qubes_mcp.server.app import build_server
+    from qubes_mcp.server.transport import SimTransport
+
+    admin = f".venv/bin/qubes-mcp-admin {{pending|approve ID|deny ID}} --config {stack.config}"
+    say("The emulated dom0, the gate and the MCP server keep running. Connect a client:")
+    print(
+        f"""
+  MCP (streamable HTTP, localhost only):  http://127.0.0.1:{port}/mcp
+  MCP over stdio (e.g. Claude Code):      claude mcp add qubes -- \\
+      {Path.cwd()}/.venv/bin/qubes-mcp serve --sim {stack.root}
+  Answer consent requests as the operator: {admin}
+  Admin API socket (qubesadmin, qubesd-query): {stack.paths.qubesd_sock}
+  Ctrl-C stops everything.""",
+        flush=True,
+    )
+    time.sleep(0.1)
+    build_server(SimTransport(stack.root)).run(
+        transport="http", host="127.0.0.1", port=port, show_banner=False
+    )
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="watch a scripted agent session on the emulator",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--root", default=".run/demo", help="emulator root (recreated)")
+    p.add_argument("--serve", action="store_true", help="keep serving MCP over HTTP afterwards")
+    p.add_argument("--port", type=int, default=8765, help="HTTP port on 127.0.0.1")
+    p.set_defaults(func=main)

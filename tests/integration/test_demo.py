@@ -1,0 +1,41 @@
+"""The README's main job: the demo runs start to finish and shows what it claims to show."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.bwrap
+
+
+def test_the_demo_transcript(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "qubes_mcp.cli", "demo", "--root", str(tmp_path / "root")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout)
+    listed = out.split("2. Read a qube")[0]
+    assert "ai-dev       AppVM" in listed and "tier=exec" in listed
+    for hidden in (" vault ", " personal ", " sys-net "):
+        assert hidden not in listed.replace(
+            "(the fleet also has vault, personal, work, sys-net", ""
+        )
+    assert out.count("not-found: no such qube, or not yours") == 2  # vault and a made-up name
+    assert '"template": "<out-of-scope>"' in out
+    assert "[dom0] tags: ai-exec ai-managed ai-owner-mcp-control" in out
+    assert "root\n          ai-dev\n          no network" in out
+    assert "insufficient-tier: needs exec" in out
+    assert "ai-build has it: hello" in out
+    assert "qubes-mcp-admin approve" in out and '"removed": true' in out
+    assert "consent-denied: the operator did not approve this request" in out
+    assert "not-allowed: netvm can be set to null" in out
+    assert "chain intact" in out
+    assert "Error calling tool" not in result.stdout + result.stderr
