@@ -1,0 +1,84 @@
+"""``qubes-mcp-admin`` against an emulator root: install/status/uninstall, doctor's findings,
+and the tagging commands the operator uses instead of remembering the vocabulary."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from qubes_mcp.dom0.admin import AdminClient
+from qubes_mcp.sim.stack import Stack, start_stack
+from tests.gate_e2e import gate_call
+
+pytestmark = pytest.mark.bwrap
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    s = start_stack(tmp_path_factory.mktemp("operator") / "root")
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def tags(stack: Stack, qube: str) -> set[str]:
+    client = AdminClient(stack.paths.qubesd_sock)
+    return {t for t in asyncio.run(client.lines(qube, "admin.vm.tag.List")) if t.startswith("ai-")}
+
+
+def test_status_reports_a_current_install(stack: Stack) -> None:
+    out = stack.admin("status", "--root", str(stack.root)).stdout
+    assert "policy_current: True" in out and "links: 23/23" in out
+
+
+def test_enrol_tier_and_unenrol(stack: Stack) -> None:
+    assert gate_call(stack, "work", "qmcp.Info") == {"refused": 126}
+    assert stack.admin("enrol", "work").returncode == 0
+    assert tags(stack, "work") == {"ai-managed"}
+    assert gate_call(stack, "work", "qmcp.Info")["result"]["tier"] == "read"
+    assert stack.admin("tier", "work", "net").returncode == 0
+    assert tags(stack, "work") == {"ai-managed", "ai-net"}
+    assert stack.admin("tier", "work", "exec").returncode == 0
+    assert tags(stack, "work") == {"ai-managed", "ai-exec"}
+    assert stack.admin("unenrol", "work").returncode == 0
+    assert tags(stack, "work") == set()
+    assert gate_call(stack, "work", "qmcp.Info") == {"refused": 126}
+
+
+def test_doctor_finds_what_weakens_the_boundary(stack: Stack) -> None:
+    client = AdminClient(stack.paths.qubesd_sock)
+    asyncio.run(client.call("personal", "admin.vm.tag.Set", "ai-full"))  # tier, not enrolled
+    asyncio.run(client.call("ai-notes", "admin.vm.tag.Set", "ai-dump"))  # hybrid
+    policy = stack.root / "etc/qubes/policy.d/30-qubes-mcp.policy"
+    saved = policy.read_text()
+    policy.write_text(saved + "\nqubes.Filecopy * @anyvm @anyvm allow\n")  # drift
+    try:
+        out = stack.admin("doctor", "--root", str(stack.root))
+        assert out.returncode == 1
+        assert "personal has ['ai-full'] but not ai-managed" in out.stdout
+        assert "ai-notes is both enrolled and a dump sink" in out.stdout
+        assert "policy drift" in out.stdout
+    finally:
+        policy.write_text(saved)
+        asyncio.run(client.call("personal", "admin.vm.tag.Remove", "ai-full"))
+        asyncio.run(client.call("ai-notes", "admin.vm.tag.Remove", "ai-dump"))
+    assert "error:" not in stack.admin("doctor", "--root", str(stack.root)).stdout
+
+
+def test_policy_render_is_what_install_wrote(stack: Stack) -> None:
+    rendered = stack.admin("policy", "render").stdout
+    assert rendered == (stack.root / "etc/qubes/policy.d/30-qubes-mcp.policy").read_text()
+
+
+def test_uninstall_removes_everything_install_wrote_and_keeps_the_log(stack: Stack) -> None:
+    root = stack.root
+    out = stack.admin("uninstall", "--root", str(root))
+    assert out.returncode == 0
+    assert not (root / "etc/qubes/policy.d/30-qubes-mcp.policy").exists()
+    assert not list((root / "etc/qubes-rpc").glob("qmcp.*"))
+    assert not (root / "etc/systemd/system/qubes-mcp-gate.service").exists()
+    assert (root / "var/log/qubes-mcp/audit.log").exists()
+    assert gate_call(stack, "@adminvm", "qmcp.List") == {"refused": 126}
