@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 from qubes_mcp.sim.paths import SimPaths
+from qubes_mcp.sim.stack import sim_call, stop_process
+from qubes_mcp.sim.stack import start_emulator as _start
 
 
 class RunningEmulator:
@@ -23,50 +21,12 @@ class RunningEmulator:
         self, source: str, target: str, service: str, stdin: bytes = b"", timeout: float = 60
     ) -> subprocess.CompletedProcess[bytes]:
         """``qubes-mcp sim call`` exactly as a user or test script runs it."""
-        return subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "qubes_mcp.cli",
-                "sim",
-                "call",
-                "--root",
-                str(self.paths.root),
-                "--from",
-                source,
-                target,
-                service,
-            ],
-            input=stdin,
-            capture_output=True,
-            timeout=timeout,
-            check=False,
-        )
+        return sim_call(self.paths.root, source, target, service, stdin, timeout=timeout)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
 
 
 def start_emulator(root: Path, fleet: Path | None = None, timeout: float = 30) -> RunningEmulator:
     """Start ``qubes-mcp sim run`` and wait until it has written its ready file."""
-    paths = SimPaths(root)
-    argv = [sys.executable, "-m", "qubes_mcp.cli", "sim", "run", "--root", str(root)]
-    if fleet is not None:
-        argv += ["--fleet", str(fleet)]
-    log = (root.parent / f"{root.name}.log").open("wb")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
-    ready = paths.run / "emulator.ready"
-    deadline = time.monotonic() + timeout
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            output = (root.parent / f"{root.name}.log").read_text(errors="replace")
-            raise RuntimeError(f"emulator did not become ready:\n{output[-4000:]}")
-        time.sleep(0.05)
-    return RunningEmulator(paths, proc)
+    return RunningEmulator(SimPaths(root), _start(root, fleet, timeout=timeout))

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from test_qrexec_fakes import Background
+
+from qubes_mcp.sim.stack import sim_call as stack_sim_call
 
 
 @pytest.fixture(scope="module")
@@ -21,25 +22,7 @@ def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Background]:
 def sim_call(
     root: Path, source: str, target: str, service: str, stdin: bytes
 ) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "qubes_mcp.cli",
-            "sim",
-            "call",
-            "--root",
-            str(root),
-            "--from",
-            source,
-            target,
-            service,
-        ],
-        input=stdin,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
+    return stack_sim_call(root, source, target, service, stdin, timeout=60)
 
 
 def test_allowed_call_streams_stdin_to_stdout(router: Background) -> None:

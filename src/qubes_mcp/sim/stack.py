@@ -34,6 +34,64 @@ def _wait_for(path: Path, proc: subprocess.Popen[bytes], log: Path, timeout: flo
         time.sleep(0.05)
 
 
+def sim_call(
+    root: Path,
+    source: str,
+    target: str,
+    service: str,
+    payload: bytes = b"",
+    *,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess[bytes]:
+    """``qubes-mcp sim call`` exactly as a user or a script runs it."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qubes_mcp.cli",
+            "sim",
+            "call",
+            "--root",
+            str(root),
+            "--from",
+            source,
+            target,
+            service,
+        ],
+        input=payload,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def start_emulator(
+    root: Path, fleet: Path | None = None, *, timeout: float = 60
+) -> subprocess.Popen[bytes]:
+    """``qubes-mcp sim run`` in the background, once it has written its ready file."""
+    argv = [sys.executable, "-m", "qubes_mcp.cli", "sim", "run", "--root", str(root)]
+    if fleet is not None:
+        argv += ["--fleet", str(fleet)]
+    log = root.parent / f"{root.name}.emulator.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1")
+        )
+    _wait_for(root / "run" / "emulator.ready", proc, log, timeout)
+    return proc
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it does not go within 20 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 @dataclass
 class Stack:
     root: Path
@@ -67,36 +125,14 @@ class Stack:
         timeout: float = 300,
     ) -> subprocess.CompletedProcess[bytes]:
         """``qubes-mcp sim call`` as the principal (or any qube)."""
-        return subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "qubes_mcp.cli",
-                "sim",
-                "call",
-                "--root",
-                str(self.root),
-                "--from",
-                source,
-                target,
-                service,
-            ],
-            input=payload,
-            capture_output=True,
-            timeout=timeout,
-            check=False,
-        )
+        return sim_call(self.root, source, target, service, payload, timeout=timeout)
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         for proc in reversed(self.procs):
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+            stop_process(proc)
         self.procs.clear()
 
 
@@ -118,14 +154,7 @@ def start_stack(
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     log_dir = root.parent
     try:
-        emu_log = log_dir / f"{root.name}.emulator.log"
-        argv = [sys.executable, "-m", "qubes_mcp.cli", "sim", "run", "--root", str(root)]
-        if fleet is not None:
-            argv += ["--fleet", str(fleet)]
-        with emu_log.open("wb") as out:
-            emu = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-        stack.procs.append(emu)
-        _wait_for(root / "run" / "emulator.ready", emu, emu_log, timeout)
+        stack.procs.append(start_emulator(root, fleet, timeout=timeout))
         if config_edit is not None:
             from qubes_mcp.dom0.install import Layout, default_config_text
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,9 +21,8 @@ from qubes_mcp.sim.paths import SimPaths
 from qubes_mcp.sim.qubesd import names
 from qubes_mcp.sim.qubesd import props as pdefs
 from qubes_mcp.sim.qubesd.events import EventBus
+from qubes_mcp.sim.qubesd.holder import PropertyHolder
 from qubes_mcp.sim.qubesd.vm import Label, Qube
-
-_NO_DEFAULT: Any = object()
 
 log = logging.getLogger("qubes_mcp.sim.qubesd")
 
@@ -75,7 +75,7 @@ class Request:
 
 
 @dataclass
-class QubesApp:
+class QubesApp(PropertyHolder):
     """All qubesd state of one emulated dom0."""
 
     paths: SimPaths
@@ -136,29 +136,11 @@ class QubesApp:
     def __repr__(self) -> str:
         return "Qubes"
 
-    defs = pdefs.APP_INDEX
+    @property
+    def defs(self) -> Mapping[str, pdefs.PropDef]:
+        return pdefs.APP_INDEX
 
-    def has_prop(self, name: str) -> bool:
-        return name in pdefs.APP_INDEX
-
-    def is_default(self, name: str) -> bool:
-        return name not in self.props
-
-    def raw(self, name: str) -> object:
-        if name in self.props:
-            return self.props[name]
-        prop = pdefs.APP_INDEX.get(name)
-        if prop is None or not prop.has_default or prop.default is None:
-            raise AttributeError(name)
-        return prop.default(self)
-
-    def get(self, name: str, default: object = _NO_DEFAULT) -> Any:
-        try:
-            value = self.raw(name)
-        except AttributeError:
-            if default is _NO_DEFAULT:
-                raise
-            return default
+    def resolve(self, name: str, value: object) -> Any:
         if pdefs.APP_INDEX[name].kind == "vm" and isinstance(value, str):
             return self.domains.get(value)
         return value

@@ -4,6 +4,8 @@ kind, load stage (GetAll orders by ``(load_stage, order, name)``), default and s
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from qubes_mcp.sim.qubesd.prop_rules import (
     _app,
     _bootmode,
@@ -197,6 +199,6 @@ CLASS_INDEX: dict[str, dict[str, PropDef]] = {
 APP_INDEX: dict[str, PropDef] = {p.name: p for p in APP_PROPS}
 
 
-def listed(props: dict[str, PropDef]) -> list[PropDef]:
+def listed(props: Mapping[str, PropDef]) -> list[PropDef]:
     """Property order of ``property.List`` and ``GetAll``: ``(load_stage, order, name)``."""
     return sorted(props.values(), key=PropDef.sort_key)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from qubes_mcp.sim.firewall import Firewall
 from qubes_mcp.sim.qubesd import props as pdefs
+from qubes_mcp.sim.qubesd.holder import PropertyHolder
 
 if TYPE_CHECKING:
     from qubes_mcp.sim.qubesd.app import QubesApp
@@ -53,7 +54,7 @@ class Volume:
         return dict(self.__dict__)
 
 
-class Qube:
+class Qube(PropertyHolder):
     """A qube of class ``klass`` (AdminVM, TemplateVM, AppVM, DispVM, StandaloneVM)."""
 
     def __init__(self, app: QubesApp, klass: str, props: dict[str, object]) -> None:
@@ -95,29 +96,8 @@ class Qube:
     def defs(self) -> dict[str, pdefs.PropDef]:
         return pdefs.CLASS_INDEX[self.klass]
 
-    def has_prop(self, name: str) -> bool:
-        return name in self.defs
-
-    def is_default(self, name: str) -> bool:
-        return name not in self.props
-
-    def raw(self, name: str) -> object:
-        """The stored or default value without resolving names (raises AttributeError)."""
-        if name in self.props:
-            return self.props[name]
-        prop = self.defs.get(name)
-        if prop is None or not prop.has_default or prop.default is None:
-            raise AttributeError(name)
-        return prop.default(self)
-
-    def get(self, name: str, default: object = _NO_DEFAULT) -> Any:
+    def resolve(self, name: str, value: object) -> Any:
         """Typed value: a :class:`Qube` for VM properties, a :class:`Label` for ``label``."""
-        try:
-            value = self.raw(name)
-        except AttributeError:
-            if default is not _NO_DEFAULT:
-                return default
-            raise
         prop = self.defs.get(name)
         if prop is not None and prop.kind == "vm" and isinstance(value, str):
             return self.app.domains.get(value)
