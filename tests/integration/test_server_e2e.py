@@ -279,3 +279,26 @@ def test_the_below_tier_list_covers_every_tool_above_read() -> None:
 @pytest.mark.parametrize("name", sorted(BELOW_TIER))
 def test_each_tool_is_refused_one_tier_too_low(stack: Stack, name: str) -> None:
     assert refusal(stack, name, **BELOW_TIER[name]).startswith("insufficient-tier: needs ")
+
+
+# --- plans --------------------------------------------------------------------------------------
+
+
+def test_plan_propose_then_apply_with_one_approval(stack: Stack) -> None:
+    steps = [
+        {"op": "qube.create", "target": "ai-debian", "args": {"name": "ai-planned"}},
+        {"op": "qube.start", "target": "ai-planned", "args": {}},
+        {"op": "qube.shutdown", "target": "ai-planned", "args": {}},
+    ]
+    plan = tool(stack, "plan_propose", steps=steps, title="demo plan")
+    assert [s["verdict"] for s in plan["steps"]] == ["allowed", "deferred", "deferred"]
+    assert plan["needs_consent"] is False
+    result = tool(stack, "plan_apply", plan_id=plan["plan_id"], digest=plan["digest"])
+    assert (result["completed"], result["stopped_at"]) == (3, None)
+    assert tool(stack, "qube_info", qube="ai-planned")["state"] == "Halted"
+
+
+def test_plan_apply_of_an_unknown_plan_is_refused(stack: Stack) -> None:
+    assert refusal(stack, "plan_apply", plan_id="0" * 16, digest="0" * 16).startswith(
+        "invalid-input: no such plan"
+    )

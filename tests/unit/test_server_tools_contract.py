@@ -128,6 +128,9 @@ def _check_field(f: Field, prop: dict[str, Any], required: bool) -> None:
         assert schema["type"] == "array" and schema["maxItems"] == f.maximum
         assert schema["items"]["required"] == ["action"]
         assert schema["items"]["additionalProperties"] is False
+    elif f.kind == "steps":
+        assert schema["type"] == "array" and schema["maxItems"] == f.maximum
+        assert schema["minItems"] == 1
     else:
         raise AssertionError(f"unhandled field kind {f.kind}")
 

@@ -44,6 +44,8 @@ DETAIL_KEYS: Final = frozenset(
         *("exit_code", "files", "bytes"),
         # the decision and what followed
         *("tier", "tier_needed", "invariant", "consent", "consent_id", "rolled_back"),
+        # a step of an applied plan names its plan and its place in it
+        *("plan_id", "step"),
         *("duration_ms", "error_class", "qubesd_error"),
         # written by the log itself (callers may not set the first two)
         *("dropped_keys", "overflow", "torn_bytes", "torn_sha256", "anchor_lag", "reason"),

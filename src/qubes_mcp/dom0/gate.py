@@ -11,6 +11,7 @@ request is refused and nothing is done.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
@@ -28,6 +29,7 @@ from qubes_mcp.dom0.errors import FailedError, GateError, NotFoundError
 from qubes_mcp.dom0.facts import Facts
 from qubes_mcp.dom0.names import is_valid_qube_name
 from qubes_mcp.dom0.operations import OPERATIONS_BY_SERVICE, Operation, Target
+from qubes_mcp.dom0.plans import PLAN_TTL, PlanBook, PlanStep, step_operation
 from qubes_mcp.dom0.reader import FleetReader
 from qubes_mcp.dom0.schema import check_payload
 
@@ -108,6 +110,8 @@ class _Call:
     targets: list[str] = field(default_factory=list)
     #: set once the handler may have changed something (an audit "pending" line exists)
     acting: bool = False
+    #: a step of a plan the operator approved as a whole: no second question
+    preapproved: bool = False
     started: float = field(default_factory=time.monotonic)
 
 
@@ -127,6 +131,7 @@ class Gate:
         self.admin = admin or AdminClient(config.paths.qubesd_socket)
         #: the pool-cap check and the create must not interleave between requests
         self.create_lock = asyncio.Lock()
+        self.plans = PlanBook()
 
     async def _audit(self, call: _Call, *, decision: str, outcome: str, code: str = "") -> None:
         # append fsyncs: keep it off the event loop so other requests are not stalled
@@ -144,11 +149,22 @@ class Gate:
 
     async def handle(self, request: Request) -> dict[str, Any]:
         """Answer one request with one JSON object. Never raises."""
+        return await self._handle(request)
+
+    async def _handle(
+        self,
+        request: Request,
+        *,
+        preapproved: bool = False,
+        detail: dict[str, object] | None = None,
+    ) -> dict[str, Any]:
         call = _Call(
             request,
             OPERATIONS_BY_SERVICE.get(request.service),
             self.config.principals.get(request.source),
+            preapproved=preapproved,
         )
+        call.detail.update(detail or {})
         call.targets = [request.target] if request.target else []
         try:
             result = await self._run(call)
@@ -199,6 +215,10 @@ class Gate:
         elif target is None or target == "dom0" or not is_valid_qube_name(target):
             raise NotFoundError(reason="operation needs a target qube")
         args = check_payload(op, call.request.untrusted_payload, name_prefix=principal.name_prefix)
+        if op.name == "plan.propose":
+            return await self._propose(principal, args)
+        if op.name == "plan.apply":
+            return await self._apply(call, principal, args)
         if op.creates:
             async with self.create_lock:
                 return await self._decide_and_act(call, op, principal, args)
@@ -219,7 +239,9 @@ class Gate:
         )
         if target is not None:
             call.detail["tier"] = verdict.tiers[target].word
-        if verdict.consent:
+        if verdict.consent and call.preapproved:
+            call.detail["consent"] = "plan"
+        elif verdict.consent:
             call.detail["consent"] = "asked"
             call.detail["consent_id"] = await self.consent.ask(
                 principal=principal.qube,
@@ -235,3 +257,105 @@ class Gate:
         call.acting = True
         ctx = Context(self.config, principal, self.admin, reader, verdict, facts, call.detail)
         return await HANDLERS[op.name](ctx)
+
+    # --- plans ------------------------------------------------------------------------------
+
+    async def _propose(self, principal: Principal, args: dict[str, Any]) -> dict[str, Any]:
+        """Decide every step without acting (plans.py); keep the plan if none is refused."""
+        reader = FleetReader(self.admin, principal.scope)
+        steps: list[PlanStep] = []
+        report: list[dict[str, Any]] = []
+        created: set[str] = set()
+        for index, raw in enumerate(args["steps"]):
+            op = step_operation(raw["op"])
+            target = raw["target"]
+            entry: dict[str, Any] = {"index": index, "op": op.name, "target": target}
+            try:
+                step_args = check_payload(
+                    op, json.dumps(raw["args"]).encode(), name_prefix=principal.name_prefix
+                )
+                names = names_to_read(op, target, step_args)
+                if op.creates and self.config.egress_qube:
+                    names.append(self.config.egress_qube)
+                deferred = bool(created & set(names))
+                consent = op.consent or op.name in self.config.consent.operations
+                if not deferred:
+                    facts = await reader.facts(names, with_scope=op.creates)
+                    verdict = decide(
+                        principal=principal,
+                        op=op,
+                        target=target,
+                        args=step_args,
+                        facts=facts,
+                        config=self.config,
+                    )
+                    consent = verdict.consent
+                    step_args = dict(verdict.args)
+            except GateError as exc:
+                entry["verdict"] = exc.to_reply()["error"]
+                report.append(entry)
+                continue
+            if op.creates and step_args.get("name"):
+                created.add(step_args["name"])
+            steps.append(PlanStep(index, op, target, step_args, deferred, consent))
+            entry.update(verdict="deferred" if deferred else "allowed", consent=consent)
+            report.append(entry)
+        if len(steps) != len(report):
+            return {"plan_id": None, "digest": None, "steps": report, "needs_consent": False}
+        plan = self.plans.keep(principal.qube, args["title"], steps)
+        return {
+            "plan_id": plan.id,
+            "digest": plan.digest,
+            "steps": report,
+            "needs_consent": plan.needs_consent,
+            "expires_in": int(PLAN_TTL),
+        }
+
+    async def _apply(
+        self, call: _Call, principal: Principal, args: dict[str, Any]
+    ) -> dict[str, Any]:
+        plan = self.plans.take(principal.qube, args["plan_id"], args["digest"])
+        call.detail["plan_id"] = plan.id
+        if plan.needs_consent:
+            call.detail["consent"] = "asked"
+            call.detail["consent_id"] = await self.consent.ask(
+                principal=principal.qube,
+                op="plan.apply",
+                target="dom0",
+                args={"plan": plan.id, "digest": plan.digest},
+                description=plan.describe(),
+                reasons=tuple(
+                    f"step {s.index + 1}: {s.op.name} needs consent"
+                    for s in plan.steps
+                    if s.consent
+                ),
+            )
+            call.detail["consent"] = "approved"
+        await self._audit(call, decision="allowed", outcome="pending")
+        call.acting = True
+        done: list[dict[str, Any]] = []
+        for step in plan.steps:
+            reply = await self._handle(
+                Request(
+                    step.op.service, principal.qube, step.target, json.dumps(step.args).encode()
+                ),
+                preapproved=plan.needs_consent,
+                detail={"plan_id": plan.id, "step": step.index},
+            )
+            done.append(
+                {
+                    "index": step.index,
+                    "op": step.op.name,
+                    "target": step.target,
+                    **({"result": reply["result"]} if reply["ok"] else {"error": reply["error"]}),
+                }
+            )
+            if not reply["ok"]:
+                break
+        stopped = None if all("result" in d for d in done) else done[-1]["index"]
+        return {
+            "plan_id": plan.id,
+            "steps": done,
+            "completed": len(done) - (stopped is not None),
+            "stopped_at": stopped,
+        }

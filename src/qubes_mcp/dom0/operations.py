@@ -15,7 +15,9 @@ from typing import Literal
 
 from qubes_mcp.dom0.tiers import Tier
 
-FieldKind = Literal["qube", "new_name", "str", "int", "bool", "choice", "argv", "text", "rules"]
+FieldKind = Literal[
+    "qube", "new_name", "str", "int", "bool", "choice", "argv", "text", "rules", "steps"
+]
 
 
 class Target(Enum):
@@ -428,6 +430,61 @@ OPERATIONS: tuple[Operation, ...] = (
         consent=True,
         destructive=True,
         long_running=True,
+    ),
+    # --- plans: check a whole change first, then apply it with one approval -------------------
+    Operation(
+        "plan.propose",
+        "qmcp.PlanPropose",
+        "Check a list of steps against dom0 without doing anything, and keep them as a plan",
+        Target.GLOBAL,
+        Tier.READ,
+        read_only=True,
+        fields=(
+            Field(
+                "steps",
+                "steps",
+                "the steps in order: each {op, target, args}, op being any "
+                "state-changing operation",
+                required=True,
+                maximum=32,
+            ),
+            Field(
+                "title",
+                "str",
+                "what the plan is for, shown to the operator",
+                default="",
+                max_len=200,
+                pattern=r"\A[\x20-\x7e]*\Z",
+            ),
+        ),
+    ),
+    Operation(
+        "plan.apply",
+        "qmcp.PlanApply",
+        "Apply a proposed plan step by step, stopping at the first refusal; one operator "
+        "approval covers every step that needs one",
+        Target.GLOBAL,
+        Tier.READ,
+        destructive=True,
+        long_running=True,
+        fields=(
+            Field(
+                "plan_id",
+                "str",
+                "the id plan.propose returned",
+                required=True,
+                max_len=16,
+                pattern=r"\A[0-9a-f]{16}\Z",
+            ),
+            Field(
+                "digest",
+                "str",
+                "the digest plan.propose returned (binds what is applied to what was proposed)",
+                required=True,
+                max_len=16,
+                pattern=r"\A[0-9a-f]{16}\Z",
+            ),
+        ),
     ),
 )
 

@@ -105,6 +105,36 @@ def _check_rules(f: Field, value: object) -> list[dict[str, object]]:
     return rules
 
 
+def _check_steps(f: Field, value: object) -> list[dict[str, Any]]:
+    """Shape only: each step is {op, target, args}; the step's own payload is checked against
+    its operation when the plan is proposed (plans.py), like any other request."""
+    from qubes_mcp.dom0.operations import OPERATIONS_BY_NAME, Target
+
+    if not isinstance(value, list) or not value:
+        raise InvalidInputError(f"{f.name} must be a non-empty list of steps")
+    if len(value) > f.maximum:
+        raise InvalidInputError(f"{f.name} has more than {f.maximum} steps")
+    steps = []
+    for index, step in enumerate(value):
+        where = f"{f.name}[{index}]"
+        if not isinstance(step, dict) or set(step) - {"op", "target", "args"}:
+            raise InvalidInputError(f"{where} must be an object with op, target, args")
+        op = OPERATIONS_BY_NAME.get(step.get("op"))  # type: ignore[arg-type]
+        if op is None or op.read_only or op.name.startswith("plan."):
+            raise InvalidInputError(f"{where}.op must be a state-changing operation")
+        target = step.get("target")
+        if op.target is Target.GLOBAL:
+            if target is not None:
+                raise InvalidInputError(f"{where}.target must be null for {op.name}")
+        elif not is_valid_qube_name(target) or target == "dom0":
+            raise InvalidInputError(f"{where}.target must be a qube name")
+        args = step.get("args", {})
+        if not isinstance(args, dict):
+            raise InvalidInputError(f"{where}.args must be an object")
+        steps.append({"op": op.name, "target": target, "args": args})
+    return steps
+
+
 def check_field(f: Field, value: object, *, name_prefix: str) -> object:
     """Check one present, non-null value of field ``f``; return the trusted value."""
     kind = f.kind
@@ -135,6 +165,8 @@ def check_field(f: Field, value: object, *, name_prefix: str) -> object:
         return _check_argv(f, value)
     if kind == "rules":
         return _check_rules(f, value)
+    if kind == "steps":
+        return _check_steps(f, value)
     raise AssertionError(f"unknown field kind {kind}")  # programming error, caught as failed
 
 

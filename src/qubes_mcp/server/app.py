@@ -18,6 +18,7 @@ from qubes_mcp.server.gateway import Gateway
 from qubes_mcp.server.registry import GROUPS, ToolDef, register
 from qubes_mcp.server.tools_act import act_tools
 from qubes_mcp.server.tools_admin import admin_tools
+from qubes_mcp.server.tools_plan import plan_tools
 from qubes_mcp.server.tools_read import read_tools
 from qubes_mcp.server.transport import Timeouts, Transport
 
@@ -41,7 +42,7 @@ class Capabilities(models.QubeList):
 
 def all_tool_defs(gw: Gateway) -> list[ToolDef]:
     """Every tool this server can offer, in documentation order."""
-    return [*read_tools(gw), *act_tools(gw), *admin_tools(gw)]
+    return [*read_tools(gw), *act_tools(gw), *admin_tools(gw), *plan_tools(gw)]
 
 
 def select_groups(

@@ -13,4 +13,5 @@ GROUPS: tuple[str, ...] = (
     "config",
     "devices",
     "remove",
+    "plan",
 )

@@ -145,3 +145,36 @@ class DeviceAttachResult(TypedDict):
 class RemoveResult(TypedDict):
     qube: str
     removed: bool
+
+
+class PlanStep(TypedDict):
+    """One step of a plan: any state-changing tool's operation, its qube, its arguments."""
+
+    op: str
+    target: str | None
+    args: dict[str, Any]
+
+
+class PlanStepReport(TypedDict):
+    index: int
+    op: str
+    target: str | None
+    verdict: NotRequired[Any]  # "allowed", "deferred", or {code, message}
+    consent: NotRequired[bool]
+    result: NotRequired[dict[str, Any]]
+    error: NotRequired[dict[str, str]]
+
+
+class PlanProposal(TypedDict):
+    plan_id: str | None
+    digest: str | None
+    steps: list[PlanStepReport]
+    needs_consent: bool
+    expires_in: NotRequired[int]
+
+
+class PlanResult(TypedDict):
+    plan_id: str
+    steps: list[PlanStepReport]
+    completed: int
+    stopped_at: int | None
