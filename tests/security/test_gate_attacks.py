@@ -499,3 +499,35 @@ def test_own_an_approval_with_the_wrong_digest_is_not_an_approval(stack: Stack) 
 def test_own_the_audit_chain_verifies_after_the_attacks(stack: Stack) -> None:
     result = stack.admin("audit", "verify")
     assert result.returncode == 0, result.stdout
+
+
+def test_own_the_consent_display_cannot_drive_the_operators_terminal(stack: Stack) -> None:
+    """On a guarded qube every change waits for the operator, and the description carries
+    agent-chosen words; escapes in them must reach the terminal as text."""
+    dom0_admin(stack, "ai-build", "admin.vm.tag.Set", "ai-guarded")
+    seen: list[dict[str, Any]] = []
+
+    def operator() -> None:
+        for _ in range(300):
+            pending = json.loads(stack.admin("pending", "--json").stdout or "[]")
+            if pending:
+                seen.extend(pending)
+                shown = stack.admin("pending").stdout
+                seen.append({"printed": shown})
+                stack.admin("deny", pending[0]["id"])
+                return
+            threading.Event().wait(0.1)
+
+    thread = threading.Thread(target=operator, daemon=True)
+    thread.start()
+    try:
+        reply = gate_call(
+            stack, "ai-build", "qmcp.Run", {"command": ["echo", "\x1b]0;owned\x07\x1b[2J", "\rOK"]}
+        )
+    finally:
+        thread.join(10)
+        dom0_admin(stack, "ai-build", "admin.vm.tag.Remove", "ai-guarded")
+    assert code(reply) == "consent-denied"
+    assert seen and "\x1b" not in seen[0]["description"]
+    assert "\x1b" not in seen[-1]["printed"] and "\r" not in seen[-1]["printed"]
+    assert "ai-build is guarded" in " ".join(seen[0]["reasons"])

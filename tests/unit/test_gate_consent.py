@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -67,3 +68,35 @@ def test_digest_covers_every_argument() -> None:
     a = request_digest("p", "qube.run", "ai-x", {"command": ["ls"]})
     b = request_digest("p", "qube.run", "ai-x", {"command": ["rm"]})
     assert a != b
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("ls \x1b[2J\x1b]0;pwned\x07", "ls \\x1b[2J\\x1b]0;pwned\\x07"),
+        ("a\rb", "a\\x0db"),
+        ("line one\nline two", "line one\nline two"),
+        ("x\u202eevil", "x\\u202eevil"),
+    ],
+    ids=["terminal-escapes", "carriage-return", "gate-newlines-kept", "bidi-override"],
+)
+def test_what_the_operator_is_shown_cannot_drive_their_terminal(text: str, shown: str) -> None:
+    broker = ConsentBroker(10)
+
+    async def go() -> str:
+        task = asyncio.create_task(broker.ask(**{**ARGS, "description": text}))  # type: ignore[arg-type]
+        while not broker.pending():
+            await asyncio.sleep(0)
+        description = broker.pending()[0].description
+        broker.answer(broker.pending()[0].id, approve=False)
+        with contextlib.suppress(ConsentDeniedError):
+            await task
+        return description
+
+    assert asyncio.run(go()) == shown
+
+
+def test_descriptions_are_capped() -> None:
+    from qubes_mcp.dom0.consent import DESCRIPTION_MAX, safe_text
+
+    assert len(safe_text("x" * 100_000)) < DESCRIPTION_MAX + 40

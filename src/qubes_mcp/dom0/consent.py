@@ -53,6 +53,25 @@ class PendingRequest:
         }
 
 
+DESCRIPTION_MAX = 4000
+
+
+def safe_text(untrusted_text: str, limit: int = DESCRIPTION_MAX) -> str:
+    """Text for the operator's terminal or desktop: parts of a description come from the agent
+    (names, rule comments, command words), so control characters — terminal escapes above all —
+    are shown as ``\\xNN`` and the length is capped. Newlines the gate itself puts between
+    lines are kept; the agent's own arrive escaped, because each value is escaped separately
+    (see ``gate.describe``)."""
+    out = []
+    for ch in untrusted_text:
+        if ch == "\n" or (ch.isprintable() and ch not in "\u2028\u2029"):
+            out.append(ch)
+        else:
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}")
+    text = "".join(out)
+    return text if len(text) <= limit else text[:limit] + f" …[+{len(text) - limit} chars]"
+
+
 def request_digest(principal: str, op: str, target: str, args: Mapping[str, object]) -> str:
     canonical = json.dumps([principal, op, target, args], sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
@@ -105,8 +124,8 @@ class ConsentBroker:
             principal=principal,
             op=op,
             target=target,
-            description=description,
-            reasons=reasons,
+            description=safe_text(description),
+            reasons=tuple(safe_text(r, 200) for r in reasons),
             created=now,
             expires=now + self.timeout,
             future=loop.create_future(),
