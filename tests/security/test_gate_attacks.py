@@ -14,6 +14,7 @@ import os
 import socket
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -531,3 +532,38 @@ def test_own_the_consent_display_cannot_drive_the_operators_terminal(stack: Stac
     assert seen and "\x1b" not in seen[0]["description"]
     assert "\x1b" not in seen[-1]["printed"] and "\r" not in seen[-1]["printed"]
     assert "ai-build is guarded" in " ".join(seen[0]["reasons"])
+
+
+def test_own_one_principal_flooding_the_consent_queue_cannot_starve_another(
+    tmp_path: Path,
+) -> None:
+    second = '\n[[principal]]\nqube = "work"\nscope = "ai"\nceiling = "read"\nname_prefix = "wk-"\n'
+    s = start_stack(
+        tmp_path / "root",
+        config_edit=lambda t: t.replace("[budget]", second + "\n[budget]", 1).replace(
+            "[consent]\ntimeout = 120", "[consent]\ntimeout = 30"
+        ),
+    )
+    try:
+        import concurrent.futures
+
+        # more consent-waiting requests than one principal's concurrency limit (16)
+        with concurrent.futures.ThreadPoolExecutor(20) as pool:
+            waiting = [pool.submit(gate_call, s, "ai-build", "qmcp.Remove") for _ in range(20)]
+            threading.Event().wait(2)
+            started = time.monotonic()
+            listing = gate_call(s, "@adminvm", "qmcp.List", source="work")
+            # served at once, not after the flood's 30 s consent timeouts free a slot
+            assert time.monotonic() - started < 10
+            assert listing["ok"] is True, listing
+            assert {q["tier"] for q in listing["result"]["qubes"]} == {"read"}
+            for item in json.loads(s.admin("pending", "--json").stdout or "[]"):
+                s.admin("deny", item["id"])
+            for _ in range(10):  # the ones that were queued behind the limit
+                threading.Event().wait(0.5)
+                for item in json.loads(s.admin("pending", "--json").stdout or "[]"):
+                    s.admin("deny", item["id"])
+            codes = {f.result(timeout=60)["error"]["code"] for f in waiting}
+        assert codes == {"consent-denied"}
+    finally:
+        s.stop()

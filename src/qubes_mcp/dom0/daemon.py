@@ -82,23 +82,33 @@ class GateDaemon:
         self.gate = Gate(
             config, audit or AuditLog(config.paths.audit_log, create=False), self.consent
         )
-        self._slots = asyncio.Semaphore(config.limits.concurrent_requests)
+        #: requests being read (bounded memory, whoever sends them)
+        self._reading = asyncio.Semaphore(4 * config.limits.concurrent_requests)
+        #: requests being handled, per calling qube: one principal waiting on the operator
+        #: with many requests cannot starve another principal
+        self._slots: dict[str, asyncio.Semaphore] = {}
         self._servers: list[asyncio.AbstractServer] = []
 
     async def _serve_request(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         try:
-            async with self._slots:
+            async with self._reading:
                 try:
                     request = await asyncio.wait_for(
                         _read_request(reader, self.config.limits.request_bytes), 30
                     )
                 except (InvalidInputError, NotFoundError) as exc:
                     reply: dict[str, Any] = exc.to_reply()
+                    request = None
                 except TimeoutError:
                     reply = InvalidInputError("request was not completed in time").to_reply()
-                else:
+                    request = None
+            if request is not None:
+                slots = self._slots.setdefault(
+                    request.source, asyncio.Semaphore(self.config.limits.concurrent_requests)
+                )
+                async with slots:
                     reply = await self.gate.handle(request)
             writer.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
             await writer.drain()
