@@ -14,6 +14,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -302,3 +303,24 @@ def test_plan_apply_of_an_unknown_plan_is_refused(stack: Stack) -> None:
     assert refusal(stack, "plan_apply", plan_id="0" * 16, digest="0" * 16).startswith(
         "invalid-input: no such plan"
     )
+
+
+def test_the_server_learns_dom0s_consent_window_before_a_call_that_may_wait(
+    tmp_path: Path,
+) -> None:
+    """Timeouts are ordered so dom0 answers first: a server started with a shorter consent
+    window than the gate's takes dom0's before its first state-changing call."""
+    from qubes_mcp.server.gateway import Gateway
+
+    s = start_stack(
+        tmp_path / "root",
+        config_edit=lambda t: t.replace("[consent]\ntimeout = 120", "[consent]\ntimeout = 300"),
+    )
+    try:
+        gw = Gateway(SimTransport(s.root), Timeouts(consent=10))
+        asyncio.run(gw.call(None, "qube.list"))
+        assert gw.timeouts.consent == 10  # reads never wait for the operator
+        asyncio.run(gw.call(None, "qube.start", "ai-dev"))
+        assert gw.timeouts.consent == 300
+    finally:
+        s.stop()

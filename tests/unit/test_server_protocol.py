@@ -65,7 +65,11 @@ def test_a_refusal_is_a_tool_error_with_code_and_message() -> None:
                 await c.call_tool("qube_run", {"qube": "ai-notes", "command": ["id"]})
 
     run(go())
-    assert dom0.calls == [("ai-notes", "qmcp.Run", {"command": ["id"], "stdin": "", "timeout": 60})]
+    # first, once, the server asks dom0 how long it waits for the operator (qube.list)
+    assert dom0.calls == [
+        ("@adminvm", "qmcp.List", {}),
+        ("ai-notes", "qmcp.Run", {"command": ["id"], "stdin": "", "timeout": 60}),
+    ]
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,24 @@ class Gateway:
     transport: Transport
     timeouts: Timeouts = field(default_factory=Timeouts)
     table: Table = field(default_factory=load_table)
+    #: whether dom0 has told us its consent window yet (qube.list reports it)
+    _consent_learned: bool = False
+
+    async def _learn_consent_window(self) -> None:
+        """Ask dom0 once how long it waits for the operator, so that a call which may wait
+        for consent never gives up before dom0 has answered (the flag is only a floor)."""
+        self._consent_learned = True
+        try:
+            listing = await invoke(
+                self.transport, self.table.op("qube.list"), ADMINVM, {}, self.timeouts
+            )
+        except GateRefusalError:
+            return
+        reported = listing.get("consent_timeout")
+        if isinstance(reported, int) and not isinstance(reported, bool):
+            self.timeouts = dataclasses.replace(
+                self.timeouts, consent=max(self.timeouts.consent, float(reported))
+            )
 
     async def call(
         self,
@@ -57,7 +76,13 @@ class Gateway:
         body = payload or {}
         if op.is_global:
             target = ADMINVM
-        work = asyncio.ensure_future(invoke(self.transport, op, target, body, self.timeouts))
+
+        async def run_call() -> dict[str, Any]:
+            if not op.read_only and not self._consent_learned:
+                await self._learn_consent_window()
+            return await invoke(self.transport, op, target, body, self.timeouts)
+
+        work = asyncio.ensure_future(run_call())
         try:
             if ctx is not None and (op.long_running or not op.read_only):
                 await self._report_while_waiting(ctx, op, work)

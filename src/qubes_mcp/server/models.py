@@ -27,6 +27,8 @@ class QubeList(TypedDict):
     ceiling: str
     name_prefix: str
     may_create: bool
+    #: seconds dom0 waits for the operator before refusing
+    consent_timeout: NotRequired[int]
     qubes: list[QubeSummary]
 
 
