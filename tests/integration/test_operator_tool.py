@@ -75,6 +75,20 @@ def test_policy_render_is_what_install_wrote(stack: Stack) -> None:
     assert rendered == (stack.root / "etc/qubes/policy.d/30-qubes-mcp.policy").read_text()
 
 
+def test_the_systemd_unit_starts_the_gate_with_a_command_line_that_parses(stack: Stack) -> None:
+    import shlex
+
+    from qubes_mcp.dom0 import cli, cli_gate
+
+    unit = (stack.root / "etc/systemd/system/qubes-mcp-gate.service").read_text()
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    argv = shlex.split(exec_start.removeprefix("ExecStart="))
+    args = cli.build_parser().parse_args(argv[argv.index("gate") :])
+    assert args.func is cli_gate.cmd_gate
+    assert args.config == str(stack.root / "etc/qubes-mcp/config.toml")
+
+
+# last: it takes the installation away from the module's stack
 def test_uninstall_removes_everything_install_wrote_and_keeps_the_log(stack: Stack) -> None:
     root = stack.root
     out = stack.admin("uninstall", "--root", str(root))

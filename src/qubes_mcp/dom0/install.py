@@ -29,7 +29,7 @@ Requires=qubesd.service
 
 [Service]
 Type=simple
-ExecStart={exe} --config {config} gate
+ExecStart={exe} gate --config {config}
 Restart=on-failure
 UMask=0077
 NoNewPrivileges=yes
