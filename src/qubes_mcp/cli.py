@@ -12,7 +12,11 @@ def build_parser() -> argparse.ArgumentParser:
     import qubes_mcp.sim.cli as sim_cli
     from qubes_mcp import demo
 
-    parser = argparse.ArgumentParser(prog="qubes-mcp", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="qubes-mcp",
+        description="Let AI agents operate Qubes OS through MCP, bounded in dom0: the MCP server, "
+        "the dom0 emulator, and a demo.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     server_cli.add_parser(sub)
     sim_cli.add_parser(sub)
