@@ -49,6 +49,8 @@ def test_list_shows_only_enrolled_qubes_with_their_tiers(stack: Stack) -> None:
     assert tiers["ai-web"] == "net" and tiers["ai-notes"] == "read"
     for hidden in ("vault", "personal", "work", "sys-net", "mcp-control", "ai-dump", "dom0"):
         assert hidden not in tiers
+    # the dump sink is named, so files can be copied into it, but it is not a visible qube
+    assert result["dump_sinks"] == ["ai-dump"]
 
 
 def test_info_redacts_out_of_scope_references_and_tier_tags(stack: Stack) -> None:

@@ -26,10 +26,13 @@ def _tier(ctx: Context, tags: frozenset[str]) -> Any:
 
 async def qube_list(ctx: Context) -> dict[str, Any]:
     qubes = []
+    sinks = []
     for name, fields in await ctx.reader.all_names():
         if name == "dom0":
             continue
         tags = await ctx.reader.tags(name)
+        if tags is not None and ctx.principal.scope.is_dump_sink(tags):
+            sinks.append(name)  # the operator made it a copy target for this scope
         tier = None if tags is None else _tier(ctx, tags)
         if tier is not None:
             qubes.append(
@@ -49,6 +52,7 @@ async def qube_list(ctx: Context) -> dict[str, Any]:
         # so the MCP side can order its timeouts after dom0's (consent answered or refused)
         "consent_timeout": ctx.config.consent.timeout,
         "qubes": qubes,
+        "dump_sinks": sinks,
     }
 
 

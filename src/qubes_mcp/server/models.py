@@ -30,6 +30,8 @@ class QubeList(TypedDict):
     #: seconds dom0 waits for the operator before refusing
     consent_timeout: NotRequired[int]
     qubes: list[QubeSummary]
+    #: qubes you may copy files into (file_copy) but not see or touch otherwise
+    dump_sinks: NotRequired[list[str]]
 
 
 QubeInfo = TypedDict(
