@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -20,7 +21,8 @@ from typing import Any
 
 from qubes_mcp.sim.stack import Stack, start_stack
 
-BOLD, DIM, RED, GREEN, CYAN, END = (
+_COLOURS = ("\033[1m", "\033[2m", "\033[31m", "\033[32m", "\033[36m", "\033[0m")
+BOLD, DIM, RED, GREEN, CYAN, END = _COLOURS if sys.stdout.isatty() else ("",) * 6
     "\033[1m",
     "\033[2m",
     "\033[31m",
