@@ -23,13 +23,6 @@ from qubes_mcp.sim.stack import Stack, start_stack
 
 _COLOURS = ("\033[1m", "\033[2m", "\033[31m", "\033[32m", "\033[36m", "\033[0m")
 BOLD, DIM, RED, GREEN, CYAN, END = _COLOURS if sys.stdout.isatty() else ("",) * 6
-    "\033[1m",
-    "\033[2m",
-    "\033[31m",
-    "\033[32m",
-    "\033[36m",
-    "\033[0m",
-)
 
 
 def say(text: str) -> None:
