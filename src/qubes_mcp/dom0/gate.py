@@ -35,6 +35,8 @@ from qubes_mcp.dom0.schema import check_payload
 
 log = logging.getLogger("qubes_mcp.gate")
 
+#: every operation but the two plan operations, which the pipeline itself runs (Gate._propose,
+#: Gate._apply); tests/unit/test_gate_wiring.py keeps this and the table in step
 HANDLERS: dict[str, Handler] = {
     "qube.list": handlers_read.qube_list,
     "qube.info": handlers_read.qube_info,
