@@ -49,6 +49,8 @@ def test_full_example_parses() -> None:
         (MINIMAL + "[budget]\ndefault_private = '30GiB'\n", "default_private is above"),
         (MINIMAL + "[consent]\ntimeout = 0\n", "consent.timeout must be between"),
         (MINIMAL + "[consent]\noperations = ['qube.explode']\n", "unknown operation"),
+        (MINIMAL + "[consent]\ndialog = 'zenity --question'\n", "a command, no shell"),
+        (MINIMAL + "[consent]\ndialog = ['zenity', '--question']\n", "absolute path"),
         (MINIMAL + "[paths]\naudit_log = 'relative.log'\n", "absolute path"),
         ('[[principal]]\nqube = "dom0"\n', "not dom0"),
         ('[[principal]]\nqube = "x\\n"\n', "qube must be a qube name"),

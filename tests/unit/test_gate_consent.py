@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +102,41 @@ def test_descriptions_are_capped() -> None:
     from qubes_mcp.dom0.consent import DESCRIPTION_MAX, safe_text
 
     assert len(safe_text("x" * 100_000)) < DESCRIPTION_MAX + 40
+
+
+def _dialog(tmp_path: Path, body: str) -> tuple[str, ...]:
+    script = tmp_path / "dialog"
+    script.write_text(f"#!/bin/sh\nprintf '%s' \"$2\" > {tmp_path}/shown\n{body}\n")
+    script.chmod(0o755)
+    return (str(script), "--title={title}", "{text}")
+
+
+@pytest.mark.parametrize(
+    ("body", "approved"),
+    [("exit 0", True), ("exit 1", False)],
+    ids=["dialog-approves", "dialog-denies"],
+)
+def test_a_desktop_dialog_answers_its_request(tmp_path: Path, body: str, approved: bool) -> None:
+    broker = ConsentBroker(30, dialog=_dialog(tmp_path, body))
+    if approved:
+        assert isinstance(asyncio.run(broker.ask(**ARGS)), str)  # type: ignore[arg-type]
+    else:
+        with pytest.raises(ConsentDeniedError):
+            asyncio.run(broker.ask(**ARGS))  # type: ignore[arg-type]
+    assert (tmp_path / "shown").read_text().startswith("REMOVE qube ai-x")
+
+
+def test_a_dialog_left_open_is_closed_when_time_runs_out(tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    broker = ConsentBroker(0.5, dialog=_dialog(tmp_path, f"echo $$ > {pidfile}; exec sleep 60"))
+    with pytest.raises(ConsentDeniedError):
+        asyncio.run(broker.ask(**ARGS))  # type: ignore[arg-type]
+    pid = int(pidfile.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_a_missing_dialog_leaves_the_cli_as_the_way_to_answer(tmp_path: Path) -> None:
+    broker = ConsentBroker(30, dialog=(str(tmp_path / "no-such-dialog"),))
+    result, outcome = asyncio.run(_ask_and(broker, "approve"))
+    assert result == "approved" and isinstance(outcome, str)

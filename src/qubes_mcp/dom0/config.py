@@ -27,6 +27,9 @@ Example (every key shown; only ``[[principal]]`` is required)::
     timeout = 120                  # seconds; no answer is a refusal
     operations = ["qube.shutdown"] # needs consent on top of the operations table's defaults
     guarded = ["ai-build"]         # every state-changing request on these waits for consent
+    # a desktop dialog per request (exit 0 approves, 1 denies), e.g. zenity in your session:
+    dialog = ["/usr/sbin/runuser", "-u", "user", "--", "/usr/bin/env", "DISPLAY=:0",
+              "/usr/bin/zenity", "--question", "--title={title}", "--text={text}"]
 
     [limits]
     request_bytes = 65536
@@ -87,6 +90,9 @@ class Consent:
     timeout: int
     operations: frozenset[str]
     guarded: frozenset[str]
+    #: optional desktop dialog: an argv run (no shell) for each pending request, with
+    #: ``{title}`` and ``{text}`` replaced; exit 0 approves that request, exit 1 denies it
+    dialog: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -126,7 +132,7 @@ DEFAULT_BUDGET = {
     "default_private": 2 << 30,
     "max_qubes": 32,
 }
-DEFAULT_CONSENT = {"timeout": 120, "operations": [], "guarded": []}
+DEFAULT_CONSENT = {"timeout": 120, "operations": [], "guarded": [], "dialog": []}
 DEFAULT_LIMITS = {
     "request_bytes": 65536,
     "output_bytes": 1 << 20,
@@ -192,6 +198,14 @@ def _names(where: str, value: object) -> frozenset[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{where} must be a list of strings")
     return frozenset(value)
+
+
+def _argv(where: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where} must be a list of non-empty strings (a command, no shell)")
+    if value and not value[0].startswith("/"):
+        raise ConfigError(f"{where}: the command must be an absolute path")
+    return tuple(value)
 
 
 def _principal(index: int, raw: object) -> Principal:
@@ -264,6 +278,7 @@ def parse_config(text: str, source: str = "<string>") -> GateConfig:
         timeout=_int("consent.timeout", c["timeout"]),
         operations=_names("consent.operations", c["operations"]),
         guarded=_names("consent.guarded", c["guarded"]),
+        dialog=_argv("consent.dialog", c["dialog"]),
     )
     from qubes_mcp.dom0.operations import OPERATIONS_BY_NAME
 

@@ -99,11 +99,40 @@ class ConsentBroker:
     """Holds the pending requests of one gate daemon."""
 
     def __init__(
-        self, timeout: float, notifier: Callable[[PendingRequest], None] | None = None
+        self,
+        timeout: float,
+        notifier: Callable[[PendingRequest], None] | None = None,
+        dialog: tuple[str, ...] = (),
     ) -> None:
         self.timeout = timeout
         self.notifier = notifier
+        self.dialog = dialog
         self._pending: dict[str, PendingRequest] = {}
+
+    async def _ask_dialog(self, request: PendingRequest) -> None:
+        """Show the operator's dialog; its exit code answers this request (and only it)."""
+        title = f"qubes-mcp: {request.principal} asks ({request.id})"
+        text = f"{request.description}\n\nwhy: {'; '.join(request.reasons)}"
+        argv = [a.replace("{title}", title).replace("{text}", text) for a in self.dialog]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except OSError:
+            return  # no dialog here: the CLI remains the way to answer
+        try:
+            code = await proc.wait()
+        finally:
+            if proc.returncode is None:  # cancelled: answered elsewhere, or timed out
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        if code in (0, 1):
+            self.answer(request.id, approve=code == 0, digest=request.digest)
 
     async def ask(
         self,
@@ -134,12 +163,17 @@ class ConsentBroker:
         if self.notifier is not None:
             with contextlib.suppress(OSError):  # a courtesy; the queue is the interface
                 self.notifier(request)
+        dialog = asyncio.ensure_future(self._ask_dialog(request)) if self.dialog else None
         try:
             approved = await asyncio.wait_for(asyncio.shield(request.future), self.timeout)
         except TimeoutError:
             raise ConsentDeniedError(reason=f"consent {request.id} timed out") from None
         finally:
             self._pending.pop(request.id, None)
+            if dialog is not None:
+                dialog.cancel()  # answered elsewhere or timed out: close the dialog
+                with contextlib.suppress(asyncio.CancelledError):
+                    await dialog
         if not approved:
             raise ConsentDeniedError(reason=f"consent {request.id} denied")
         return request.id

@@ -77,7 +77,9 @@ class GateDaemon:
         consent: ConsentBroker | None = None,
     ) -> None:
         self.config = config
-        self.consent = consent or ConsentBroker(config.consent.timeout, desktop_notifier)
+        self.consent = consent or ConsentBroker(
+            config.consent.timeout, desktop_notifier, config.consent.dialog
+        )
         # create=False: a log that vanished entirely must not silently restart at seq 1
         self.gate = Gate(
             config, audit or AuditLog(config.paths.audit_log, create=False), self.consent
