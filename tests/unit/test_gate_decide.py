@@ -412,3 +412,22 @@ def test_guarded_qubes_need_consent_for_every_change_but_not_reads() -> None:
 def test_guarded_tag_works_like_the_config_list() -> None:
     tagged = qube("ai-build", "ai-managed", "ai-full", "ai-guarded")
     assert run("qube.start", "ai-build", extra=[tagged]).consent
+
+
+@pytest.mark.parametrize(
+    ("source", "extra"),
+    [
+        ("ai-precious", []),  # guarded by the config list
+        ("ai-build", [qube("ai-build", "ai-managed", "ai-full", "ai-guarded")]),
+    ],
+    ids=["config-guarded", "tag-guarded"],
+)
+def test_what_is_born_of_a_guarded_qube_is_guarded(source: str, extra: Any) -> None:
+    verdict = run("qube.clone", source, extra=extra, name="ai-copy")
+    assert verdict.consent  # cloning a guarded qube waits for the operator
+    assert verdict.birth is not None and "ai-guarded" in verdict.birth.stamp
+
+
+def test_an_unguarded_source_gives_an_unguarded_birth() -> None:
+    birth = run("qube.clone", "ai-build", name="ai-copy").birth
+    assert birth is not None and "ai-guarded" not in birth.stamp

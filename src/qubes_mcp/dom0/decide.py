@@ -244,6 +244,10 @@ def _plan_birth(
     tier_tag = scope.tier_tag(source_tier)
     if tier_tag is not None:
         stamp.add(tier_tag)
+    if scope.guarded in source.tags or source.name in config.consent.guarded:
+        # a restriction that a create could strip would launder the guarded qube's data into
+        # an unguarded copy: what is born of a guarded qube is guarded too
+        stamp.add(scope.guarded)
     return Birth(
         name=name or "",
         source=source.name,
