@@ -552,14 +552,6 @@ def test_backend_life_cycle_events_reach_the_client(qapp: Any, qubesadmin: Modul
 
 
 # --- R4.3 methods added after the first fidelity run (docs/fidelity.md) -------------------
-# The ones still missing are non-strict xfails: each asserts the R4.3 behaviour and starts
-# passing once implemented.
-
-
-def _missing(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(reason=reason, strict=False)
-
-
 def test_volume_revisions_listing(qapp: Any) -> None:
     assert list(qapp.domains["work"].volumes["private"].revisions) == []
 
@@ -604,9 +596,12 @@ def test_devices_denied_add(qapp: Any) -> None:
     assert qapp.domains["work"].devices_denied == "b******"
 
 
-@_missing("MISMATCH-6: admin.vm.property.Help / admin.property.Help not implemented")
-def test_property_help(qapp: Any) -> None:
+def test_property_help(qapp: Any, qubesadmin: ModuleType) -> None:
+    # R4.3 sends the property's docstring; ours describes the property (docs/fidelity.md)
     assert qapp.domains["work"].property_help("netvm")
+    assert qapp.property_help("default_netvm")
+    with pytest.raises(qubesadmin.exc.QubesNoSuchPropertyError):
+        qapp.domains["work"].property_help("no_such_property")
 
 
 def test_suspend_halted_is_not_running(qapp: Any, qubesadmin: ModuleType) -> None:

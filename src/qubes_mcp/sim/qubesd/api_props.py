@@ -141,3 +141,42 @@ async def vm_property_reset(call: Call) -> None:
 @method("admin.property.Reset", no_payload=True)
 async def property_reset(call: Call) -> None:
     _reset(call, _global(call))
+
+
+_KIND_WORDS = {
+    "vm": "a qube (or none)",
+    "int": "an integer",
+    "bool": "a boolean",
+    "label": "a label name",
+    "uuid": "a UUID",
+    "ipv4": "an IPv4 address",
+    "ipv6": "an IPv6 address",
+    "str": "a string",
+}
+
+
+def _help(call: Call, holder: Holder) -> str:
+    """``_property_help``: R4.3 returns the property's docstring (RST stripped). The emulator
+    has no docstrings of its own to give, so it describes the property from its definition:
+    same checks and errors, different words (docs/fidelity.md)."""
+    prop = _known(call, holder)
+    call.permission()
+    notes = []
+    if prop.write_once:
+        notes.append("it can be set only once")
+    if prop.forbidden:
+        notes.append("it cannot be set through the Admin API")
+    if prop.kind == "vm" and not prop.allow_none:
+        notes.append("it cannot be none")
+    tail = f" ({'; '.join(notes)})" if notes else ""
+    return f"{prop.name}: {_KIND_WORDS.get(prop.kind, 'a value')}{tail}."
+
+
+@method("admin.vm.property.Help", no_payload=True)
+async def vm_property_help(call: Call) -> str:
+    return _help(call, call.dest)
+
+
+@method("admin.property.Help", no_payload=True)
+async def property_help(call: Call) -> str:
+    return _help(call, _global(call))
