@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from qubes_mcp.dom0.admin import AdminClient
 from qubes_mcp.sim.stack import Stack
 
 
@@ -53,3 +55,21 @@ def answer_when_pending(
 def audit_lines(stack: Stack) -> list[dict[str, Any]]:
     log = stack.root / "var/log/qubes-mcp/audit.log"
     return [json.loads(line) for line in Path(log).read_text().splitlines()]
+
+
+def ok(reply: dict[str, Any]) -> dict[str, Any]:
+    """The result of an allowed call (fails the test with the reply otherwise)."""
+    assert reply.get("ok") is True, reply
+    result: dict[str, Any] = reply["result"]
+    return result
+
+
+def code(reply: dict[str, Any]) -> str:
+    """The error code of a refused call (fails the test with the reply otherwise)."""
+    assert reply.get("ok") is False, reply
+    return str(reply["error"]["code"])
+
+
+def dom0_admin(stack: Stack, dest: str, method: str, arg: str = "", payload: bytes = b"") -> str:
+    """What the operator does in dom0 (qvm-* tools): straight to qubesd, no gate."""
+    return asyncio.run(AdminClient(stack.paths.qubesd_sock).call(dest, method, arg, payload))

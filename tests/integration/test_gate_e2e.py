@@ -7,14 +7,13 @@ fixed vocabulary; state changes land in the audit log.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from qubes_mcp.sim.stack import Stack, start_stack
-from tests.gate_e2e import answer_when_pending, audit_lines, gate_call
+from tests.gate_e2e import answer_when_pending, audit_lines, code, dom0_admin, gate_call, ok
 
 pytestmark = pytest.mark.bwrap
 
@@ -28,18 +27,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield s
     finally:
         s.stop()
-
-
-def ok(reply: dict[str, object]) -> dict[str, object]:
-    assert reply.get("ok") is True, reply
-    result = reply["result"]
-    assert isinstance(result, dict)
-    return result
-
-
-def code(reply: dict[str, object]) -> str:
-    assert reply.get("ok") is False, reply
-    return reply["error"]["code"]  # type: ignore[index,no-any-return]
 
 
 def test_list_shows_only_enrolled_qubes_with_their_tiers(stack: Stack) -> None:
@@ -181,11 +168,7 @@ def test_concurrent_creates_cannot_overshoot_the_qube_budget(tmp_path: Path) -> 
 
 
 def _volume_size(stack: Stack, qube: str, volume: str) -> int:
-    from qubes_mcp.dom0.admin import AdminClient
-
-    info = asyncio.run(
-        AdminClient(stack.paths.qubesd_sock).call(qube, "admin.vm.volume.Info", volume)
-    )
+    info = dom0_admin(stack, qube, "admin.vm.volume.Info", volume)
     return int(dict(line.split("=", 1) for line in info.splitlines())["size"])
 
 

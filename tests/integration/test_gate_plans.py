@@ -3,15 +3,13 @@ re-decides each step, and stops at the first refusal."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from qubes_mcp.dom0.admin import AdminClient
 from qubes_mcp.sim.stack import Stack, start_stack
-from tests.gate_e2e import answer_when_pending, audit_lines, gate_call
+from tests.gate_e2e import answer_when_pending, audit_lines, dom0_admin, gate_call
 
 pytestmark = pytest.mark.bwrap
 
@@ -26,8 +24,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def exists(stack: Stack, name: str) -> bool:
-    names = asyncio.run(AdminClient(stack.paths.qubesd_sock).lines("dom0", "admin.vm.List"))
-    return any(line.split(" ")[0] == name for line in names)
+    listing = dom0_admin(stack, "dom0", "admin.vm.List")
+    return any(line.split(" ")[0] == name for line in listing.splitlines())
 
 
 def propose(stack: Stack, steps: list[dict[str, Any]], title: str = "") -> dict[str, Any]:

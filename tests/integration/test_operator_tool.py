@@ -3,15 +3,13 @@ and the tagging commands the operator uses instead of remembering the vocabulary
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 
 import pytest
 
-from qubes_mcp.dom0.admin import AdminClient
 from qubes_mcp.dom0.operations import OPERATIONS
 from qubes_mcp.sim.stack import Stack, start_stack
-from tests.gate_e2e import gate_call
+from tests.gate_e2e import dom0_admin, gate_call
 
 pytestmark = pytest.mark.bwrap
 
@@ -26,8 +24,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def tags(stack: Stack, qube: str) -> set[str]:
-    client = AdminClient(stack.paths.qubesd_sock)
-    return {t for t in asyncio.run(client.lines(qube, "admin.vm.tag.List")) if t.startswith("ai-")}
+    return {t for t in dom0_admin(stack, qube, "admin.vm.tag.List").split() if t.startswith("ai-")}
 
 
 def test_status_reports_a_current_install(stack: Stack) -> None:
@@ -51,9 +48,8 @@ def test_enrol_tier_and_unenrol(stack: Stack) -> None:
 
 
 def test_doctor_finds_what_weakens_the_boundary(stack: Stack) -> None:
-    client = AdminClient(stack.paths.qubesd_sock)
-    asyncio.run(client.call("personal", "admin.vm.tag.Set", "ai-full"))  # tier, not enrolled
-    asyncio.run(client.call("ai-notes", "admin.vm.tag.Set", "ai-dump"))  # hybrid
+    dom0_admin(stack, "personal", "admin.vm.tag.Set", "ai-full")  # tier, not enrolled
+    dom0_admin(stack, "ai-notes", "admin.vm.tag.Set", "ai-dump")  # hybrid
     policy = stack.root / "etc/qubes/policy.d/30-qubes-mcp.policy"
     saved = policy.read_text()
     policy.write_text(saved + "\nqubes.Filecopy * @anyvm @anyvm allow\n")  # drift
@@ -65,8 +61,8 @@ def test_doctor_finds_what_weakens_the_boundary(stack: Stack) -> None:
         assert "policy drift" in out.stdout
     finally:
         policy.write_text(saved)
-        asyncio.run(client.call("personal", "admin.vm.tag.Remove", "ai-full"))
-        asyncio.run(client.call("ai-notes", "admin.vm.tag.Remove", "ai-dump"))
+        dom0_admin(stack, "personal", "admin.vm.tag.Remove", "ai-full")
+        dom0_admin(stack, "ai-notes", "admin.vm.tag.Remove", "ai-dump")
     assert "error:" not in stack.admin("doctor", "--root", str(stack.root)).stdout
 
 

@@ -8,7 +8,6 @@ so is every sandbox qube where it holds exec (it calls qrexec itself, from insid
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import socket
@@ -21,10 +20,9 @@ from typing import Any
 
 import pytest
 
-from qubes_mcp.dom0.admin import AdminClient
 from qubes_mcp.dom0.errors import CODES
 from qubes_mcp.sim.stack import Stack, start_stack
-from tests.gate_e2e import answer_when_pending, audit_lines, gate_call
+from tests.gate_e2e import answer_when_pending, audit_lines, code, dom0_admin, gate_call, ok
 
 pytestmark = pytest.mark.bwrap
 
@@ -39,17 +37,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield s
     finally:
         s.stop()
-
-
-def ok(reply: dict[str, Any]) -> dict[str, Any]:
-    assert reply.get("ok") is True, reply
-    result: dict[str, Any] = reply["result"]
-    return result
-
-
-def code(reply: dict[str, Any]) -> str:
-    assert reply.get("ok") is False, reply
-    return str(reply["error"]["code"])
 
 
 def run_in(stack: Stack, qube: str, *argv: str) -> dict[str, Any]:
@@ -346,11 +333,6 @@ def test_ledger_g0_2_and_g0_5_no_device_enumeration_outside_the_scope(
     stack: Stack, qube: str
 ) -> None:
     assert gate_call(stack, qube, "qmcp.DevicesList") == REFUSED
-
-
-def dom0_admin(stack: Stack, dest: str, method: str, arg: str = "", payload: bytes = b"") -> str:
-    """What the operator does in dom0 (qvm-* tools): straight to qubesd, no gate."""
-    return asyncio.run(AdminClient(stack.paths.qubesd_sock).call(dest, method, arg, payload))
 
 
 def test_ledger_g0_3_4_device_lists_redact_out_of_scope_endpoints(stack: Stack) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from qubes_mcp.dom0.admin import QubesdError
@@ -21,6 +22,7 @@ from qubes_mcp.dom0.context import Context, map_qubesd_error
 from qubes_mcp.dom0.decide import WRITABLE_FEATURE_PREFIXES, Birth
 from qubes_mcp.dom0.errors import FailedError, GateError
 from qubes_mcp.dom0.handlers_write import run_in
+from qubes_mcp.dom0.reader import property_value
 
 log = logging.getLogger("qubes_mcp.gate")
 
@@ -55,7 +57,7 @@ async def _birth(ctx: Context, birth: Birth, name: str) -> None:
         )
     # read back: the qube is never reported (or started) before its tags and network are right
     got = {t for t in await ctx.admin.lines(name, "admin.vm.tag.List") if _controlled(ctx, t)}
-    netvm = (await ctx.qubesd(name, "admin.vm.property.Get", "netvm")).split(" ", 2)[-1]
+    netvm = property_value(await ctx.qubesd(name, "admin.vm.property.Get", "netvm"))
     if got != birth.stamp or netvm != (birth.netvm or ""):
         raise FailedError(reason="birth read-back differs")
 
@@ -75,11 +77,18 @@ async def _rollback(ctx: Context, name: str, cause: BaseException) -> None:
     ctx.detail["rolled_back"] = True
 
 
-async def _finish(ctx: Context, birth: Birth, name: str) -> None:
+async def _finish(
+    ctx: Context, birth: Birth, name: str, prepare: Callable[[], Awaitable[None]] | None = None
+) -> None:
+    """The qube exists: ``prepare`` it (a clone's copies), give it its birth, or remove it."""
     try:
+        if prepare is not None:
+            await prepare()
         await _birth(ctx, birth, name)
     except Exception as exc:  # any failure after the qube exists: take it back out
         await _rollback(ctx, name, exc)
+        if isinstance(exc, QubesdError):
+            raise map_qubesd_error(exc) from None
         if isinstance(exc, GateError):
             raise
         raise FailedError(reason=f"birth failed: {type(exc).__name__}") from None
@@ -152,7 +161,8 @@ async def qube_clone(ctx: Context) -> dict[str, Any]:
         source.prop("template"),
         f"name={birth.name} label={birth.label}".encode("ascii"),
     )
-    try:
+
+    async def copy_from_source() -> None:
         for prop in CLONE_PROPERTIES:
             p = source.props.get(prop)
             if p is not None and not p.is_default:
@@ -165,11 +175,6 @@ async def qube_clone(ctx: Context) -> dict[str, Any]:
         await ctx.qubesd(birth.name, "admin.vm.firewall.Set", payload=rules.encode())
         token = await ctx.qubesd(source.name, "admin.vm.volume.CloneFrom", "private")
         await ctx.qubesd(birth.name, "admin.vm.volume.CloneTo", "private", token.encode())
-    except QubesdError as exc:
-        await _rollback(ctx, birth.name, exc)
-        raise map_qubesd_error(exc) from None
-    except GateError as exc:
-        await _rollback(ctx, birth.name, exc)
-        raise
-    await _finish(ctx, birth, birth.name)
+
+    await _finish(ctx, birth, birth.name, copy_from_source)
     return _describe(birth, birth.name)

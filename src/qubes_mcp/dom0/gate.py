@@ -27,9 +27,15 @@ from qubes_mcp.dom0.context import Context, Handler
 from qubes_mcp.dom0.decide import Verdict, decide, names_to_read
 from qubes_mcp.dom0.errors import FailedError, GateError, NotFoundError
 from qubes_mcp.dom0.facts import Facts
+from qubes_mcp.dom0.firewall import render_rule
 from qubes_mcp.dom0.names import is_valid_qube_name
-from qubes_mcp.dom0.operations import OPERATIONS_BY_SERVICE, Operation, Target
-from qubes_mcp.dom0.plans import PLAN_TTL, PlanBook, PlanStep, step_operation
+from qubes_mcp.dom0.operations import (
+    OPERATIONS_BY_NAME,
+    OPERATIONS_BY_SERVICE,
+    Operation,
+    Target,
+)
+from qubes_mcp.dom0.plans import PLAN_TTL, PlanBook, PlanStep
 from qubes_mcp.dom0.reader import FleetReader
 from qubes_mcp.dom0.schema import check_payload
 
@@ -87,8 +93,6 @@ def describe(op: Operation, verdict: Verdict, facts: Facts) -> str:
             "the qube and all data in it will be lost"
         )
     if op.name == "firewall.set":
-        from qubes_mcp.dom0.firewall import render_rule
-
         rules = "\n".join(f"  {render_rule(r)}" for r in a["rules"]) or "  (none: drop all)"
         return f"REPLACE the firewall of {target} with {len(a['rules'])} rule(s):\n{rules}"
     if op.name in ("device.attach", "device.detach"):
@@ -226,19 +230,35 @@ class Gate:
                 return await self._decide_and_act(call, op, principal, args)
         return await self._decide_and_act(call, op, principal, args)
 
+    def _names(self, op: Operation, target: str | None, args: dict[str, Any]) -> list[str]:
+        """Every qube the decision reads: what the request names, and the egress for creates."""
+        names = names_to_read(op, target, args)
+        if op.creates and self.config.egress_qube:
+            names.append(self.config.egress_qube)
+        return names
+
+    async def _read_and_decide(
+        self,
+        reader: FleetReader,
+        principal: Principal,
+        op: Operation,
+        target: str | None,
+        args: dict[str, Any],
+    ) -> tuple[Verdict, Facts]:
+        """Fresh facts, then the pure decision (the same for a request and a plan's step)."""
+        facts = await reader.facts(self._names(op, target, args), with_scope=op.creates)
+        verdict = decide(
+            principal=principal, op=op, target=target, args=args, facts=facts, config=self.config
+        )
+        return verdict, facts
+
     async def _decide_and_act(
         self, call: _Call, op: Operation, principal: Principal, args: dict[str, Any]
     ) -> dict[str, Any]:
         target = call.request.target
         reader = FleetReader(self.admin, principal.scope)
-        names = names_to_read(op, target, args)
-        call.targets = list(dict.fromkeys(names))
-        if op.creates and self.config.egress_qube:
-            names.append(self.config.egress_qube)
-        facts = await reader.facts(names, with_scope=op.creates)
-        verdict = decide(
-            principal=principal, op=op, target=target, args=args, facts=facts, config=self.config
-        )
+        call.targets = list(dict.fromkeys(names_to_read(op, target, args)))
+        verdict, facts = await self._read_and_decide(reader, principal, op, target, args)
         if target is not None:
             call.detail["tier"] = verdict.tiers[target].word
         if verdict.consent and call.preapproved:
@@ -269,27 +289,18 @@ class Gate:
         report: list[dict[str, Any]] = []
         created: set[str] = set()
         for index, raw in enumerate(args["steps"]):
-            op = step_operation(raw["op"])
+            op = OPERATIONS_BY_NAME[raw["op"]]
             target = raw["target"]
             entry: dict[str, Any] = {"index": index, "op": op.name, "target": target}
             try:
                 step_args = check_payload(
                     op, json.dumps(raw["args"]).encode(), name_prefix=principal.name_prefix
                 )
-                names = names_to_read(op, target, step_args)
-                if op.creates and self.config.egress_qube:
-                    names.append(self.config.egress_qube)
-                deferred = bool(created & set(names))
+                deferred = bool(created & set(self._names(op, target, step_args)))
                 consent = op.consent or op.name in self.config.consent.operations
                 if not deferred:
-                    facts = await reader.facts(names, with_scope=op.creates)
-                    verdict = decide(
-                        principal=principal,
-                        op=op,
-                        target=target,
-                        args=step_args,
-                        facts=facts,
-                        config=self.config,
+                    verdict, _ = await self._read_and_decide(
+                        reader, principal, op, target, step_args
                     )
                     consent = verdict.consent
                     step_args = dict(verdict.args)

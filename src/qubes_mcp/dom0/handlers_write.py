@@ -9,14 +9,15 @@ from typing import Any
 from qubes_mcp.dom0.context import Context, Handler
 from qubes_mcp.dom0.errors import FailedError
 from qubes_mcp.dom0.firewall import render_rules
+from qubes_mcp.dom0.reader import parse_vm_list_line, property_value
 from qubes_mcp.dom0.relay import qvm_run_argv, run_command
 
 
 def _power(method: str, arg: str = "") -> Handler:
     async def handler(ctx: Context) -> dict[str, Any]:
         await ctx.qubesd(ctx.target, method, arg)
-        state = (await ctx.admin.lines(ctx.target, "admin.vm.List"))[0]
-        return {"qube": ctx.target, "state": state.split("state=", 1)[-1].split(" ")[0]}
+        line = (await ctx.admin.lines(ctx.target, "admin.vm.List"))[0]
+        return {"qube": ctx.target, "state": parse_vm_list_line(line)[1].get("state", "")}
 
     return handler
 
@@ -113,7 +114,7 @@ async def property_set(ctx: Context) -> dict[str, Any]:
         ctx.target, "admin.vm.property.Set", prop, b"" if value is None else value.encode("ascii")
     )
     got = await ctx.qubesd(ctx.target, "admin.vm.property.Get", prop)
-    if got.split(" ", 2)[-1] != ("" if value is None else value):
+    if property_value(got) != ("" if value is None else value):
         raise FailedError(reason="property read-back differs")
     return {"qube": ctx.target, "property": prop, "value": value}
 

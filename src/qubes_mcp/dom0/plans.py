@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qubes_mcp.dom0.errors import InvalidInputError
-from qubes_mcp.dom0.operations import OPERATIONS_BY_NAME, Operation
+from qubes_mcp.dom0.operations import Operation
 
 PLAN_TTL = 3600.0
 MAX_PLANS_PER_PRINCIPAL = 16
@@ -107,7 +107,3 @@ class PlanBook:
             raise InvalidInputError("no such plan (it expired, was applied, or differs)")
         del self._plans[plan_id]
         return plan
-
-
-def step_operation(name: str) -> Operation:
-    return OPERATIONS_BY_NAME[name]

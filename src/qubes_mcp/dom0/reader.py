@@ -31,6 +31,11 @@ def parse_getall(text: str) -> dict[str, Prop]:
     return props
 
 
+def property_value(get_reply: str) -> str:
+    """The value of an ``admin.vm.property.Get`` reply (``default=… type=… <value>``)."""
+    return get_reply.split(" ", 2)[-1]
+
+
 def parse_vm_list_line(line: str) -> tuple[str, dict[str, str]]:
     name, _, rest = line.partition(" ")
     fields = dict(item.partition("=")[::2] for item in rest.split(" ") if "=" in item)

@@ -1,6 +1,6 @@
 """The whole thing on one machine: an emulated dom0 with the gate installed and running.
 
-Used by ``qubes-mcp demo``/``up``, the end-to-end tests and the benchmarks. Every part runs as
+Used by ``qubes-mcp demo``, the end-to-end tests and the benchmarks. Every part runs as
 it would for a user: ``qubes-mcp sim run`` and ``qubes-mcp-admin gate`` are subprocesses,
 and the gate is installed with ``qubes-mcp-admin install --root``, so what is exercised here
 is exactly what the README tells people to run.
@@ -8,13 +8,12 @@ is exactly what the README tells people to run.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,12 +207,3 @@ def start_stack(
         stack.stop()
         raise
     return stack
-
-
-@contextlib.contextmanager
-def running_stack(root: Path, *, fleet: Path | None = None) -> Iterator[Stack]:
-    stack = start_stack(root, fleet=fleet)
-    try:
-        yield stack
-    finally:
-        stack.stop()
