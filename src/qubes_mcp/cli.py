@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from qubes_mcp import __version__
+
 
 def build_parser() -> argparse.ArgumentParser:
     import qubes_mcp.server.cli as server_cli
@@ -17,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Let AI agents operate Qubes OS through MCP, bounded in dom0: the MCP server, "
         "the dom0 emulator, and a demo.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     server_cli.add_parser(sub)
     sim_cli.add_parser(sub)

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+# the package root is part of the dom0 bundle: one version string, standard library only
+from qubes_mcp import __version__
 from qubes_mcp.policy import (
     AccessDenied,
     AllowResolution,
@@ -197,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qubes-mcp-admin", description="qubes-mcp operator tool (runs in dom0)."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     psub = _register_policy(sub)
     from qubes_mcp.dom0 import cli_gate

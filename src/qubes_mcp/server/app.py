@@ -13,6 +13,7 @@ from typing import cast
 
 from fastmcp import Context, FastMCP
 
+from qubes_mcp import __version__
 from qubes_mcp.server import models
 from qubes_mcp.server.gateway import Gateway
 from qubes_mcp.server.registry import GROUPS, ToolDef, register
@@ -60,6 +61,8 @@ def select_groups(
         raise UnknownGroupError(
             f"unknown tool group(s): {', '.join(sorted(unknown))} (known: {', '.join(GROUPS)})"
         )
+    if not chosen - off:
+        raise UnknownGroupError("these --tools/--disable choices leave no tool to offer")
     return frozenset(chosen - off)
 
 
@@ -79,7 +82,9 @@ def build_server(
         timeouts: transport timeouts (default: the gate's defaults).
     """
     gw = Gateway(transport, timeouts or Timeouts())
-    mcp = FastMCP("qubes-mcp", instructions=INSTRUCTIONS, mask_error_details=True)
+    mcp = FastMCP(
+        "qubes-mcp", instructions=INSTRUCTIONS, version=__version__, mask_error_details=True
+    )
     wanted = frozenset(GROUPS) if groups is None else groups
     defs = [
         d

@@ -13,18 +13,27 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 
 def _run(args: argparse.Namespace) -> int:
     from qubes_mcp.sim.emulator import main_run
+    from qubes_mcp.sim.fleet import FleetError
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    return main_run(Path(args.root), Path(args.fleet) if args.fleet else None)
+    try:
+        return main_run(Path(args.root), Path(args.fleet) if args.fleet else None)
+    except (FleetError, UnicodeDecodeError) as exc:  # one clear line, not a traceback
+        print(f"qubes-mcp sim run: fleet {args.fleet or '(demo)'}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"qubes-mcp sim run: {exc}", file=sys.stderr)
+        return 2
 
 
 def _call(args: argparse.Namespace) -> int:
