@@ -4,13 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell $(PY) -c 'import hashlib,sys;print(hashlib.sha256(open("pyproject.toml","rb").read()).hexdigest()[:12])')
 
-.PHONY: run test lint typecheck unit bench clean
+.PHONY: run test lint typecheck unit bench rpm clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev,server]'
-	@sh tools/ensure-bwrap.sh
+	@sh tools/ensure-tools.sh
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -33,6 +33,10 @@ test: lint typecheck unit
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# the dom0 RPM (packaging/rpm/), into dist/
+rpm: $(STAMP)
+	$(BIN)/python tools/build_rpm.py --out dist
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
