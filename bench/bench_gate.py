@@ -46,7 +46,7 @@ from qubes_mcp.dom0.config import GateConfig, load_config
 from qubes_mcp.dom0.consent import ConsentBroker
 from qubes_mcp.dom0.gate import Gate, Request
 from qubes_mcp.sim.qrexec.client import call as qrexec_call
-from qubes_mcp.sim.stack import PRINCIPAL, Stack
+from qubes_mcp.stack import PRINCIPAL, Stack
 
 EXEC_QUBE = "ai-dev"
 RUN_PAYLOAD = {"command": ["true"]}

@@ -31,7 +31,7 @@ from bench.common import REPO, Budget, Result, measure, measure_async
 from qubes_mcp.server.app import build_server
 from qubes_mcp.server.table import load_table
 from qubes_mcp.server.transport import SimTransport, Timeouts, invoke
-from qubes_mcp.sim.stack import PRINCIPAL
+from qubes_mcp.stack import PRINCIPAL
 
 FAST = Budget(count=300, seconds=6.0, warmup=5)
 SLOW = Budget(count=30, seconds=8.0, warmup=1)

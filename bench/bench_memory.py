@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bench import stacks
 from bench.common import Result
-from qubes_mcp.sim.stack import Stack
+from qubes_mcp.stack import Stack
 
 
 def _kib(pid: int, key: str) -> int:

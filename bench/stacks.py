@@ -1,7 +1,7 @@
 """The emulated dom0s the benchmarks measure: the demo fleet and a generated 1,000-qube one.
 
 Each is a real stack (``qubes-mcp sim run`` + ``qubes-mcp-admin install --root`` +
-``qubes-mcp-admin gate``, all subprocesses, see ``qubes_mcp.sim.stack``) on a temporary root,
+``qubes-mcp-admin gate``, all subprocesses, see ``qubes_mcp.stack``) on a temporary root,
 started on first use and shared by every benchmark of one run, then stopped and removed by
 :func:`close_all` (the runner calls it; ``atexit`` is the safety net for a lone module).
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench.common import qubesd_call
 from qubes_mcp.sim.fleet import demo_fleet_text
-from qubes_mcp.sim.stack import Stack, start_stack
+from qubes_mcp.stack import Stack, start_stack
 
 DEMO = "demo"
 BIG = "big"

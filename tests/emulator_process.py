@@ -6,8 +6,8 @@ import subprocess
 from pathlib import Path
 
 from qubes_mcp.sim.paths import SimPaths
-from qubes_mcp.sim.stack import sim_call, stop_process
-from qubes_mcp.sim.stack import start_emulator as _start
+from qubes_mcp.stack import sim_call, stop_process
+from qubes_mcp.stack import start_emulator as _start
 
 
 class RunningEmulator:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from qubes_mcp.dom0.admin import AdminClient
-from qubes_mcp.sim.stack import Stack
+from qubes_mcp.stack import Stack
 
 
 def gate_call(

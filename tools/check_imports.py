@@ -4,6 +4,9 @@
   (they run in dom0, which gets no pip).
 - ``qubes_mcp.server`` never imports ``qubes_mcp.dom0`` (it reaches dom0 only through a
   transport, exactly as in production).
+- ``qubes_mcp.sim`` never reaches ``qubes_mcp.dom0``, neither by import nor by naming it as a
+  module to run (``python -m qubes_mcp.dom0...``): the emulator stands for Qubes and must not know
+  the gate. What composes the two (``qubes_mcp.stack``) lives outside ``sim/``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,18 @@ def imported_modules(path: Path, root: Path) -> list[tuple[int, str]]:
     return found
 
 
+def named_modules(path: Path) -> list[tuple[int, str]]:
+    """String constants that name a ``qubes_mcp`` module (``-m qubes_mcp.x`` argv, importlib)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    return [
+        (node.lineno, node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and node.value.startswith("qubes_mcp.")
+    ]
+
+
 def violations(root: Path = ROOT) -> list[str]:
     bad: list[str] = []
     for part in ("dom0", "policy"):
@@ -47,6 +62,10 @@ def violations(root: Path = ROOT) -> list[str]:
         for line, mod in imported_modules(path, root):
             if mod.startswith("qubes_mcp.dom0"):
                 bad.append(f"{path}:{line}: server/ may not import {mod}")
+    for path in sorted((root / "sim").rglob("*.py")):
+        for line, mod in [*imported_modules(path, root), *named_modules(path)]:
+            if mod == "qubes_mcp.dom0" or mod.startswith("qubes_mcp.dom0."):
+                bad.append(f"{path}:{line}: sim/ may not import {mod}")
     return bad
 
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qubes_mcp.sim.stack import Stack, start_stack
+from qubes_mcp.stack import Stack, start_stack
 
 _COLOURS = ("\033[1m", "\033[2m", "\033[31m", "\033[32m", "\033[36m", "\033[0m")
 BOLD, DIM, RED, GREEN, CYAN, END = _COLOURS if sys.stdout.isatty() else ("",) * 6

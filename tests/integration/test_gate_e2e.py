@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from qubes_mcp.sim.stack import Stack, start_stack
+from qubes_mcp.stack import Stack, start_stack
 from tests.gate_e2e import answer_when_pending, audit_lines, code, dom0_admin, gate_call, ok
 
 pytestmark = pytest.mark.bwrap

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from qubes_mcp.sim.stack import Stack, start_stack
+from qubes_mcp.stack import Stack, start_stack
 from tests.gate_e2e import answer_when_pending, audit_lines, dom0_admin, gate_call
 
 pytestmark = pytest.mark.bwrap

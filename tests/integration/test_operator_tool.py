@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from qubes_mcp.dom0.operations import OPERATIONS
-from qubes_mcp.sim.stack import Stack, start_stack
+from qubes_mcp.stack import Stack, start_stack
 from tests.gate_e2e import dom0_admin, gate_call
 
 pytestmark = pytest.mark.bwrap

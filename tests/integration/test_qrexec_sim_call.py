@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from test_qrexec_fakes import Background
 
-from qubes_mcp.sim.stack import sim_call as stack_sim_call
+from qubes_mcp.stack import sim_call as stack_sim_call
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from fastmcp.exceptions import ToolError
 
 from qubes_mcp.server.app import build_server
 from qubes_mcp.server.transport import SimTransport, Timeouts
-from qubes_mcp.sim.stack import Stack, start_stack
+from qubes_mcp.stack import Stack, start_stack
 
 pytestmark = pytest.mark.bwrap
 

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from qubes_mcp.dom0.errors import CODES
-from qubes_mcp.sim.stack import Stack, start_stack
+from qubes_mcp.stack import Stack, start_stack
 from tests.gate_e2e import answer_when_pending, audit_lines, code, dom0_admin, gate_call, ok
 
 pytestmark = pytest.mark.bwrap

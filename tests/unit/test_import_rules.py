@@ -1,5 +1,6 @@
 """The trust boundary is visible in imports: dom0/ and policy/ use only the standard library,
-server/ never imports dom0/ (DESIGN.md section 7). The build fails when this breaks."""
+server/ never imports dom0/ (DESIGN.md section 7), and the emulator (sim/) never knows the gate.
+The build fails when this breaks."""
 
 from __future__ import annotations
 
@@ -45,3 +46,31 @@ def test_server_importing_dom0_relatively_is_caught(tmp_path: Path) -> None:
     assert check_imports.violations(root) == [
         f"{root / 'server/tools.py'}:1: server/ may not import qubes_mcp.dom0"
     ]
+
+
+def test_the_emulator_importing_the_gate_is_caught(tmp_path: Path) -> None:
+    root = _tree(
+        tmp_path,
+        {
+            "sim/a.py": "from qubes_mcp.dom0.install import Layout\n",
+            "sim/b.py": "from ..dom0 import gate\n",
+            "sim/qrexec/c.py": "import qubes_mcp.dom0\n",
+        },
+    )
+    assert [v.split(": ", 1)[1] for v in check_imports.violations(root)] == [
+        "sim/ may not import qubes_mcp.dom0.install",
+        "sim/ may not import qubes_mcp.dom0",
+        "sim/ may not import qubes_mcp.dom0",
+    ]
+
+
+def test_the_emulator_running_the_gate_as_a_module_is_caught(tmp_path: Path) -> None:
+    root = _tree(tmp_path, {"sim/s.py": 'ARGV = ["python", "-m", "qubes_mcp.dom0.cli"]\n'})
+    assert [v.split(": ", 1)[1] for v in check_imports.violations(root)] == [
+        "sim/ may not import qubes_mcp.dom0.cli"
+    ]
+
+
+def test_the_composition_outside_the_emulator_may_use_both(tmp_path: Path) -> None:
+    root = _tree(tmp_path, {"stack.py": "from qubes_mcp.dom0.install import Layout\n"})
+    assert check_imports.violations(root) == []
