@@ -25,6 +25,11 @@ The tools `qubes-mcp serve` offers, one per gate operation (plus `capabilities_g
 needs a *tier* on the qube it is about (`read < exec < net < full`), set by the operator in
 dom0. Refusals are tool errors `"<code>: <message>"`; `not-found` also means "not yours".
 Groups are what `--tools`/`--disable` select; `--read-only` keeps the read-only tools.
+
+The rules every tool shares are stated once, in the server's instructions (what an MCP client
+shows the agent before the tool list):
+
+> {instructions}
 """
 
 
@@ -74,17 +79,20 @@ def render() -> str:
             return list(await client.list_tools())
 
     tools = asyncio.run(listing())
+    from qubes_mcp.server.app import INSTRUCTIONS
+
     out = [
-        HEADER,
+        HEADER.format(instructions=" ".join(INSTRUCTIONS.split())),
         "| tool | needs tier | group | read-only | destructive | idempotent |",
         "|---|---|---|---|---|---|",
     ]
     for t in tools:
         hints = t.annotations
         group = ", ".join((t.meta or {}).get("fastmcp", {}).get("tags", []))
-        tier = re.search(r"Needs tier '(\w+)'", t.description or "")
+        tier = re.search(r"^Tier: (read|exec|net|full)\b", t.description or "", re.M)
+        needs = tier.group(1) if tier else ("per step" if t.name == "plan_apply" else "read")
         out.append(
-            f"| [`{t.name}`](#{t.name}) | {tier.group(1) if tier else 'read'} | {group} | "
+            f"| [`{t.name}`](#{t.name}) | {needs} | {group} | "
             f"{hints.read_only_hint} | {hints.destructive_hint} | {hints.idempotent_hint} |"
         )
     for t in tools:

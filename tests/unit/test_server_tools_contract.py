@@ -80,12 +80,31 @@ def test_extra_tools_are_honestly_read_only() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(OPS))
-def test_description_states_the_tier_and_the_not_found_ambiguity(name: str) -> None:
-    op, text = OPS[name], TOOLS[name].description or ""
-    assert f"Needs tier '{op.needs.word}'" in text
-    assert "no such qube, or not yours" in text
-    if op.consent:
-        assert "Waits for the operator to approve it in dom0" in text
+def test_description_states_the_tier_on_the_arguments_the_tool_takes(name: str) -> None:
+    op, tool = OPS[name], TOOLS[name]
+    text = tool.description or ""
+    tier = text.splitlines()[-1]
+    assert tier.startswith("Tier: ")
+    args = set(tool.input_schema["properties"])
+    if op.target is Target.QUBE:
+        assert f"{op.needs.word} on " in tier
+        named = tier.removeprefix("Tier: ").split(",")[0].split(" on ")[1].split(";")[0].strip(".")
+        assert named in args, (named, args)
+    for ref in op.refs:
+        assert f"{ref.needs.word} on {ref.field}" in tier
+    assert ("waits for the operator's approval" in tier) is op.consent
+
+
+def test_the_rules_every_tool_shares_are_stated_once_in_the_instructions() -> None:
+    from qubes_mcp.server.app import INSTRUCTIONS
+
+    text = " ".join(INSTRUCTIONS.split())
+    assert "not-found: no such qube, or not yours" in text
+    assert "read < exec < net < full" in text
+    assert "<code>: <message>" in text
+    assert "waits for the operator's approval" in text
+    for tool in TOOLS.values():  # ... and not repeated per tool
+        assert "not yours" not in (tool.description or "")
 
 
 def _variants(prop: dict[str, Any]) -> tuple[dict[str, Any], bool]:
@@ -108,8 +127,10 @@ def _check_field(f: Field, prop: dict[str, Any], required: bool) -> None:
     assert required is (f.required and "default" not in prop), f.name
     if not f.required:
         assert prop.get("default") == f.default, f.name
-    if f.kind in ("qube", "new_name"):
+    if f.kind == "new_name":  # a name the agent invents: qubesd's naming rule, client-side too
         assert schema["pattern"] == QUBE_NAME_PATTERN and schema["maxLength"] == 31
+    elif f.kind == "qube":  # an existing qube (from qube_list): the gate checks the name
+        assert schema["type"] == "string"
     elif f.kind in ("str", "text"):
         assert schema["type"] == "string" and schema["maxLength"] == f.max_len
         assert schema.get("pattern", "") == (_pattern(f.pattern) if f.pattern else "")
@@ -148,7 +169,7 @@ def test_arguments_are_the_tables_fields_plus_the_target(name: str) -> None:
         assert len(extra) == 1, extra
         (target,) = extra
         assert target in required
-        assert props[target]["pattern"] == QUBE_NAME_PATTERN
+        assert props[target]["type"] == "string"
     else:
         assert extra == set()
     for f in op.fields:

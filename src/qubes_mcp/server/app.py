@@ -26,10 +26,14 @@ from qubes_mcp.server.transport import Timeouts, Transport
 CAPABILITIES_URI = "qubes://capabilities"
 
 INSTRUCTIONS = """\
-Operate qubes (isolated VMs) on a Qubes OS machine. Call qube_list (or read the
-qubes://capabilities resource) first: it lists the qubes in your scope and your tier on each
-(read < exec < net < full). dom0 decides every call; a refusal reads '<code>: <message>', and
-'not-found' also means 'not yours'. Some calls wait for the operator's approval in dom0."""
+Operate qubes (isolated VMs) on a Qubes OS machine. dom0 decides every call, whatever this \
+server says. Start with qube_list: your qubes, your tier on each, your name_prefix (names of \
+qubes you create must start with it). Tiers are cumulative, read < exec < net < full; each \
+tool's description ends with the tier it needs on which argument. A refusal reads \
+'<code>: <message>'. 'not-found: no such qube, or not yours' is deliberately the same for a \
+missing qube and one outside your scope. Calls marked "waits for the operator's approval", \
+and every change to a guarded qube, wait for the operator in dom0; without an approval in \
+time they are refused."""
 
 
 class UnknownGroupError(ValueError):

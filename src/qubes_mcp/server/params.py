@@ -20,11 +20,17 @@ DEVICE_PATTERN = r"^[A-Za-z0-9_.-]+$"
 
 
 def qube_param(description: str) -> object:
-    """The ``Field`` of any argument that names a qube."""
+    """The ``Field`` of an argument that names an existing qube. The agent takes such names
+    from qube_list, so the schema adds no rule to them; the gate checks every name."""
+    return Field(description=description or None)
+
+
+def new_name_param(description: str) -> object:
+    """The ``Field`` of a name the agent invents for a new qube: qubesd's naming rule."""
     return Field(pattern=QUBE_NAME_PATTERN, max_length=31, description=description)
 
 
-Qube = Annotated[str, qube_param("a qube in your scope (see qube_list)")]
+Qube = Annotated[str, qube_param("")]
 Command = Annotated[
     list[Annotated[str, Field(max_length=4096)]],
     Field(
@@ -51,9 +57,9 @@ PropertyName = Literal[
 ]
 
 
+# One firewall rule; the first rule that matches a packet decides. (A comment, not a
+# docstring: pydantic would repeat a docstring in the tool listing.)
 class FirewallRule(TypedDict):
-    """One firewall rule; the first rule that matches a packet decides."""
-
     __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
 
     action: Literal["accept", "drop"]

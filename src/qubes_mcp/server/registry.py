@@ -7,6 +7,7 @@ schemas) and a test compares them with the table.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -45,27 +46,34 @@ class ToolDef:
 
 
 def _first_paragraph(doc: str | None) -> str:
-    return (doc or "").strip().split("\n\n")[0].replace("\n", " ").strip()
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
 
 
-def describe(op: OpSpec, doc: str | None) -> str:
-    """The description an agent reads: what it does, what tier it needs, how refusals read."""
-    lines = [_first_paragraph(doc) or op.summary + "."]
-    where = "on the qube" if not op.is_global else "on each qube it reports about"
-    needs = f"Needs tier '{op.needs}' {where}"
+def target_argument(fn: Callable[..., Any]) -> str:
+    """The name of the argument that names the qube a tool is about (``qube``, ``template``)."""
+    return next(iter(inspect.signature(fn).parameters))
+
+
+def tier_line(op: OpSpec, target: str) -> str:
+    """``Tier: exec on qube, exec on destination (or a dump sink).``: what dom0 checks, named
+    by the arguments the tool really takes."""
+    if op.name == "plan.apply":
+        return "Tier: what each step needs; one approval for the whole plan if a step needs one."
+    parts = [] if op.is_global else [f"{op.needs} on {target}"]
     for ref in op.refs:
-        extra = " (or the scope's dump sink)" if ref.allow_dump else ""
-        needs += f", and '{ref.needs}' on {ref.field}{extra}"
-    lines.append(needs + " (tiers: read < exec < net < full).")
+        parts.append(
+            f"{ref.needs} on {ref.field}" + (" (or a dump sink)" if ref.allow_dump else "")
+        )
+    line = "Tier: " + (", ".join(parts) if parts else op.needs)
     if op.consent:
-        lines.append("Waits for the operator to approve it in dom0.")
-    elif not op.read_only:
-        lines.append("May wait for the operator to approve it in dom0 (guarded qubes).")
-    lines.append(
-        "Refusals read '<code>: <message>'; 'not-found: no such qube, or not yours' means the "
-        "qube does not exist or is outside your scope (deliberately indistinguishable)."
-    )
-    return "\n".join(lines)
+        line += "; waits for the operator's approval"
+    return line + "."
+
+
+def describe(op: OpSpec, doc: str | None, target: str = "qube") -> str:
+    """What an agent reads about one tool: what it does and what dom0 checks. The rules every
+    tool shares (tiers, refusals, consent) are stated once, in the server's instructions."""
+    return f"{_first_paragraph(doc) or op.summary + '.'}\n{tier_line(op, target)}"
 
 
 def tool_annotations(op: OpSpec) -> ToolAnnotations:
@@ -83,7 +91,7 @@ def register(mcp: FastMCP, defs: Iterable[ToolDef]) -> list[str]:
     names = []
     for d in defs:
         if d.op is not None:
-            description = describe(d.op, d.fn.__doc__)
+            description = describe(d.op, d.fn.__doc__, target_argument(d.fn))
             hints = tool_annotations(d.op)
         else:
             description = d.description or _first_paragraph(d.fn.__doc__)

@@ -19,19 +19,18 @@ from qubes_mcp.server.params import (
     Qube,
     Stdin,
     Timeout,
+    new_name_param,
     qube_param,
 )
 from qubes_mcp.server.registry import ToolDef
 
-NewName = Annotated[
-    str, qube_param("the new qube's name; it must start with your name_prefix (see qube_list)")
-]
+NewName = Annotated[str, new_name_param("the new qube's name, starting with your name_prefix")]
 Backend = Annotated[str, qube_param("the qube that exposes the device")]
 Device = Annotated[
     str,
     Field(max_length=64, pattern=DEVICE_PATTERN, description="the device's port id, e.g. sda"),
 ]
-DispTemplate = Annotated[str, qube_param("a disposable template in your scope")]
+DispTemplate = Annotated[str, qube_param("a disposable template")]
 
 
 def admin_tools(gw: Gateway) -> list[ToolDef]:
@@ -40,7 +39,7 @@ def admin_tools(gw: Gateway) -> list[ToolDef]:
 
     async def qube_create(
         *,
-        template: Annotated[str, qube_param("the template to base it on (in your scope)")],
+        template: Annotated[str, qube_param("")],
         name: NewName,
         ctx: Context,
         label: Annotated[Label, Field(description="colour label")] = "gray",
@@ -85,7 +84,7 @@ def admin_tools(gw: Gateway) -> list[ToolDef]:
         )
 
     async def qube_clone(
-        qube: Annotated[str, qube_param("the app qube to clone (in your scope)")],
+        qube: Annotated[str, qube_param("")],
         name: NewName,
         ctx: Context,
     ) -> models.NewQube:
@@ -94,7 +93,7 @@ def admin_tools(gw: Gateway) -> list[ToolDef]:
 
     async def property_set(
         qube: Qube,
-        property: Annotated[PropertyName, Field(description="the property")],
+        property: PropertyName,
         value: Annotated[
             str | None,
             Field(

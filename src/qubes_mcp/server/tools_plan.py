@@ -11,36 +11,33 @@ from typing_extensions import TypedDict
 
 from qubes_mcp.server import models
 from qubes_mcp.server.gateway import Gateway
-from qubes_mcp.server.params import PRINTABLE_PATTERN, QUBE_NAME_PATTERN
+from qubes_mcp.server.params import PRINTABLE_PATTERN
 from qubes_mcp.server.registry import ToolDef
 
 HEX16 = r"^[0-9a-f]{16}$"
 
 
+# One step of a plan: the operation (as in the gate's table), its qube, its arguments. (A
+# comment, not a docstring: pydantic would repeat a docstring in every tool listing.)
 class Step(TypedDict):
-    """One step: the operation (as in the gate's table), its qube, its arguments."""
-
     op: Annotated[
         str,
         Field(
             max_length=32,
             pattern=r"^[a-z]+\.[a-z_]+$",
-            description="a state-changing operation, e.g. qube.create, qube.run, "
-            "property.set, qube.remove (the tool names with '.' for '_')",
+            description="e.g. qube.run: a state-changing tool's name with '.' for '_'",
         ),
     ]
     target: Annotated[
         str | None,
         Field(
             max_length=31,
-            pattern=QUBE_NAME_PATTERN,
-            description="the qube the step is about (the tool's qube/template/source "
-            "argument); null for global operations",
+            description="the tool's first argument (qube, template or source); null if none",
         ),
     ]
     args: Annotated[
         dict[str, object],
-        Field(description="the operation's other arguments, as its own tool takes them"),
+        Field(description="the tool's other arguments"),
     ]
 
 
