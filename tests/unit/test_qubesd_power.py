@@ -204,8 +204,9 @@ def test_disposable_is_removed_when_it_stops(demo: Qubesd) -> None:
     reply = demo.call("dom0", "admin.vm.CreateDisposable", "", b"", src="ai-dvm")
     name = reply[2:].decode()
     assert name.startswith("disp")
+    # ai-dvm's default_dispvm is itself: the disposable inherits its tags (R4.3 dispvm.py:405)
     assert demo.call(name, "admin.vm.tag.List") == ok(
-        "audiovm-dom0\ncreated-by-ai-dvm\ndisp-created-by-ai-dvm\nguivm-dom0\n"
+        "ai-exec\nai-managed\naudiovm-dom0\ncreated-by-ai-dvm\ndisp-created-by-ai-dvm\nguivm-dom0\n"
     )
     assert demo.call(name, "admin.vm.property.Get", "auto_cleanup") == ok(
         "default=False type=bool True"

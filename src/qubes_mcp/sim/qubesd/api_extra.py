@@ -106,7 +106,16 @@ async def vm_volume_set_ephemeral(call: Call) -> None:
     call.enforce(call.arg in call.dest.volumes)
     newvalue = _payload_bool(call)
     call.permission(newvalue=newvalue)
-    call.dest.volumes[call.arg].ephemeral = newvalue
+    vol = call.dest.volumes[call.arg]
+    if lifecycle.is_kernel_volume(call.app, vol):
+        raise exc.QubesValueError("LinuxModules does not support setting ephemeral value")
+    if newvalue and (vol.snap_on_start or vol.save_on_stop or not vol.rw):
+        # Volume.ephemeral's setter (qubes/storage/__init__.py)
+        raise exc.QubesValueError(
+            "Cannot enable ephemeral on snap_on_start or save_on_stop or non-dom0 or "
+            "not writable volume"
+        )
+    vol.ephemeral = newvalue
     call.save()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import unicodedata
 
 from qubes_mcp.sim import exc
-from qubes_mcp.sim.qubesd import lifecycle, names
+from qubes_mcp.sim.qubesd import dispvm, lifecycle, names
 from qubes_mcp.sim.qubesd.api import Call, method
 from qubes_mcp.sim.qubesd.vm import Qube
 
@@ -280,16 +280,15 @@ async def create_disposable(call: Call) -> str | None:
         )
     appvm = call.src.get("default_dispvm", None) if call.dest.name == "dom0" else call.dest
     call.permission(dispvm_template=appvm)
-    if appvm is None:
-        # R4.3 dereferences None here (AttributeError): zero bytes
-        raise AttributeError("source has no default_dispvm")
     if call.arg == "preload":
+        dispvm.preload_start(call.app, appvm)
         return None
-    dispvm = lifecycle.new_dispvm(call.app, appvm)
-    call.app.add_tag(dispvm, "created-by-" + call.src.name)
-    call.app.add_tag(dispvm, "disp-created-by-" + call.src.name)
+    # no usable template (None included): DispVM.can_gen_disposable's QubesException
+    new = lifecycle.new_dispvm(call.app, appvm)
+    call.app.add_tag(new, "created-by-" + call.src.name)
+    call.app.add_tag(new, "disp-created-by-" + call.src.name)
     call.save()
-    return "uuid:" + dispvm.uuid if call.untrusted_payload else dispvm.name
+    return "uuid:" + new.uuid if call.untrusted_payload else new.name
 
 
 @method("admin.vm.Remove", no_payload=True)

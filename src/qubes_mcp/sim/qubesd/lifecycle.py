@@ -13,6 +13,7 @@ import time
 import uuid as uuidlib
 
 from qubes_mcp.sim import exc
+from qubes_mcp.sim.qubesd import dispvm
 from qubes_mcp.sim.qubesd.app import GIB, QubesApp, log
 from qubes_mcp.sim.qubesd.vm import Label, Qube, Volume
 
@@ -48,13 +49,38 @@ def _volumes_for(app: QubesApp, klass: str) -> dict[str, Volume]:
 
 
 def volume_source(vm: Qube, vol: Volume) -> Qube | None:
-    """The qube whose volume a ``snap_on_start`` volume snapshots (``source=``)."""
+    """The qube whose volume a ``snap_on_start`` volume snapshots (``source=``): up the
+    template chain while that volume is itself a snapshot (``_update_volume_config_source``:
+    a DispVM's root is its TemplateVM's, its private its disposable template's)."""
     if not vol.snap_on_start:
         return None
-    tpl = vm.template_or_none()
-    if vm.klass == "DispVM" and vol.name == "root" and tpl is not None:
-        return tpl.template_or_none()
-    return tpl
+    holder = vm.template_or_none()
+    while holder is not None:
+        src = holder.volumes.get(vol.name)
+        parent = holder.template_or_none()
+        if src is None or not src.snap_on_start or parent is None:
+            return holder
+        holder = parent
+    return None
+
+
+def is_kernel_volume(app: QubesApp, vol: Volume) -> bool:
+    """A volume of a ``linux-kernel`` pool behaves as R4.3's ``LinuxModules``."""
+    pool = app.pools.get(vol.pool)
+    return pool is not None and pool.driver == "linux-kernel"
+
+
+def ephemeral(app: QubesApp, vol: Volume) -> bool:
+    """``Volume.ephemeral``: the set value, else False for a snapshot, a saved or a
+    read-only volume, else the pool's ``ephemeral_volatile`` (LinuxModules: always False)."""
+    if is_kernel_volume(app, vol):
+        return False
+    if vol.ephemeral is not None:
+        return vol.ephemeral
+    if vol.snap_on_start or vol.save_on_stop or not vol.rw:
+        return False
+    pool = app.pools.get(vol.pool)
+    return bool(pool.ephemeral_volatile) if pool is not None else False
 
 
 def vid(vm: Qube, vol: Volume) -> str:
@@ -76,7 +102,8 @@ def create_vm(
     *,
     extra: dict[str, object] | None = None,
 ) -> Qube:
-    """``add_new_vm`` + ``create_on_disk``: allocate qid and uuid, fire ``domain-add``."""
+    """``add_new_vm`` + the class's ``__init__``: qid, uuid, volumes, what a disposable takes
+    from its template (:mod:`.dispvm`), then ``domain-add``."""
     props: dict[str, object] = {
         "name": name,
         "qid": app.new_qid(),
@@ -85,19 +112,15 @@ def create_vm(
     }
     if klass in ("AppVM", "DispVM"):
         if template is None:
-            default = app.get("default_dispvm" if klass == "DispVM" else "default_template", None)
-            if default is None:
+            # R4.3 reads app.default_template, which has no default: unset, it is an
+            # AttributeError (zero bytes); set to None, the QubesValueError below
+            template = app.get("default_dispvm" if klass == "DispVM" else "default_template")
+            if template is None:
                 raise exc.QubesValueError(
                     "Template for the qube not specified, nor default template set."
                 )
-            template = default
-        if klass == "DispVM" and not (
-            template.klass == "AppVM" and template.get("template_for_dispvms", False)
-        ):
-            raise exc.QubesValueError(
-                f"template for disposable ({template.name}) needs to be an AppVM with "
-                "template_for_dispvms=True"
-            )
+        if klass == "DispVM":
+            dispvm.check_template(template)
         if klass == "AppVM" and template.klass != "TemplateVM":
             raise exc.QubesPropertyValueError(
                 name,
@@ -110,13 +133,24 @@ def create_vm(
     props.update(extra or {})
     if klass == "DispVM" and "dispid" not in props:
         props["dispid"] = new_dispid(app)
+    if klass == "DispVM" and not name:
+        name = f"disp{props['dispid']}"
+        props["name"] = name
     vm = Qube(app, klass, props)
     vm.volumes = _volumes_for(app, klass)
-    app.domains[name] = vm
+    if klass == "DispVM" and template is not None:
+        dispvm.take_volumes(vm.volumes, template)
+    if not app.get("check_updates_vm", True):
+        # QubesVM.__init__, before events are enabled: no event for it
+        vm.features["check-updates"] = ""
     for prop in ("guivm", "audiovm"):
+        # ext/gui and ext/audio on domain-init (the qube is in no stream yet)
         target = vm.get(prop, None)
         if target is not None:
             vm.tags[f"{prop}-{target.name}"] = None
+    if klass == "DispVM" and template is not None:
+        dispvm.inherit(app, vm, template)
+    app.domains[name] = vm
     app.fire(None, "domain-add", vm=vm)
     return vm
 
@@ -181,21 +215,17 @@ def new_dispid(app: QubesApp) -> int:
             return dispid
 
 
-def new_dispvm(app: QubesApp, template: Qube) -> Qube:
-    """``DispVM.from_appvm``: a ``disp<N>`` qube with ``auto_cleanup``."""
-    if not template.get("template_for_dispvms", False):
-        raise exc.QubesException(
-            "Refusing to create disposable out of app qube which has template_for_dispvms=False"
-        )
-    dispid = new_dispid(app)
-    label = template.get("label")
+def new_dispvm(app: QubesApp, appvm: Qube | None) -> Qube:
+    """``DispVM.from_appvm`` / ``gen_disposable``: a ``disp<N>`` qube with ``auto_cleanup``,
+    its private volume a copy of the template's."""
+    template = dispvm.check_can_generate(appvm)
     vm = create_vm(
         app,
         "DispVM",
-        f"disp{dispid}",
-        label,
+        "",
+        template.get("label"),
         template,
-        extra={"dispid": dispid, "auto_cleanup": True},
+        extra={"auto_cleanup": True},
     )
     create_on_disk(app, vm, source=template)
     return vm

@@ -38,6 +38,9 @@ class PropDef:
     forbidden: bool = False
     vmclass: tuple[str, ...] | None = None
     allow_none: bool = True
+    #: ``clone=`` of the R4.3 definition: copied by ``clone_properties`` (a new disposable
+    #: from its template); False only for ``name``, ``qid``, ``uuid`` and ``dispid``
+    clone: bool = True
 
     @property
     def wire_type(self) -> str:

@@ -46,9 +46,9 @@ __all__ = ["APP_INDEX", "CLASS_INDEX", "PropDef", "listed", "parse_bool", "sanit
 # --- tables ------------------------------------------------------------------------------
 
 _COMMON_QUBESVM: tuple[PropDef, ...] = (
-    PropDef("name", write_once=True, has_default=False),
-    PropDef("qid", "int", write_once=True, has_default=False),
-    PropDef("uuid", "uuid", write_once=True, has_default=False),
+    PropDef("name", write_once=True, has_default=False, clone=False),
+    PropDef("qid", "int", write_once=True, has_default=False, clone=False),
+    PropDef("uuid", "uuid", write_once=True, has_default=False, clone=False),
     PropDef("label", "label", has_default=False),
     PropDef("klass", default=lambda vm: vm.klass, forbidden=True),
     PropDef("icon", default=_icon, forbidden=True),
@@ -141,7 +141,7 @@ CLASS_PROPS: dict[str, tuple[PropDef, ...]] = {
     "DispVM": _replace(
         _COMMON_QUBESVM,
         PropDef("auto_cleanup", "bool", default=const(False)),
-        PropDef("dispid", "int", write_once=True, has_default=False),
+        PropDef("dispid", "int", write_once=True, has_default=False, clone=False),
         PropDef("is_preload", "bool", default=const(False), forbidden=True),
         PropDef("include_in_backups", "bool", default=lambda vm: not vm.get("auto_cleanup")),
         PropDef("default_dispvm", "vm", 4, default=lambda vm: vm.get("template")),

@@ -38,7 +38,12 @@ class Label:
 
 @dataclass
 class Volume:
-    """One volume; ``source`` and ``path`` are derived when ``snap_on_start`` is set."""
+    """One volume; ``source`` and ``path`` are derived when ``snap_on_start`` is set.
+
+    ``ephemeral`` is ``None`` until set (R4.3 ``Volume._ephemeral``): the value then comes from
+    the volume's kind and its pool's ``ephemeral_volatile``, and a new disposable copies it
+    from its template only when it was set.
+    """
 
     name: str
     pool: str
@@ -47,7 +52,7 @@ class Volume:
     save_on_stop: bool = False
     snap_on_start: bool = False
     revisions_to_keep: int = 0
-    ephemeral: bool = False
+    ephemeral: bool | None = None
     usage: int = 0
 
     def to_json(self) -> dict[str, Any]:
