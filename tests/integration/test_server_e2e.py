@@ -206,6 +206,14 @@ def test_disposable_create(stack: Stack) -> None:
     assert tool(stack, "disposable_create", template="ai-dvm")["class"] == "DispVM"
 
 
+def test_shutting_a_disposable_down_reports_it_removed(stack: Stack) -> None:
+    # qubesd removes a halted disposable itself (auto_cleanup): that is what was asked for
+    name = tool(stack, "disposable_create", template="ai-dvm")["name"]
+    assert tool(stack, "qube_start", qube=name)["state"] == "Running"
+    assert tool(stack, "qube_shutdown", qube=name) == {"qube": name, "state": "Removed"}
+    assert name not in {q["name"] for q in tool(stack, "qube_list")["qubes"]}
+
+
 def test_config_of_a_full_qube(stack: Stack) -> None:
     assert tool(stack, "property_set", qube="ai-build", property="label", value="green") == {
         "qube": "ai-build",

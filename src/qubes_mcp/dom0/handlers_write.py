@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from qubes_mcp.dom0.admin import QubesdError
 from qubes_mcp.dom0.context import Context, Handler
 from qubes_mcp.dom0.errors import FailedError
 from qubes_mcp.dom0.firewall import render_rules
@@ -16,7 +17,15 @@ from qubes_mcp.dom0.relay import qvm_run_argv, run_command
 def _power(method: str, arg: str = "") -> Handler:
     async def handler(ctx: Context) -> dict[str, Any]:
         await ctx.qubesd(ctx.target, method, arg)
-        line = (await ctx.admin.lines(ctx.target, "admin.vm.List"))[0]
+        try:
+            line = (await ctx.admin.lines(ctx.target, "admin.vm.List"))[0]
+        except QubesdError as exc:
+            # a disposable is removed by qubesd itself once it halts (auto_cleanup): gone is
+            # the outcome the agent asked for, not a failure
+            target = ctx.facts.get(ctx.target)
+            if exc.exc_class == "QubesVMNotFoundError" and target and target.klass == "DispVM":
+                return {"qube": ctx.target, "state": "Removed"}
+            raise
         return {"qube": ctx.target, "state": parse_vm_list_line(line)[1].get("state", "")}
 
     return handler
