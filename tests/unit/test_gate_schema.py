@@ -94,3 +94,32 @@ def test_random_json_never_raises_anything_but_invalid_input(obj: dict[str, Any]
     for op in OPERATIONS:
         with contextlib.suppress(InvalidInputError):
             check_payload(op, json.dumps(obj).encode(), name_prefix="ai-")
+
+
+@pytest.mark.parametrize(
+    ("op", "payload", "message"),
+    [
+        ("qube.run", {"command": ["id"], "comand": 1}, "unknown field 'comand' (expected: "),
+        (
+            "plan.propose",
+            {"steps": [{"op": "qube.run", "target": "ai-x", "args": {}, "argz": {}}]},
+            "steps[0]: unknown field 'argz' (expected: args, op, target)",
+        ),
+    ],
+)
+def test_an_unknown_field_is_named(op: str, payload: Any, message: str) -> None:
+    with pytest.raises(InvalidInputError) as info:
+        check(op, payload)
+    assert message in info.value.to_reply()["error"]["message"]
+
+
+@pytest.mark.parametrize("key", ["a\nb", "\x1b[31m", "X" * 40, "ai-work", "é", ""])
+def test_an_unknown_field_that_is_not_a_plain_name_is_described_not_echoed(key: str) -> None:
+    for op, payload in (
+        ("qube.run", {"command": ["id"], key: 1}),
+        ("plan.propose", {"steps": [{"op": "qube.run", "target": "ai-x", "args": {}, key: 1}]}),
+    ):
+        with pytest.raises(InvalidInputError) as info:
+            check(op, payload)
+        text = info.value.to_reply()["error"]["message"]
+        assert "(not a plain name)" in text and (not key or key not in text)

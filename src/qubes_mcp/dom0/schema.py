@@ -117,8 +117,13 @@ def _check_steps(f: Field, value: object) -> list[dict[str, Any]]:
     steps = []
     for index, step in enumerate(value):
         where = f"{f.name}[{index}]"
-        if not isinstance(step, dict) or set(step) - {"op", "target", "args"}:
+        if not isinstance(step, dict):
             raise InvalidInputError(f"{where} must be an object with op, target, args")
+        for untrusted_key in step:
+            if untrusted_key not in ("op", "target", "args"):
+                raise InvalidInputError(
+                    f"{where}: unknown field {_shown(untrusted_key)} (expected: args, op, target)"
+                )
         op = OPERATIONS_BY_NAME.get(step.get("op"))  # type: ignore[arg-type]
         if op is None or op.read_only or op.name.startswith("plan."):
             raise InvalidInputError(f"{where}.op must be a state-changing operation")
@@ -170,6 +175,15 @@ def check_field(f: Field, value: object, *, name_prefix: str) -> object:
     raise AssertionError(f"unknown field kind {kind}")  # programming error, caught as failed
 
 
+_PLAIN_KEY = re.compile(r"\A[a-z][a-z0-9_]{0,31}\Z")
+
+
+def _shown(untrusted_key: str) -> str:
+    """An unknown key, named in the error when it is a plain identifier (nothing in it can
+    mislead or carry data); anything else is described, not echoed."""
+    return repr(untrusted_key) if _PLAIN_KEY.match(untrusted_key) else "(not a plain name)"
+
+
 def check_payload(op: Operation, untrusted_payload: bytes, *, name_prefix: str) -> dict[str, Any]:
     """The fenced step: untrusted bytes in, trusted arguments out (defaults filled in)."""
     untrusted_obj = parse_payload(untrusted_payload)
@@ -177,7 +191,8 @@ def check_payload(op: Operation, untrusted_payload: bytes, *, name_prefix: str) 
     for untrusted_key in untrusted_obj:
         if untrusted_key not in known:
             raise InvalidInputError(
-                f"unknown field (expected: {', '.join(sorted(known)) or 'none'})"
+                f"unknown field {_shown(untrusted_key)} "
+                f"(expected: {', '.join(sorted(known)) or 'none'})"
             )
     args: dict[str, Any] = {}
     for f in op.fields:
