@@ -54,6 +54,7 @@ def test_sim_run_with_a_bad_fleet_prints_one_line_and_exits_2(tmp_path: Path, te
         capture_output=True,
         text=True,
         timeout=30,
+        check=False,
     )
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
