@@ -9,7 +9,9 @@ qrexec's, which reads the same), and consent operations wait for the operator.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import json
 import threading
 import time
@@ -253,6 +255,73 @@ def test_clone_then_remove_a_full_qube(stack: Stack) -> None:
     assert "ai-clone1" not in {q["name"] for q in tool(stack, "qube_list")["qubes"]}
 
 
+# --- binary files and bytes through commands ------------------------------------------------------
+
+EVERY_BYTE = bytes(range(256)) * 3
+
+
+def test_binary_files_go_in_and_come_out_exactly(stack: Stack) -> None:
+    data = base64.b64encode(EVERY_BYTE).decode()
+    written = tool(stack, "file_write", qube="ai-dev", path="/home/user/blob.bin", data=data)
+    assert written["written"] == len(EVERY_BYTE)
+    assert written["sha256"] == hashlib.sha256(EVERY_BYTE).hexdigest()
+    # create refuses an existing file; append adds to it
+    assert "cannot write" in refusal(
+        stack, "file_write", qube="ai-dev", path="/home/user/blob.bin", data=data
+    )
+    tool(stack, "file_write", qube="ai-dev", path="/home/user/blob.bin", data="AAE=", mode="append")
+    whole = tool(stack, "file_read", qube="ai-dev", path="/home/user/blob.bin")
+    assert base64.b64decode(whole["data"]) == EVERY_BYTE + b"\0\1"
+    assert (whole["file_size"], whole["eof"]) == (len(EVERY_BYTE) + 2, True)
+    part = tool(
+        stack, "file_read", qube="ai-dev", path="/home/user/blob.bin", offset=250, length=10
+    )
+    assert base64.b64decode(part["data"]) == (EVERY_BYTE + b"\0\1")[250:260]
+    assert (part["length"], part["eof"]) == (10, False)
+    # a path with shell syntax is one argument, never a script
+    odd = "/home/user/a file; touch pwned $(id)"
+    tool(stack, "file_write", qube="ai-dev", path=odd, data="eA==")
+    listing = tool(stack, "qube_run", qube="ai-dev", command=["ls", "/home/user"])["stdout"]
+    assert "a file; touch pwned $(id)" in listing and "pwned\n" not in listing
+
+
+def test_reading_a_missing_file_is_an_error(stack: Stack) -> None:
+    text = refusal(stack, "file_read", qube="ai-dev", path="/no/such/file")
+    assert text.startswith("invalid-input: cannot read the file in the qube")
+
+
+def test_commands_take_and_give_exact_bytes_in_base64(stack: Stack) -> None:
+    sent = base64.b64encode(EVERY_BYTE).decode()
+    out = tool(
+        stack, "qube_run", qube="ai-dev", command=["cat"], stdin_base64=sent, output="base64"
+    )
+    assert base64.b64decode(out["stdout_base64"]) == EVERY_BYTE
+    assert "stdout" not in out and out["exit_code"] == 0
+    # text stays the default
+    assert tool(stack, "qube_run", qube="ai-dev", command=["echo", "hi"])["stdout"] == "hi\n"
+    assert refusal(
+        stack, "qube_run", qube="ai-dev", command=["cat"], stdin="x", stdin_base64="eA=="
+    ).startswith("invalid-input: give stdin_base64 or stdin, not both")
+
+
+def test_the_audit_log_records_path_size_and_hash_never_the_bytes(stack: Stack) -> None:
+    secret = b"top secret bytes"
+    tool(
+        stack,
+        "file_write",
+        qube="ai-dev",
+        path="/home/user/secret.txt",
+        data=base64.b64encode(secret).decode(),
+        mode="overwrite",
+    )
+    log = (stack.root / "var/log/qubes-mcp/audit.log").read_text()
+    line = [json.loads(x) for x in log.splitlines() if '"file.write"' in x][-1]
+    assert line["detail"]["path"] == "/home/user/secret.txt"
+    assert line["detail"]["bytes"] == len(secret)
+    assert line["detail"]["data_sha256"] == hashlib.sha256(secret).hexdigest()
+    assert "top secret" not in log and base64.b64encode(secret).decode() not in log
+
+
 # --- every tool below its tier ------------------------------------------------------------------
 
 #: one call per tool on a qube where the principal's tier is one step too low
@@ -264,6 +333,8 @@ BELOW_TIER: dict[str, dict[str, Any]] = {
     "qube_kill": {"qube": "ai-notes"},
     "qube_run": {"qube": "ai-notes", "command": ["id"]},
     "file_copy": {"source": "ai-notes", "destination": "ai-dev", "paths": ["/etc/hostname"]},
+    "file_read": {"qube": "ai-notes", "path": "/etc/hostname"},
+    "file_write": {"qube": "ai-notes", "path": "/tmp/x", "data": "eA=="},
     "firewall_set": {"qube": "ai-dev", "rules": [{"action": "drop"}]},
     "qube_create": {"template": "ai-notes", "name": "ai-below1"},
     "disposable_create": {"template": "ai-notes"},

@@ -21,7 +21,13 @@ def check(op: str, payload: Any) -> dict[str, Any]:
 
 
 def test_defaults_are_filled_in() -> None:
-    assert check("qube.run", {"command": ["id"]}) == {"command": ["id"], "stdin": "", "timeout": 60}
+    assert check("qube.run", {"command": ["id"]}) == {
+        "command": ["id"],
+        "stdin": "",
+        "stdin_base64": "",
+        "output": "text",
+        "timeout": 60,
+    }
     assert check("qube.list", b"") == {}
 
 
@@ -52,6 +58,15 @@ def test_defaults_are_filled_in() -> None:
         ("feature.set", {"feature": "service.x", "value": "\x07"}, "not allowed"),
         ("firewall.set", {"rules": [{"action": "allow"}]}, "rules[0]: action must be"),
         ("firewall.set", {"rules": "action=accept"}, "list of rule objects"),
+        ("qube.run", {"command": ["id"], "stdin_base64": "a b"}, "must be base64"),
+        ("qube.run", {"command": ["id"], "stdin_base64": "YQ"}, "must be base64"),
+        ("qube.run", {"command": ["id"], "stdin": "a", "stdin_base64": "YQ=="}, "not both"),
+        ("qube.run", {"command": ["id"], "output": "hex"}, "output must be one of"),
+        ("file.read", {"path": "relative"}, "path contains characters"),
+        ("file.read", {"path": "/a\u0000b"}, "path contains characters"),
+        ("file.read", {"path": "/a", "length": 0}, "length must be between"),
+        ("file.write", {"path": "/a"}, "data is required"),
+        ("file.write", {"path": "/a", "data": "YQ==", "mode": "truncate"}, "mode must be one of"),
     ],
 )
 def test_malformed_payloads_are_refused_with_a_named_field(

@@ -131,6 +131,8 @@ def _check_field(f: Field, prop: dict[str, Any], required: bool) -> None:
         assert schema["pattern"] == QUBE_NAME_PATTERN and schema["maxLength"] == 31
     elif f.kind == "qube":  # an existing qube (from qube_list): the gate checks the name
         assert schema["type"] == "string"
+    elif f.kind == "base64":
+        assert schema["type"] == "string" and schema["maxLength"] == f.max_len
     elif f.kind in ("str", "text"):
         assert schema["type"] == "string" and schema["maxLength"] == f.max_len
         assert schema.get("pattern", "") == (_pattern(f.pattern) if f.pattern else "")

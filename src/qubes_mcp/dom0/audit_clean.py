@@ -42,6 +42,8 @@ DETAIL_KEYS: Final = frozenset(
         # run and copy: digests and byte counts instead of command text or output
         *("command_sha256", "command_bytes", "stdin_bytes", "stdout_bytes", "stderr_bytes"),
         *("exit_code", "files", "bytes"),
+        # binary file reads and writes: the path (escaped, capped) and the bytes' digest
+        *("path", "data_sha256"),
         # the decision and what followed
         *("tier", "tier_needed", "invariant", "consent", "consent_id", "rolled_back"),
         # a step of an applied plan names its plan and its place in it

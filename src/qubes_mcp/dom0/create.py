@@ -21,7 +21,7 @@ from qubes_mcp.dom0.admin import QubesdError
 from qubes_mcp.dom0.context import Context, map_qubesd_error
 from qubes_mcp.dom0.decide import WRITABLE_FEATURE_PREFIXES, Birth
 from qubes_mcp.dom0.errors import FailedError, GateError
-from qubes_mcp.dom0.handlers_write import run_in
+from qubes_mcp.dom0.handlers_write import run_request
 from qubes_mcp.dom0.reader import property_value
 
 log = logging.getLogger("qubes_mcp.gate")
@@ -138,10 +138,9 @@ async def disposable_run(ctx: Context) -> dict[str, Any]:
     assert birth is not None
     ctx.detail.update(template=birth.source, klass="DispVM")
     name = await _new_disposable(ctx, birth)
-    a = ctx.args
     try:
         await ctx.qubesd(name, "admin.vm.Start")
-        result = await run_in(ctx, name, a["command"], a["stdin"], a["timeout"])
+        result = await run_request(ctx, name)
     finally:
         with contextlib.suppress(QubesdError):  # already halted
             await ctx.admin.call(name, "admin.vm.Kill")

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from qubes_mcp.dom0 import create, handlers_read, handlers_write
+from qubes_mcp.dom0 import create, handlers_files, handlers_read, handlers_write
 from qubes_mcp.dom0.admin import AdminClient
 from qubes_mcp.dom0.audit import AuditLog
 from qubes_mcp.dom0.config import GateConfig, Principal
@@ -56,6 +56,8 @@ HANDLERS: dict[str, Handler] = {
     "qube.unpause": handlers_write.qube_unpause,
     "qube.kill": handlers_write.qube_kill,
     "qube.run": handlers_write.qube_run,
+    "file.read": handlers_files.file_read,
+    "file.write": handlers_files.file_write,
     "file.copy": handlers_write.file_copy,
     "firewall.set": handlers_write.firewall_set,
     "qube.create": create.qube_create,

@@ -3,6 +3,7 @@ properties, features, devices, removal. Each reads back what it changed where it
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from typing import Any
 
@@ -11,7 +12,7 @@ from qubes_mcp.dom0.context import Context, Handler
 from qubes_mcp.dom0.errors import FailedError
 from qubes_mcp.dom0.firewall import render_rules
 from qubes_mcp.dom0.reader import parse_vm_list_line, property_value
-from qubes_mcp.dom0.relay import qvm_run_argv, run_command
+from qubes_mcp.dom0.relay import RunResult, qvm_run_argv, run_command
 
 
 def _power(method: str, arg: str = "") -> Handler:
@@ -46,11 +47,9 @@ def _text(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-async def run_in(
-    ctx: Context, qube: str, argv: list[str], stdin: str, timeout: int
-) -> dict[str, Any]:
-    """Relay one command through dom0's qvm-run; only digests and sizes reach the audit log."""
-    data = stdin.encode()
+async def relay(ctx: Context, qube: str, argv: list[str], data: bytes, timeout: int) -> RunResult:
+    """Relay one command through dom0's line to ``qube``, within the configured bounds; only
+    digests and sizes reach the audit log."""
     limits = ctx.config.limits
     command = "\0".join(argv).encode()
     ctx.detail.update(
@@ -69,19 +68,39 @@ async def run_in(
         stdout_bytes=result.stdout_bytes,
         stderr_bytes=result.stderr_bytes,
     )
+    return result
+
+
+def command_reply(qube: str, result: RunResult, output: str = "text") -> dict[str, Any]:
+    """A command's outcome for the agent: text (UTF-8, bad bytes replaced) or exact base64."""
+    encode = _text if output == "text" else (lambda b: base64.b64encode(b).decode("ascii"))
     return {
         "qube": qube,
         "exit_code": result.exit_code,
-        "stdout": _text(result.stdout),
-        "stderr": _text(result.stderr),
+        ("stdout" if output == "text" else "stdout_base64"): encode(result.stdout),
+        ("stderr" if output == "text" else "stderr_base64"): encode(result.stderr),
         "truncated": result.truncated,
         "timed_out": result.timed_out,
     }
 
 
-async def qube_run(ctx: Context) -> dict[str, Any]:
+async def run_in(
+    ctx: Context, qube: str, argv: list[str], stdin: str, timeout: int
+) -> dict[str, Any]:
+    """Run ``argv`` with text on stdin; the text reply."""
+    return command_reply(qube, await relay(ctx, qube, argv, stdin.encode(), timeout))
+
+
+async def run_request(ctx: Context, qube: str) -> dict[str, Any]:
+    """A ``qube.run``/``disposable.run`` request: stdin as text or base64, output as asked."""
     a = ctx.args
-    return await run_in(ctx, ctx.target, a["command"], a["stdin"], a["timeout"])
+    data = base64.b64decode(a["stdin_base64"]) if a.get("stdin_base64") else a["stdin"].encode()
+    result = await relay(ctx, qube, a["command"], data, a["timeout"])
+    return command_reply(qube, result, a.get("output", "text"))
+
+
+async def qube_run(ctx: Context) -> dict[str, Any]:
+    return await run_request(ctx, ctx.target)
 
 
 async def file_copy(ctx: Context) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Literal
 from qubes_mcp.dom0.tiers import Tier
 
 FieldKind = Literal[
-    "qube", "new_name", "str", "int", "bool", "choice", "argv", "text", "rules", "steps"
+    "qube", "new_name", "str", "int", "bool", "choice", "argv", "text", "base64", "rules", "steps"
 ]
 
 
@@ -42,6 +42,8 @@ class Field:
     max_len: int = 256
     pattern: str = ""
     nullable: bool = False
+    #: another field of the same payload that must be left empty when this one is given
+    excludes: str = ""
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,30 @@ STDIN = Field(
 )
 TIMEOUT = Field(
     "timeout", "int", "seconds before the command is killed", default=60, minimum=1, maximum=3600
+)
+STDIN_BASE64 = Field(
+    "stdin_base64",
+    "base64",
+    "bytes fed to the command's standard input, base64-encoded (instead of stdin)",
+    default="",
+    max_len=1 << 20,
+    excludes="stdin",
+)
+OUTPUT = Field(
+    "output",
+    "choice",
+    "how stdout and stderr come back: text (UTF-8) or base64 (the exact bytes)",
+    default="text",
+    choices=("text", "base64"),
+)
+RUN_FIELDS = (ARGV, STDIN, STDIN_BASE64, OUTPUT, TIMEOUT)
+PATH = Field(
+    "path",
+    "str",
+    "an absolute path in the qube",
+    required=True,
+    max_len=4096,
+    pattern=r"\A/[^\x00]*\Z",
 )
 
 OPERATIONS: tuple[Operation, ...] = (
@@ -209,7 +235,48 @@ OPERATIONS: tuple[Operation, ...] = (
         Tier.EXEC,
         destructive=True,
         long_running=True,
-        fields=(ARGV, STDIN, TIMEOUT),
+        fields=RUN_FIELDS,
+    ),
+    Operation(
+        "file.read",
+        "qmcp.FileRead",
+        "Read bytes of a file in a qube (base64), from offset, up to length",
+        Target.QUBE,
+        Tier.EXEC,
+        idempotent=True,
+        long_running=True,
+        fields=(
+            PATH,
+            Field("offset", "int", "where to start, in bytes", default=0, maximum=1 << 62),
+            Field(
+                "length",
+                "int",
+                "how many bytes at most (dom0 caps it at its output limit)",
+                default=1 << 20,
+                minimum=1,
+                maximum=1 << 30,
+            ),
+        ),
+    ),
+    Operation(
+        "file.write",
+        "qmcp.FileWrite",
+        "Write bytes (base64) to a file in a qube: create it, overwrite it, or append to it",
+        Target.QUBE,
+        Tier.EXEC,
+        destructive=True,
+        long_running=True,
+        fields=(
+            PATH,
+            Field("data", "base64", "the bytes, base64-encoded", required=True, max_len=1 << 20),
+            Field(
+                "mode",
+                "choice",
+                "create (refused if the file exists), overwrite, or append",
+                default="create",
+                choices=("create", "overwrite", "append"),
+            ),
+        ),
     ),
     Operation(
         "file.copy",
@@ -303,7 +370,7 @@ OPERATIONS: tuple[Operation, ...] = (
         Tier.EXEC,
         creates=True,
         long_running=True,
-        fields=(ARGV, STDIN, TIMEOUT),
+        fields=RUN_FIELDS,
     ),
     Operation(
         "qube.clone",

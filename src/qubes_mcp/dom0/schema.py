@@ -10,6 +10,7 @@ Messages name the field, never echo the value.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from typing import Any
@@ -62,6 +63,16 @@ def _check_str(f: Field, value: object) -> str:
     if f.pattern and not re.match(f.pattern, value):
         raise InvalidInputError(f"{f.name} contains characters that are not allowed")
     return value
+
+
+def _check_base64(f: Field, value: object) -> str:
+    """Strict base64 (no whitespace, correct padding); the trusted value stays text."""
+    text = _check_str(f, value)
+    try:
+        base64.b64decode(text.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError):
+        raise InvalidInputError(f"{f.name} must be base64 (RFC 4648, no line breaks)") from None
+    return text
 
 
 def _check_int(f: Field, value: object) -> int:
@@ -151,6 +162,8 @@ def check_field(f: Field, value: object, *, name_prefix: str) -> object:
         return _check_int(f, value)
     if kind in ("str", "text"):
         return _check_str(f, value)
+    if kind == "base64":
+        return _check_base64(f, value)
     if kind == "choice":
         if value not in f.choices:
             raise InvalidInputError(f"{f.name} must be one of: {', '.join(f.choices)}")
@@ -205,4 +218,7 @@ def check_payload(op: Operation, untrusted_payload: bytes, *, name_prefix: str) 
             args[f.name] = f.default
             continue
         args[f.name] = check_field(f, untrusted_obj[f.name], name_prefix=name_prefix)
+    for f in op.fields:
+        if f.excludes and args.get(f.name) and args.get(f.excludes):
+            raise InvalidInputError(f"give {f.name} or {f.excludes}, not both")
     return args

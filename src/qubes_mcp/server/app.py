@@ -26,14 +26,13 @@ from qubes_mcp.server.transport import Timeouts, Transport
 CAPABILITIES_URI = "qubes://capabilities"
 
 INSTRUCTIONS = """\
-Operate qubes (isolated VMs) on a Qubes OS machine. dom0 decides every call, whatever this \
-server says. Start with qube_list: your qubes, your tier on each, your name_prefix (names of \
-qubes you create must start with it). Tiers are cumulative, read < exec < net < full; each \
-tool's description ends with the tier it needs on which argument. A refusal reads \
-'<code>: <message>'. 'not-found: no such qube, or not yours' is deliberately the same for a \
-missing qube and one outside your scope. Calls marked "waits for the operator's approval", \
-and every change to a guarded qube, wait for the operator in dom0; without an approval in \
-time they are refused."""
+Operate qubes (isolated VMs) on a Qubes OS machine; dom0 decides every call. Start with \
+qube_list: your qubes, your tier on each, your name_prefix (names of qubes you create must \
+start with it). Tiers are cumulative, read < exec < net < full; each tool's description ends \
+with the tier it needs on which argument. A refusal reads '<code>: <message>'. 'not-found: \
+no such qube, or not yours' is deliberately the same for a missing qube and one outside your \
+scope. Calls marked "waits for the operator's approval", and every change to a guarded qube, \
+wait for the operator in dom0; without an approval in time they are refused."""
 
 
 class UnknownGroupError(ValueError):
@@ -102,8 +101,8 @@ def build_server(
         return cast(Capabilities, {**listed, "tools": needs})
 
     async def capabilities_get(ctx: Context) -> Capabilities:
-        """Your qubes and tiers as dom0 reports them, plus each offered tool and the tier it
-        needs: everything needed to plan. Same content as the qubes://capabilities resource."""
+        """qube_list plus each offered tool and the tier it needs (also the resource
+        qubes://capabilities)."""
         return await capabilities(ctx)
 
     if "read" in wanted:

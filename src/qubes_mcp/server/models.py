@@ -89,10 +89,31 @@ class PowerState(TypedDict):
 class CommandResult(TypedDict):
     qube: str
     exit_code: int | None  # None when the command was killed by its timeout
-    stdout: str
-    stderr: str
+    stdout: NotRequired[str]  # output="text"
+    stderr: NotRequired[str]
+    stdout_base64: NotRequired[str]  # output="base64"
+    stderr_base64: NotRequired[str]
     truncated: bool
     timed_out: bool
+
+
+class FileReadResult(TypedDict):
+    qube: str
+    path: str
+    offset: int
+    length: int
+    file_size: int | None
+    eof: bool
+    sha256: str
+    data: str  # base64
+
+
+class FileWriteResult(TypedDict):
+    qube: str
+    path: str
+    mode: str
+    written: int
+    sha256: str
 
 
 class DisposableCommandResult(CommandResult):

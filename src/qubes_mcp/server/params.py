@@ -36,13 +36,22 @@ Command = Annotated[
     Field(
         min_length=1,
         max_length=256,
-        description="the command as a list of arguments (no shell), e.g. ['sh', '-c', 'id']",
+        description="argv, no shell: e.g. ['sh', '-c', 'id']",
     ),
 ]
-Stdin = Annotated[
-    str, Field(max_length=1 << 20, description="text fed to the command's standard input")
+Stdin = Annotated[str, Field(max_length=1 << 20, description="text for standard input")]
+Timeout = Annotated[int, Field(ge=1, le=3600, description="seconds before it is killed")]
+StdinBase64 = Annotated[
+    str,
+    Field(max_length=1 << 20, description="or bytes for it, base64"),
 ]
-Timeout = Annotated[int, Field(ge=1, le=3600, description="seconds before the command is killed")]
+Output = Annotated[
+    Literal["text", "base64"],
+    Field(description="stdout/stderr as UTF-8 text or base64"),
+]
+Path = Annotated[
+    str, Field(max_length=4096, pattern=r"^/[^\x00]*$", description="an absolute path")
+]
 Label = Literal["red", "orange", "yellow", "green", "gray", "blue", "purple", "black"]
 PropertyName = Literal[
     "label",

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Annotated, cast
+from typing import Annotated, Literal, cast
 
 from fastmcp import Context
 from pydantic import Field
 
 from qubes_mcp.server import models
 from qubes_mcp.server.gateway import Gateway
-from qubes_mcp.server.params import Command, FirewallRule, Qube, Stdin, Timeout, qube_param
+from qubes_mcp.server.params import (
+    Command,
+    FirewallRule,
+    Output,
+    Path,
+    Qube,
+    Stdin,
+    StdinBase64,
+    Timeout,
+    qube_param,
+)
 from qubes_mcp.server.registry import ToolDef
 
 
@@ -44,12 +54,50 @@ def act_tools(gw: Gateway) -> list[ToolDef]:
         return cast(models.PowerState, await gw.call(ctx, "qube.kill", qube))
 
     async def qube_run(
-        qube: Qube, command: Command, ctx: Context, stdin: Stdin = "", timeout: Timeout = 60
+        qube: Qube,
+        command: Command,
+        ctx: Context,
+        *,
+        stdin: Stdin = "",
+        stdin_base64: StdinBase64 = "",
+        output: Output = "text",
+        timeout: Timeout = 60,
     ) -> models.CommandResult:
         """Run a command as root in a qube (starting it if needed); returns its exit code and
         output (each stream capped by dom0; exit_code is null when the timeout killed it)."""
-        payload = {"command": command, "stdin": stdin, "timeout": timeout}
+        payload: dict[str, object] = {"command": command, "stdin": stdin, "timeout": timeout}
+        if stdin_base64:
+            payload["stdin_base64"] = stdin_base64
+        if output != "text":
+            payload["output"] = output
         return cast(models.CommandResult, await gw.call(ctx, "qube.run", qube, payload))
+
+    async def file_read(
+        qube: Qube,
+        path: Path,
+        ctx: Context,
+        offset: Annotated[int, Field(ge=0, le=1 << 62, description="first byte")] = 0,
+        length: Annotated[
+            int, Field(ge=1, le=1 << 30, description="bytes at most (dom0 caps it)")
+        ] = 1 << 20,
+    ) -> models.FileReadResult:
+        """Read a file's bytes (base64) from offset; read on from offset+length until eof."""
+        payload = {"path": path, "offset": offset, "length": length}
+        return cast(models.FileReadResult, await gw.call(ctx, "file.read", qube, payload))
+
+    async def file_write(
+        qube: Qube,
+        path: Path,
+        data: Annotated[str, Field(max_length=1 << 20, description="the bytes, base64")],
+        ctx: Context,
+        mode: Annotated[
+            Literal["create", "overwrite", "append"],
+            Field(description="create refuses an existing file; append writes in pieces"),
+        ] = "create",
+    ) -> models.FileWriteResult:
+        """Write bytes to a file in a qube."""
+        payload = {"path": path, "data": data, "mode": mode}
+        return cast(models.FileWriteResult, await gw.call(ctx, "file.write", qube, payload))
 
     async def file_copy(
         source: Annotated[str, qube_param("the qube the files are in")],
@@ -70,7 +118,7 @@ def act_tools(gw: Gateway) -> list[ToolDef]:
         qube: Qube,
         rules: Annotated[
             list[FirewallRule],
-            Field(max_length=256, description="the complete new rule list, first match wins"),
+            Field(max_length=256, description="the whole new list; first match wins"),
         ],
         ctx: Context,
     ) -> models.FirewallSetResult:
@@ -87,6 +135,8 @@ def act_tools(gw: Gateway) -> list[ToolDef]:
             ("qube.unpause", "power", qube_unpause),
             ("qube.kill", "power", qube_kill),
             ("qube.run", "exec", qube_run),
+            ("file.read", "files", file_read),
+            ("file.write", "files", file_write),
             ("file.copy", "files", file_copy),
             ("firewall.set", "network", firewall_set),
         )

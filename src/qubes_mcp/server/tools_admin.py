@@ -15,9 +15,11 @@ from qubes_mcp.server.params import (
     PRINTABLE_PATTERN,
     Command,
     Label,
+    Output,
     PropertyName,
     Qube,
     Stdin,
+    StdinBase64,
     Timeout,
     new_name_param,
     qube_param,
@@ -42,9 +44,9 @@ def admin_tools(gw: Gateway) -> list[ToolDef]:
         template: Annotated[str, qube_param("")],
         name: NewName,
         ctx: Context,
-        label: Annotated[Label, Field(description="colour label")] = "gray",
+        label: Annotated[Label, Field(description=None)] = "gray",
         disposable_template: Annotated[
-            bool, Field(description="make it a disposable template (template_for_dispvms)")
+            bool, Field(description="also a disposable template")
         ] = False,
         private_size: Annotated[
             int | None,
@@ -73,11 +75,18 @@ def admin_tools(gw: Gateway) -> list[ToolDef]:
         template: DispTemplate,
         command: Command,
         ctx: Context,
+        *,
         stdin: Stdin = "",
+        stdin_base64: StdinBase64 = "",
+        output: Output = "text",
         timeout: Timeout = 60,
     ) -> models.DisposableCommandResult:
         """Run one command as root in a fresh disposable, which is destroyed afterwards."""
-        payload = {"command": command, "stdin": stdin, "timeout": timeout}
+        payload: dict[str, object] = {"command": command, "stdin": stdin, "timeout": timeout}
+        if stdin_base64:
+            payload["stdin_base64"] = stdin_base64
+        if output != "text":
+            payload["output"] = output
         return cast(
             models.DisposableCommandResult,
             await gw.call(ctx, "disposable.run", template, payload),
@@ -98,7 +107,7 @@ def admin_tools(gw: Gateway) -> list[ToolDef]:
             str | None,
             Field(
                 max_length=64,
-                description="the new value; null resets netvm-style references to none",
+                description="null means none (qube references)",
             ),
         ],
         ctx: Context,
@@ -109,15 +118,13 @@ def admin_tools(gw: Gateway) -> list[ToolDef]:
 
     async def feature_set(
         qube: Qube,
-        feature: Annotated[
-            str, Field(max_length=64, pattern=FEATURE_PATTERN, description="the feature name")
-        ],
+        feature: Annotated[str, Field(max_length=64, pattern=FEATURE_PATTERN, description=None)],
         value: Annotated[
             str,
             Field(
                 max_length=1024,
                 pattern=PRINTABLE_PATTERN,
-                description="the value (printable ASCII)",
+                description="printable ASCII",
             ),
         ],
         ctx: Context,
@@ -131,7 +138,7 @@ def admin_tools(gw: Gateway) -> list[ToolDef]:
         backend: Backend,
         device: Device,
         ctx: Context,
-        read_only: Annotated[bool, Field(description="attach read-only")] = False,
+        read_only: Annotated[bool, Field(description=None)] = False,
     ) -> models.DeviceAttachResult:
         """Attach a block device of one of your qubes to another of your qubes."""
         payload = {"backend": backend, "device": device, "read_only": read_only}

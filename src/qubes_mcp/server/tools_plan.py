@@ -43,9 +43,7 @@ class Step(TypedDict):
 
 def plan_tools(gw: Gateway) -> list[ToolDef]:
     async def plan_propose(
-        steps: Annotated[
-            list[Step], Field(min_length=1, max_length=32, description="the steps, in order")
-        ],
+        steps: Annotated[list[Step], Field(min_length=1, max_length=32, description=None)],
         ctx: Context,
         title: Annotated[
             str,
@@ -56,23 +54,19 @@ def plan_tools(gw: Gateway) -> list[ToolDef]:
             ),
         ] = "",
     ) -> models.PlanProposal:
-        """Check a whole change before doing any of it. dom0 decides every step now (a step
-        about a qube an earlier step creates is 'deferred'); nothing changes. If no step is
-        refused you get a plan_id and digest for plan_apply."""
+        """Check a whole change without doing any of it: dom0 decides each step now
+        ('deferred' if it is about a qube an earlier step creates). If none is refused, you
+        get a plan_id and digest for plan_apply."""
         payload = {"steps": [dict(s) for s in steps], "title": title}
         return cast(models.PlanProposal, await gw.call(ctx, "plan.propose", payload=payload))
 
     async def plan_apply(
-        plan_id: Annotated[
-            str, Field(max_length=16, pattern=HEX16, description="the id plan_propose returned")
-        ],
-        digest: Annotated[
-            str, Field(max_length=16, pattern=HEX16, description="the digest plan_propose returned")
-        ],
+        plan_id: Annotated[str, Field(max_length=16, pattern=HEX16, description=None)],
+        digest: Annotated[str, Field(max_length=16, pattern=HEX16, description=None)],
         ctx: Context,
     ) -> models.PlanResult:
-        """Apply a proposed plan step by step, stopping at the first refusal. If any step needs
-        the operator, dom0 asks once for the whole plan; steps already done are not undone."""
+        """Apply a proposed plan step by step, stopping at the first refusal (steps done stay
+        done)."""
         payload = {"plan_id": plan_id, "digest": digest}
         return cast(models.PlanResult, await gw.call(ctx, "plan.apply", payload=payload))
 
