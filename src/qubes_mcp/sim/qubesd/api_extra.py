@@ -14,13 +14,15 @@ from qubes_mcp.sim.qubesd import lifecycle
 from qubes_mcp.sim.qubesd import props as pdefs
 from qubes_mcp.sim.qubesd.api import Call, method, validate_size
 
-#: ``admin.pool.ListDrivers`` (R4.3 entry points, parameters of each driver's ``__init__``)
+#: ``admin.pool.ListDrivers``: the ``qubes.storage`` entry points, sorted by name as in an
+#: installed ``entry_points.txt``, and the parameters of each driver's ``__init__``
+#: (``driver_parameters``: all but ``self``, ``name``, ``kwargs``, in signature order)
 POOL_DRIVERS = (
+    ("callback", "conf_id"),
     ("file", "revisions_to_keep dir_path ephemeral_volatile"),
     ("file-reflink", "revisions_to_keep dir_path setup_check ephemeral_volatile"),
     ("linux-kernel", "dir_path"),
     ("lvm_thin", "revisions_to_keep volume_group thin_pool ephemeral_volatile"),
-    ("callback", "conf_id"),
     ("zfs", "revisions_to_keep container ephemeral_volatile snap_on_start_forensics"),
 )
 

@@ -121,12 +121,16 @@ def create_vm(
                 )
         if klass == "DispVM":
             dispvm.check_template(template)
+        if klass == "AppVM" and template.klass == "AdminVM":
+            # AppVM.__init__ reads template.volume_config, which AdminVM has not: zero bytes
+            raise AttributeError("'AdminVM' object has no attribute 'volume_config'")
         if klass == "AppVM" and template.klass != "TemplateVM":
+            # VMProperty.__set__ got the qube itself here, not a name: its repr is shown
             raise exc.QubesPropertyValueError(
                 name,
                 "template",
                 template.name,
-                f"wrong VM class: domains[{template.name!r}] is of type {template.klass} "
+                f"wrong VM class: domains[{template!r}] is of type {template.klass} "
                 "and not TemplateVM",
             )
         props["template"] = template.name
