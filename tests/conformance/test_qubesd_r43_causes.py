@@ -114,3 +114,150 @@ def test_create_adminvm_is_refused_by_the_qid_setter(q: Qubesd) -> None:
     assert q.call("dom0", "admin.vm.Create.AdminVM", "", b"name=new label=red") == err(
         "QubesPropertyValueError", "property 'qid' on AdminVM instance cannot be set"
     )
+
+
+# --- §2.3 the varlibqubes pool --------------------------------------------------------------
+
+
+def test_varlibqubes_pool_reports_size_usage_and_contains_the_kernel_pool(q: Qubesd) -> None:
+    """admin.py:697-711: ``size``, ``usage`` (file.py:228-241, statvfs of ``dir_path``) and
+    ``included_in`` (kernels.py:217-222 ``search_pool_containing_dir``: ``vm-kernels`` lies
+    in ``/var/lib/qubes``); admin.py:733-740 ``UsageDetails`` from ``usage_details``."""
+    info = dict(
+        line.split("=", 1) for line in _lines(q.call("dom0", "admin.pool.Info", "varlibqubes"))
+    )
+    assert info["driver"] == "file"
+    assert int(info["size"]) > 0 and 0 <= int(info["usage"]) <= int(info["size"])
+    assert "included_in" not in info
+    details = _lines(q.call("dom0", "admin.pool.UsageDetails", "varlibqubes"))
+    assert [line.split("=")[0] for line in details] == ["data_size", "data_usage"]
+    assert q.call("dom0", "admin.pool.Info", "linux-kernel") == ok(
+        "dir_path=/var/lib/qubes/vm-kernels\ndriver=linux-kernel\nname=linux-kernel\n"
+        "included_in=varlibqubes\n"
+    )
+    assert q.call("dom0", "admin.pool.UsageDetails", "linux-kernel") == ok()
+
+
+def test_file_driver_volumes_behave_as_file_volumes(q: Qubesd) -> None:
+    """R4.3 picks ``file`` for ``varlibqubes`` without reflink (app.py:1355-1364) — the
+    recorded volume paths are ``FileVolume.path`` (file.py:549-553). Its volumes refuse
+    shrinking and resizing a snapshot (file.py:348-373), ``Clear`` of a volume that is not
+    ``save_on_stop`` (file.py:444-450), and more than one revision (file.py:273-279)."""
+    assert q.call("test-vm1", "admin.vm.volume.Resize", "private", b"1073741824") == err(
+        "StoragePoolException",
+        "For your own safety, shrinking of private is disabled. If you really know what you "
+        "are doing, use `truncate` on appvms/test-vm1/private manually.",
+    )
+    assert q.call("test-vm1", "admin.vm.volume.Resize", "root", b"21474836480") == err(
+        "StoragePoolException",
+        "Cannot resize volume based on a template - resizethe template instead",
+    )
+    assert q.call("test-vm1", "admin.vm.volume.Clear", "volatile") == err(
+        "StoragePoolException",
+        "Can not import into save_on_stop=False volume appvms/test-vm1/volatile",
+    )
+    assert q.call("test-vm1", "admin.vm.volume.Set.revisions_to_keep", "private", b"2") == b""
+    assert q.call("test-vm1", "admin.vm.volume.Resize", "private", b"4294967296") == ok()
+
+
+def test_a_fleet_may_choose_file_reflink_throughout(tmp_path: Path) -> None:
+    """reflink.py:173-178: a ``file-reflink`` volume's path is its own ``-dirty.img``;
+    reflink.py:349-368 resizes without the shrink check; reflink.py:379-383 refuses
+    ``Clear`` of a non-``save_on_stop`` volume with an unhandled NotImplementedError."""
+    from qubes_mcp.sim.fleet import load_fleet
+    from qubes_mcp.sim.paths import SimPaths
+
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(
+        '[pool]\ndriver = "file-reflink"\nsize = 1000000000000\n\n'
+        '[[qube]]\nname = "tpl"\nclass = "TemplateVM"\nlabel = "black"\n\n'
+        '[[qube]]\nname = "app"\nclass = "AppVM"\nlabel = "red"\ntemplate = "tpl"\n'
+    )
+    q = Qubesd(load_fleet(fleet, SimPaths(tmp_path / "root"))).start()
+    try:
+        assert "driver=file-reflink" in _lines(q.call("dom0", "admin.pool.Info", "varlibqubes"))
+        info = _lines(q.call("app", "admin.vm.volume.Info", "root"))
+        assert "path=/var/lib/qubes/appvms/app/root-dirty.img" in info
+        assert q.call("app", "admin.vm.volume.Resize", "private", b"1073741824") == ok()
+        assert q.call("app", "admin.vm.volume.Clear", "volatile") == b""
+    finally:
+        q.stop()
+
+
+# --- §2.8 admin.pool.volume.List ------------------------------------------------------------
+
+
+def test_pool_volume_list_has_every_volume_of_the_pool(q: Qubesd) -> None:
+    """admin.py:811-822 lists ``pool.volumes``: every volume the pool initialised
+    (file.py:127-152 ``init_volume`` appends each one), snapshots such as an AppVM's root
+    included."""
+    vids = _lines(q.call("dom0", "admin.pool.volume.List", "varlibqubes"))
+    assert "appvms/test-vm1/root" in vids
+    assert {"appvms/test-vm1/private", "appvms/test-vm1/volatile"} <= set(vids)
+    assert "vm-templates/test-template/root" in vids
+    assert _lines(q.call("dom0", "admin.pool.volume.List", "linux-kernel")) == ["1.0"]
+
+
+# --- §2.4 (pools) writable volumes in linux-kernel, kernel volume in a file pool -------------
+
+
+def test_create_with_a_writable_volume_in_linux_kernel_is_an_empty_reply(q: Qubesd) -> None:
+    """kernels.py:172 ``LinuxKernel.init_volume``: ``assert not volume_config["rw"]``;
+    qubesvm.py:2937-2938 moves every writable non-snapshot volume with ``pool=``. The
+    qube is deleted again (admin.py:1311-1314)."""
+    before = _lines(q.call("dom0", "admin.vm.List"))
+    for payload in (
+        b"name=new label=red pool=linux-kernel",
+        b"name=new label=red pool:private=linux-kernel",
+    ):
+        assert q.call("dom0", "admin.vm.CreateInPool.AppVM", "", payload) == b""
+        assert _lines(q.call("dom0", "admin.vm.List")) == before
+
+
+def test_create_after_default_pool_kernel_reset_is_an_empty_reply(q: Qubesd) -> None:
+    """default_pool_kernel then defaults to ``default_pool`` (``file``): the kernel volume
+    has no size and ``FileVolume.create`` asserts ``size > 0`` (file.py:282-285)."""
+    assert q.call("dom0", "admin.property.Reset", "default_pool_kernel") == ok()
+    assert q.call("dom0", "admin.vm.Create.AppVM", "", b"name=new label=red") == b""
+    assert "new" not in q.call("dom0", "admin.vm.List").decode()
+
+
+def test_a_snapshot_volume_cannot_move_pools(q: Qubesd) -> None:
+    """qubesvm.py:2941-2950: ``pool:root=`` on an AppVM (root is a snapshot)."""
+    assert q.call(
+        "dom0", "admin.vm.CreateInPool.AppVM", "", b"name=new label=red pool:root=varlibqubes"
+    ) == err(
+        "QubesException",
+        "Snapshot volume root must be in the same pool as its origin (root volume of "
+        "template),cannot move to pool varlibqubes ",
+    )
+    assert "new" not in q.call("dom0", "admin.vm.List").decode()
+
+
+# --- §2.6 missing checks (volumes) ----------------------------------------------------------
+
+
+def test_kernel_volume_refusals(q: Qubesd) -> None:
+    """kernels.py ``LinuxModules``: ``ephemeral``, ``rw`` and ``revisions_to_keep`` setters
+    refuse; it has no ``resize`` (``Volume.resize``: NotImplementedError, an empty reply)."""
+    assert q.call("test-vm1", "admin.vm.volume.Set.ephemeral", "kernel", b"True") == err(
+        "QubesValueError", "LinuxModules does not support setting ephemeral value"
+    )
+    assert q.call("test-vm1", "admin.vm.volume.Set.rw", "kernel", b"True") == err(
+        "QubesValueError", "LinuxModules supports only read-only volumes"
+    )
+    assert q.call("test-vm1", "admin.vm.volume.Set.revisions_to_keep", "kernel", b"1") == err(
+        "QubesValueError", "LinuxModules supports only revisions_to_keep=0"
+    )
+    assert q.call("test-vm1", "admin.vm.volume.Resize", "kernel", b"1024") == b""
+
+
+def test_ephemeral_only_on_plain_writable_volumes(q: Qubesd) -> None:
+    """storage/__init__.py:200-215: enabling ``ephemeral`` on a ``snap_on_start``,
+    ``save_on_stop`` or read-only volume is refused (private is ``save_on_stop``)."""
+    assert q.call("test-vm1", "admin.vm.volume.Set.ephemeral", "private", b"True") == err(
+        "QubesValueError",
+        "Cannot enable ephemeral on snap_on_start or save_on_stop or non-dom0 or not "
+        "writable volume",
+    )
+    assert q.call("test-vm1", "admin.vm.volume.Set.ephemeral", "private", b"False") == ok()

@@ -235,6 +235,23 @@ def _pool(call: Call, name: str) -> str:
     return name
 
 
+def _patch_pools(vm: Qube, pool: str | None, pools: dict[str, str]) -> None:
+    """``_patch_pool_config`` (qubes/vm/qubesvm.py): ``pool=`` moves only volumes that are
+    writable and not snapshots; ``pool:NAME=`` refuses to move a snapshot away from its
+    origin's pool."""
+    for vol in vm.volumes.values():
+        if pool is not None:
+            if vol.rw and not vol.snap_on_start:
+                vol.pool = pool
+        elif vol.name in pools:
+            if vol.snap_on_start:
+                raise exc.QubesException(
+                    f"Snapshot volume {vol.name} must be in the same pool as its origin "
+                    f"({vol.name} volume of template),cannot move to pool {pools[vol.name]} "
+                )
+            vol.pool = pools[vol.name]
+
+
 async def _create(call: Call, allow_pool: bool) -> None:
     call.enforce(call.dest.name == "dom0")
     klass = call.endpoint
@@ -261,12 +278,12 @@ async def _create(call: Call, allow_pool: bool) -> None:
         raise exc.QubesNotImplementedError(f"{klass} is not supported by the emulator")
     label = call.app.label_by_name(kwargs["label"])
     vm = lifecycle.create_vm(call.app, klass, kwargs["name"], label, template)
-    for vol in vm.volumes.values():
-        if vol.name in pools:
-            vol.pool = pools[vol.name]
-        elif pool is not None and vol.name != "kernel":
-            vol.pool = pool
     call.app.add_tag(vm, "created-by-" + call.src.name)
+    try:
+        _patch_pools(vm, pool, pools)
+    except exc.QubesException:
+        lifecycle.remove_vm(call.app, vm)
+        raise
     lifecycle.create_on_disk(call.app, vm)
     call.save()
 

@@ -113,12 +113,15 @@ class QubesApp(PropertyHolder):
     # --- construction --------------------------------------------------------------------
 
     @classmethod
-    def new(cls, paths: SimPaths, pool_size: int | None = None) -> QubesApp:
-        """A fresh app with dom0, the default labels and pools (``load_initial_values``)."""
+    def new(
+        cls, paths: SimPaths, pool_size: int | None = None, pool_driver: str = "file"
+    ) -> QubesApp:
+        """A fresh app with dom0, the default labels and pools (``load_initial_values``:
+        ``varlibqubes`` is ``file``, or ``file-reflink`` where the filesystem can reflink)."""
         app = cls(paths=paths)
         for index, color, name in DEFAULT_LABELS:
             app.labels[index] = Label(index, color, name)
-        app.pools["varlibqubes"] = Pool("varlibqubes", "file-reflink", "/var/lib/qubes", pool_size)
+        app.pools["varlibqubes"] = Pool("varlibqubes", pool_driver, "/var/lib/qubes", pool_size)
         app.pools["linux-kernel"] = Pool(
             "linux-kernel", "linux-kernel", "/var/lib/qubes/vm-kernels"
         )
