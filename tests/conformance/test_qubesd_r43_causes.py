@@ -261,3 +261,97 @@ def test_ephemeral_only_on_plain_writable_volumes(q: Qubesd) -> None:
         "writable volume",
     )
     assert q.call("test-vm1", "admin.vm.volume.Set.ephemeral", "private", b"False") == ok()
+
+
+# --- §2.10 methods that were missing ---------------------------------------------------------
+
+
+def test_console_needs_a_running_qube_and_has_no_tty(q: Qubesd) -> None:
+    """admin.py:642-657: a halted qube is ``QubesVMNotRunningError``; a running one answers
+    the ``<console tty=…>`` of its libvirt XML — an emulated domain has none (empty)."""
+    assert q.call("test-vm1", "admin.vm.Console") == err(
+        "QubesVMNotRunningError", "Domain not running (either powered off or paused): 'test-vm1'"
+    )
+    assert q.call("test-vm1", "admin.vm.Start") == ok()
+    assert q.call("test-vm1", "admin.vm.Console") == ok()
+    assert q.call("test-vm1", "admin.vm.Console", "x") == b""
+
+
+def test_stats_is_a_stream_of_vm_stats_events(q: Qubesd) -> None:
+    """admin.py:2078-2105 and 2029-2073: ``connection-established``, then ``vm-stats`` for
+    each running qube with ``memory_kb``, ``cpu_time``, ``cpu_usage``, ``cpu_usage_raw``.
+    Without a known sandbox pid the figures are the stub (``memory`` in KiB, no cpu)."""
+    import socket
+
+    assert q.call("test-vm1", "admin.vm.Start") == ok()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(q.paths.qubesd_sock))
+        sock.sendall(b"admin.vm.Stats+ dom0 name test-vm1\0")
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while data.count(b"vm-stats") < 1 or not data.endswith(b"\0\0"):
+            data += sock.recv(4096)
+    assert data.startswith(b"1\0\0connection-established\0\0")
+    assert (
+        b"1\x00test-vm1\x00vm-stats\x00memory_kb\x00409600\x00cpu_time\x000\x00"
+        b"cpu_usage\x000\x00cpu_usage_raw\x000\x00\x00" in data
+    )
+
+
+def test_stats_reads_a_known_sandbox_process_tree() -> None:
+    """The real figures: resident memory and cpu time of a process and its children."""
+    import os
+
+    from qubes_mcp.sim.qubesd import stats
+
+    sample = stats.from_processes(os.getpid(), 2)
+    assert sample is not None
+    assert sample.memory_kb > 1000 and sample.cpu_time_ns > 0 and sample.vcpus == 2
+    assert stats.from_processes(2**22 + 1, 1) is None
+
+
+def test_pool_add_set_remove(q: Qubesd) -> None:
+    """admin.py:742-794 (checks), app.py:1468-1509 (``add_pool``/``remove_pool``), admin.py
+    823-855 (``Set.revisions_to_keep``/``Set.ephemeral_volatile``)."""
+    assert q.call("dom0", "admin.pool.Add", "nope", b"name=p\n") == err(
+        "QubesException", "unexpected driver name: nope"
+    )
+    assert q.call("dom0", "admin.pool.Add", "file", b"name=p\nsize=1\n") == err(
+        "QubesException", "unexpected driver options: size"
+    )
+    assert q.call("dom0", "admin.pool.Add", "file", b"name=p\n") == err(
+        "QubesException", "missing required driver options: dir_path"
+    )
+    assert q.call("dom0", "admin.pool.Add", "file", b"name=p\nname=q\ndir_path=/x\n") == b""
+    assert q.call("dom0", "admin.pool.Add", "file", b"name=p\ndir_path=/var/lib/qubes/p\n") == ok()
+    assert _lines(q.call("dom0", "admin.pool.List"))[-1] == "p"
+    assert "included_in=varlibqubes" in _lines(q.call("dom0", "admin.pool.Info", "p"))
+    assert q.call("dom0", "admin.pool.Set.revisions_to_keep", "p", b"0") == ok()
+    assert q.call("dom0", "admin.pool.Set.ephemeral_volatile", "p", b"True") == ok()
+    assert "ephemeral_volatile=True" in _lines(q.call("dom0", "admin.pool.Info", "p"))
+    assert q.call("dom0", "admin.pool.Remove", "varlibqubes") == err(
+        "QubesPoolInUseError", "Storage pool is in use: 'varlibqubes'"
+    )
+    assert q.call("dom0", "admin.pool.Remove", "p") == ok()
+    assert "p" not in _lines(q.call("dom0", "admin.pool.List"))
+
+
+def test_pci_writes_refuse_without_pci_devices(q: Qubesd) -> None:
+    """devices.py:181-212 (attach: halted frontend, then an unknown device — a
+    ProtocolError, zero bytes), 321-333 (detach), 355-367 (unassign), 278-297
+    (``update_assignment``). ``DeviceNotAssigned`` is a KeyError: its text arrives quoted."""
+    assert q.call("test-vm1", "admin.vm.device.pci.Attach", "dom0+00_02.0", b"") == err(
+        "QubesVMNotRunningError", "VM not running, cannot attach device, do you mean `assign`?"
+    )
+    assert q.call("test-vm1", "admin.vm.Start") == ok()
+    assert q.call("test-vm1", "admin.vm.device.pci.Attach", "dom0+00_02.0", b"") == b""
+    assert q.call("test-vm1", "admin.vm.device.pci.Detach", "dom0+00_02.0") == err(
+        "DeviceNotAssigned", "'pci device 00_02.0 not attached to test-vm1'"
+    )
+    assert q.call("test-vm1", "admin.vm.device.pci.Unassign", "dom0+00_02.0") == err(
+        "DeviceNotAssigned", "'pci device dom0:00_02.0:* not assigned to test-vm1'"
+    )
+    assert q.call(
+        "test-vm1", "admin.vm.device.pci.Set.assignment", "dom0+00_02.0", b"required"
+    ) == err("QubesValueError", "Device dom0:00_02.0:* not assigned to test-vm1")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +90,9 @@ class QubesApp(PropertyHolder):
     autosave: bool = True
     _system_info: dict[str, Any] | None = None
     devices: BlockDevices = field(init=False)
+    #: the pid of a running qube's sandbox, when sandboxes are long-lived (admin.vm.Stats
+    #: then reports that process tree's real memory and cpu figures; see ``stats.py``)
+    sandbox_pid: Callable[[str], int | None] | None = None
 
     def __post_init__(self) -> None:
         self.bus.hooks.append(self._react)
