@@ -355,3 +355,112 @@ def test_pci_writes_refuse_without_pci_devices(q: Qubesd) -> None:
     assert q.call(
         "test-vm1", "admin.vm.device.pci.Set.assignment", "dom0+00_02.0", b"required"
     ) == err("QubesValueError", "Device dom0:00_02.0:* not assigned to test-vm1")
+
+
+# --- §2.4 (globals) default_netvm=dom0 is applied halfway ------------------------------------
+
+
+def test_default_netvm_dom0_is_stored_then_fails(q: Qubesd) -> None:
+    """app.py:690-708 lets dom0 through the loop check; after it is stored, app.py:1746-1757
+    fires ``property-reset:netvm`` on the first qube on the default, and net.py:640-647
+    calls ``dom0.reload_connected_ips`` — AttributeError: an empty reply, value kept."""
+    assert q.call("dom0", "admin.property.Set", "default_netvm", b"dom0") == b""
+    assert q.call("dom0", "admin.property.Get", "default_netvm") == ok("default=False type=vm dom0")
+
+
+# --- §2.5 values that propagate -------------------------------------------------------------
+
+
+def test_default_guivm_and_audiovm_retag_qubes_on_the_default(q: Qubesd) -> None:
+    """ext/gui.py:120-131, ext/audio.py:143-154: setting the global default fires
+    ``property-set:guivm``/``audiovm`` on every qube left at the default, which re-tags it
+    (gui.py:67-80)."""
+    assert q.call("dom0", "admin.vm.Create.AppVM", "test-template", b"name=gui label=red") == ok()
+    assert q.call("dom0", "admin.property.Set", "default_guivm", b"gui") == ok()
+    assert q.call("dom0", "admin.property.Set", "default_audiovm", b"gui") == ok()
+    tags = _lines(q.call("test-vm1", "admin.vm.tag.List"))
+    assert "guivm-gui" in tags and "audiovm-gui" in tags
+    assert "guivm-dom0" not in tags and "audiovm-dom0" not in tags
+
+
+def test_hvm_without_qrexec_has_no_memory_balancing(q: Qubesd) -> None:
+    """qubesvm.py:277-280 and 1965-1995: an HVM qube whose template chain does not
+    announce qrexec cannot balance memory: ``maxmem`` defaults to 0."""
+    assert q.call("test-vm1", "admin.vm.property.Set", "virt_mode", b"hvm") == ok()
+    assert q.call("test-vm1", "admin.vm.property.Get", "maxmem") == ok("default=True type=int 0")
+    assert q.call("test-template", "admin.vm.feature.Set", "qrexec", b"1") == ok()
+    assert q.call("test-vm1", "admin.vm.property.Get", "maxmem") == ok("default=True type=int 4000")
+
+
+def test_check_updates_vm_false_marks_new_qubes(q: Qubesd) -> None:
+    """qubesvm.py:1186-1190: a new qube gets ``check-updates`` = False ("") when the
+    global ``check_updates_vm`` is off."""
+    assert q.call("dom0", "admin.property.Set", "check_updates_vm", b"False") == ok()
+    assert q.call("dom0", "admin.vm.Create.AppVM", "", b"name=new label=red") == ok()
+    assert q.call("new", "admin.vm.feature.Get", "check-updates") == ok("")
+
+
+def test_kernel_volume_after_default_kernel_reset_and_empty_kernel(q: Qubesd) -> None:
+    """kernels.py ``LinuxModules.vid`` reads ``vm.kernel``: with ``default_kernel`` reset
+    (app.py:884-888, no default) that is an AttributeError, an empty reply; with
+    ``kernel=''`` the vid and the path are empty."""
+    assert q.call("test-vm1", "admin.vm.property.Set", "kernel", b"") == ok()
+    info = _lines(q.call("test-vm1", "admin.vm.volume.Info", "kernel"))
+    assert "vid=" in info and "path=" in info
+    assert q.call("test-vm1", "admin.vm.property.Reset", "kernel") == ok()
+    assert q.call("dom0", "admin.property.Reset", "default_kernel") == ok()
+    assert q.call("test-vm1", "admin.vm.volume.Info", "kernel") == b""
+
+
+def test_dom0_icon_does_not_depend_on_its_label(q: Qubesd) -> None:
+    """adminvm.py ``icon``: a constant ``adminvm-black``, also once the label is reset;
+    internal.py ``get_system_info`` reads ``label.icon`` unguarded: an empty reply."""
+    assert q.call("dom0", "admin.vm.property.Reset", "label") == ok()
+    assert q.call("dom0", "admin.vm.property.Get", "icon") == ok(
+        "default=True type=str adminvm-black"
+    )
+    assert q.raw(b"internal.GetSystemInfo+ dom0 name dom0\0", internal=True) == b""
+
+
+# --- §2.6 missing checks (properties, features) ----------------------------------------------
+
+
+def test_keyboard_layout_format(q: Qubesd) -> None:
+    """qubesvm.py:188-218 ``_setter_kbd_layout``."""
+    for value, why in (
+        (b"us", "invalid number of keyboard layout parameters"),
+        (b"u1++", "Invalid keyboard layout provided"),
+        (b"us+a b+", "Invalid layout variant provided"),
+        (b"us++a;b", "Invalid layout options provided"),
+    ):
+        reply = q.call("test-vm1", "admin.vm.property.Set", "keyboard_layout", value)
+        assert reply.startswith(b"2\0QubesPropertyValueError\0\0") and reply.endswith(
+            why.encode() + b"\0"
+        ), (value, reply)
+    assert q.call("test-vm1", "admin.vm.property.Set", "keyboard_layout", b"de+neo+") == ok()
+
+
+def test_kernel_name_without_slash(q: Qubesd) -> None:
+    """qubesvm.py:69-81 ``_setter_kernel``."""
+    reply = q.call("test-vm1", "admin.vm.property.Set", "kernel", b"../x")
+    assert reply.startswith(b"2\0QubesPropertyValueError\0\0")
+    assert reply.endswith(b"Kernel name cannot contain '/'\0")
+
+
+def test_preload_dispvm_max_needs_qrexec_and_the_rpc(q: Qubesd) -> None:
+    """dvmtemplate.py:210-236: ``preload-dispvm-max`` on a qube whose template chain lacks
+    qrexec, then the ``qubes.WaitForRunningSystem`` RPC, then digits."""
+    set_max = ("admin.vm.feature.Set", "preload-dispvm-max")
+    assert q.call("test-vm1", *set_max, b"1") == err(
+        "QubesValueError", "Qube does not support qrexec"
+    )
+    assert q.call("test-template", "admin.vm.feature.Set", "qrexec", b"1") == ok()
+    assert q.call("test-vm1", *set_max, b"1") == err(
+        "QubesValueError", "Qube does not support the RPC 'qubes.WaitForRunningSystem'"
+    )
+    rpc = "supported-rpc.qubes.WaitForRunningSystem"
+    assert q.call("test-template", "admin.vm.feature.Set", rpc, b"1") == ok()
+    assert q.call("test-vm1", *set_max, b"x") == err(
+        "QubesValueError", "Invalid preload-dispvm-max value: not a digit"
+    )
+    assert q.call("test-vm1", *set_max, b"2") == ok()

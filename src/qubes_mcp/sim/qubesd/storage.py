@@ -37,7 +37,9 @@ def vid(vm: Qube, vol: Volume) -> str:
     """``<appvms|vm-templates>/NAME/VOLUME`` (``_vid_prefix``); a volume of a
     ``linux-kernel`` pool has the kernel version as vid (``LinuxModules.vid``)."""
     if driver(vm.app, vol) == KERNEL:
-        return str(vm.get("kernel", "") or "")
+        # LinuxModules.vid reads vm.kernel: with default_kernel reset (no default) that
+        # is an AttributeError, and every answer that shows the vid is an empty reply
+        return str(vm.get("kernel") or "")
     kind = "vm-templates" if vm.klass == "TemplateVM" else "appvms"
     return f"{kind}/{vm.name}/{vol.name}"
 
@@ -159,7 +161,7 @@ def pool_vids(app: QubesApp, pool: Pool) -> list[str]:
     in use (the emulator has no ``vm-kernels`` directory to list)."""
     if pool.driver == KERNEL:
         kernels = [
-            str(vm.get("kernel", "") or "")
+            str(vm.get("kernel", None) or "")
             for vm in app.domains.values()
             if vm.has_prop("kernel") and "kernel" in vm.volumes
         ]
