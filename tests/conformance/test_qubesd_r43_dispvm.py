@@ -36,8 +36,8 @@ def prepared(tmp_path: Path) -> Iterator[Qubesd]:
         assert q.call(TEMPLATE, "admin.vm.tag.Set", "operator-note") == ok()
         for feature, value in (
             ("vm-config.x", b"1"),
+            ("supported-rpc.qubes.WaitForRunningSystem", b"1"),  # before preload-dispvm-max
             ("preload-dispvm-max", b"0"),
-            ("supported-rpc.qubes.WaitForRunningSystem", b"1"),
         ):
             assert q.call(TEMPLATE, "admin.vm.feature.Set", feature, value) == ok()
         rules = b"action=accept dsthost=10.1.2.3 proto=tcp dstports=443-443\naction=drop\n"

@@ -4,6 +4,7 @@ Format (all keys optional except each qube's ``name``, ``class`` and ``label``):
 
     [pool]
     size = 536870912000              # bytes of the varlibqubes pool
+    driver = "file"                  # or "file-reflink" (volume paths and checks follow)
 
     [labels]                         # extra labels beyond the eight defaults
     teal = "0x008080"
@@ -40,7 +41,7 @@ from typing import Any
 from qubes_mcp.sim import exc
 from qubes_mcp.sim.device_model import BlockDeviceSpec
 from qubes_mcp.sim.paths import SimPaths
-from qubes_mcp.sim.qubesd import lifecycle, names
+from qubes_mcp.sim.qubesd import lifecycle, names, storage
 from qubes_mcp.sim.qubesd import props as pdefs
 from qubes_mcp.sim.qubesd.app import QubesApp
 from qubes_mcp.sim.qubesd.vm import Label, Qube
@@ -89,7 +90,10 @@ def _set(app: QubesApp, holder: Qube | QubesApp, name: str, value: object) -> No
 def build(paths: SimPaths, data: dict[str, Any]) -> QubesApp:
     """Build a fresh app from parsed fleet data."""
     pool = data.get("pool", {})
-    app = QubesApp.new(paths, pool_size=pool.get("size"))
+    pool_driver = pool.get("driver", "file")
+    if pool_driver not in storage.VARLIBQUBES_DRIVERS:
+        raise FleetError(f"pool driver must be one of {storage.VARLIBQUBES_DRIVERS}")
+    app = QubesApp.new(paths, pool_size=pool.get("size"), pool_driver=pool_driver)
     app.autosave = False
     for name, color in data.get("labels", {}).items():
         if not names.is_valid_label_name(name):

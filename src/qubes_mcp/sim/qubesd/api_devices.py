@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 
+from qubes_mcp.sim import exc
+from qubes_mcp.sim.device_wire import DeviceRef
 from qubes_mcp.sim.qubesd.api import Call, method
 
 
@@ -117,3 +119,51 @@ async def vm_device_set_assignment(call: Call) -> None:
 async def vm_device_pci_list(call: Call) -> str:
     call.permission()
     return ""
+
+
+# PCI writes on a dom0 that exposes no PCI device (R4.3 qubes/devices.py DeviceCollection):
+# nothing can be attached (an unknown device is a ProtocolError: zero bytes), so nothing
+# is attached or assigned to detach, unassign or change.
+
+
+def _pci_ref(call: Call) -> DeviceRef:
+    ref = DeviceRef.from_qarg(call.arg)  # no "+": ValueError, zero bytes
+    if ref.backend != "*" and ref.backend not in call.app.domains:
+        raise KeyError(ref.backend)  # load_device_info's domains lookup
+    return ref
+
+
+@method("admin.vm.device.pci.Attach")
+async def vm_device_pci_attach(call: Call) -> None:
+    ref = _pci_ref(call)
+    call.permission(device=call.arg)
+    if call.dest.is_halted():
+        raise exc.QubesVMNotRunningError(
+            call.dest.name, "VM not running, cannot attach device, do you mean `assign`?"
+        )
+    raise exc.ProtocolError(f"pci device not recognized in {ref.port_id} port.")
+
+
+@method("admin.vm.device.pci.Detach", no_payload=True)
+async def vm_device_pci_detach(call: Call) -> None:
+    ref = _pci_ref(call)
+    call.permission(device=call.arg)
+    raise exc.DeviceNotAssigned(f"pci device {ref.port_id} not attached to {call.dest.name}")
+
+
+@method("admin.vm.device.pci.Unassign", no_payload=True)
+async def vm_device_pci_unassign(call: Call) -> None:
+    ref = _pci_ref(call)
+    call.permission(device=call.arg)
+    shown = f"{ref.backend}:{ref.port_id}:{ref.device_id}"
+    raise exc.DeviceNotAssigned(f"pci device {shown} not assigned to {call.dest.name}")
+
+
+@method("admin.vm.device.pci.Set.assignment")
+async def vm_device_pci_set_assignment(call: Call) -> None:
+    if call.untrusted_payload not in (b"required", b"ask-to-attach", b"auto-attach"):
+        raise exc.PermissionDenied()
+    ref = _pci_ref(call)
+    call.permission(device=call.arg)
+    shown = f"{ref.backend}:{ref.port_id}:{ref.device_id}"
+    raise exc.QubesValueError(f"Device {shown} not assigned to {call.dest.name}")

@@ -10,17 +10,19 @@ from __future__ import annotations
 import shutil
 
 from qubes_mcp.sim import exc
-from qubes_mcp.sim.qubesd import lifecycle
+from qubes_mcp.sim.qubesd import lifecycle, storage
 from qubes_mcp.sim.qubesd import props as pdefs
 from qubes_mcp.sim.qubesd.api import Call, method, validate_size
 
-#: ``admin.pool.ListDrivers`` (R4.3 entry points, parameters of each driver's ``__init__``)
+#: ``admin.pool.ListDrivers``: the ``qubes.storage`` entry points, sorted by name as in an
+#: installed ``entry_points.txt``, and the parameters of each driver's ``__init__``
+#: (``driver_parameters``: all but ``self``, ``name``, ``kwargs``, in signature order)
 POOL_DRIVERS = (
+    ("callback", "conf_id"),
     ("file", "revisions_to_keep dir_path ephemeral_volatile"),
     ("file-reflink", "revisions_to_keep dir_path setup_check ephemeral_volatile"),
     ("linux-kernel", "dir_path"),
     ("lvm_thin", "revisions_to_keep volume_group thin_pool ephemeral_volatile"),
-    ("callback", "conf_id"),
     ("zfs", "revisions_to_keep container ephemeral_volatile snap_on_start_forensics"),
 )
 
@@ -79,6 +81,7 @@ async def vm_volume_set_revisions(call: Call) -> None:
     toggles = newvalue != vol.revisions_to_keep and -1 in (vol.revisions_to_keep, newvalue)
     if call.dest.is_running() and toggles:
         raise exc.QubesVMNotHaltedError(call.dest.name)
+    storage.check_revisions(call.app, vol, newvalue)
     vol.revisions_to_keep = newvalue
     call.save()
 
@@ -97,6 +100,7 @@ async def vm_volume_set_rw(call: Call) -> None:
     call.permission(newvalue=newvalue)
     if not call.dest.is_halted():
         raise exc.QubesVMNotHaltedError(call.dest.name)
+    storage.check_rw(call.app, call.dest.volumes[call.arg], newvalue)
     call.dest.volumes[call.arg].rw = newvalue
     call.save()
 
@@ -124,9 +128,7 @@ async def vm_volume_clear(call: Call) -> None:
     call.enforce(call.arg in call.dest.volumes)
     call.permission()
     vol = call.dest.volumes[call.arg]
-    if not vol.save_on_stop:
-        # R4.3 drivers: "Cannot import_data: <vid> is not save_on_stop" (NotImplementedError)
-        raise NotImplementedError(f"Cannot import_data: {lifecycle.vid(call.dest, vol)}")
+    storage.check_import(call.app, call.dest, vol)
     if not call.dest.is_halted():
         raise exc.QubesVMNotHaltedError(call.dest.name)
     call.app.fire(call.dest, "domain-volume-import-begin", volume=call.arg, size=vol.size)
@@ -153,12 +155,7 @@ async def pool_list_drivers(call: Call) -> str:
 async def pool_volume_list(call: Call) -> str:
     call.enforce(call.dest.name == "dom0")
     call.enforce(call.arg in call.app.pools)
-    vids = [
-        lifecycle.vid(vm, vol)
-        for vm in call.app.domains.values()
-        for vol in vm.volumes.values()
-        if vol.pool == call.arg and not vol.snap_on_start and vol.name != "kernel"
-    ]
+    vids = storage.pool_vids(call.app, call.app.pools[call.arg])
     return "".join(f"{v}\n" for v in call.filtered(vids))
 
 

@@ -11,7 +11,7 @@ import shutil
 import string
 
 from qubes_mcp.sim import exc
-from qubes_mcp.sim.qubesd import lifecycle
+from qubes_mcp.sim.qubesd import lifecycle, storage
 from qubes_mcp.sim.qubesd.api import Call, method, validate_size
 from qubes_mcp.sim.qubesd.app import MAX_DEFAULT_LABEL
 from qubes_mcp.sim.qubesd.vm import Label, Qube, Volume
@@ -37,20 +37,15 @@ def volume_info(vm: Qube, vol: Volume) -> dict[str, object]:
     source = lifecycle.volume_source(vm, vol)
     src_vol = source.volumes.get(vol.name) if source is not None else None
     vid = lifecycle.vid(vm, vol)
-    if vol.name == "kernel":
-        path = f"/var/lib/qubes/vm-kernels/{vid}/modules.img"
-    elif source is not None and src_vol is not None:
-        path = f"/var/lib/qubes/{lifecycle.vid(source, src_vol)}.img"
-    else:
-        path = f"/var/lib/qubes/{vid}.img"
+    source_vid = lifecycle.vid(source, src_vol) if source and src_vol else None
     return {
         "pool": vol.pool,
         "vid": vid,
         "size": src_vol.size if src_vol is not None else vol.size,
         "usage": vol.usage,
         "rw": vol.rw,
-        "source": lifecycle.vid(source, src_vol) if source and src_vol else "",
-        "path": path,
+        "source": source_vid or "",
+        "path": storage.path(vm.app, vm, vol, source_vid),
         "save_on_stop": vol.save_on_stop,
         "snap_on_start": vol.snap_on_start,
         "revisions_to_keep": vol.revisions_to_keep,
@@ -81,10 +76,8 @@ async def vm_volume_resize(call: Call) -> None:
     call.permission(size=size)
     vol = call.dest.volumes[call.arg]
     try:
-        if not vol.rw:
-            raise exc.StoragePoolException(
-                f"Cannot resize: {lifecycle.vid(call.dest, vol)} is read-only"
-            )
+        current = int(str(volume_info(call.dest, vol)["size"]))
+        storage.check_resize(call.app, call.dest, vol, size, current)
         vol.size = size
     finally:
         call.save()
@@ -135,16 +128,6 @@ async def pool_list(call: Call) -> str:
     return "".join(f"{p}\n" for p in call.filtered(list(call.app.pools)))
 
 
-def pool_usage(call: Call, pool: str) -> int:
-    """Allocated bytes of the volumes that own data in ``pool`` (not snapshots)."""
-    return sum(
-        vol.size
-        for vm in call.app.domains.values()
-        for vol in vm.volumes.values()
-        if vol.pool == pool and not vol.snap_on_start
-    )
-
-
 @method("admin.pool.Info", no_payload=True)
 async def pool_info(call: Call) -> str:
     call.enforce(call.dest.name == "dom0")
@@ -152,8 +135,12 @@ async def pool_info(call: Call) -> str:
     pool = call.app.pools[call.arg]
     call.permission(pool=pool.name)
     text = "".join(f"{k}={v}\n" for k, v in sorted(pool.config().items()))
-    if pool.size is not None:
-        text += f"size={pool.size}\nusage={pool_usage(call, pool.name)}\n"
+    figures = storage.figures(call.app, pool)
+    if figures is not None:
+        text += f"size={figures[0]}\nusage={figures[1]}\n"
+    container = storage.included_in(call.app, pool)
+    if container is not None:
+        text += f"included_in={container.name}\n"
     return text
 
 
@@ -193,9 +180,10 @@ async def pool_usage_details(call: Call) -> str:
     call.enforce(call.arg in call.app.pools)
     pool = call.app.pools[call.arg]
     call.permission(pool=pool.name)
-    if pool.size is None:
+    figures = storage.figures(call.app, pool)
+    if figures is None:
         return ""
-    details = {"data_size": pool.size, "data_usage": pool_usage(call, pool.name)}
+    details = {"data_size": figures[0], "data_usage": figures[1]}
     return "".join(f"{k}={v}\n" for k, v in sorted(details.items()))
 
 

@@ -13,10 +13,13 @@ from qubes_mcp.sim.qubesd import dispvm, lifecycle, names
 from qubes_mcp.sim.qubesd.api import Call, method
 from qubes_mcp.sim.qubesd.vm import Qube
 
-VM_CLASSES = ("AppVM", "TemplateVM", "StandaloneVM", "AdminVM", "DispVM", "RemoteVM")
+#: Entry points in the order ``importlib.metadata`` reads them from ``entry_points.txt``,
+#: which setuptools writes sorted by name within each group (``_entry_points.render``): the
+#: order of every installed dom0, not the order of ``setup.py``.
+VM_CLASSES = ("AdminVM", "AppVM", "DispVM", "RemoteVM", "StandaloneVM", "TemplateVM")
 #: Classes the emulator can instantiate (RemoteVM is listed but not modelled).
 CREATABLE = ("AppVM", "TemplateVM", "StandaloneVM", "DispVM")
-DEVICE_CLASSES = ("pci", "block")
+DEVICE_CLASSES = ("block", "pci")
 MAX_NOTES = 256000
 
 
@@ -232,6 +235,23 @@ def _pool(call: Call, name: str) -> str:
     return name
 
 
+def _patch_pools(vm: Qube, pool: str | None, pools: dict[str, str]) -> None:
+    """``_patch_pool_config`` (qubes/vm/qubesvm.py): ``pool=`` moves only volumes that are
+    writable and not snapshots; ``pool:NAME=`` refuses to move a snapshot away from its
+    origin's pool."""
+    for vol in vm.volumes.values():
+        if pool is not None:
+            if vol.rw and not vol.snap_on_start:
+                vol.pool = pool
+        elif vol.name in pools:
+            if vol.snap_on_start:
+                raise exc.QubesException(
+                    f"Snapshot volume {vol.name} must be in the same pool as its origin "
+                    f"({vol.name} volume of template),cannot move to pool {pools[vol.name]} "
+                )
+            vol.pool = pools[vol.name]
+
+
 async def _create(call: Call, allow_pool: bool) -> None:
     call.enforce(call.dest.name == "dom0")
     klass = call.endpoint
@@ -247,16 +267,23 @@ async def _create(call: Call, allow_pool: bool) -> None:
     if kwargs["name"] in call.app.domains:
         raise exc.QubesValueError(f"VM {kwargs['name']} already exists")
     call.permission(pool=pool, pools=pools, **kwargs)
+    if klass == "AdminVM":
+        # add_new_vm passes qid= first; AdminVM's qid setter is property.forbidden
+        raise exc.QubesPropertyValueError(
+            "dom0", "qid", None, "property 'qid' on AdminVM instance cannot be set"
+        )
     if klass not in CREATABLE:
+        # R4.3 creates a RemoteVM (a qube on another host, reached through a relay qube);
+        # the emulator has no such class (docs/fidelity.md)
         raise exc.QubesNotImplementedError(f"{klass} is not supported by the emulator")
     label = call.app.label_by_name(kwargs["label"])
     vm = lifecycle.create_vm(call.app, klass, kwargs["name"], label, template)
-    for vol in vm.volumes.values():
-        if vol.name in pools:
-            vol.pool = pools[vol.name]
-        elif pool is not None and vol.name != "kernel":
-            vol.pool = pool
     call.app.add_tag(vm, "created-by-" + call.src.name)
+    try:
+        _patch_pools(vm, pool, pools)
+    except exc.QubesException:
+        lifecycle.remove_vm(call.app, vm)
+        raise
     lifecycle.create_on_disk(call.app, vm)
     call.save()
 

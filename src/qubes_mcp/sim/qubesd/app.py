@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +90,9 @@ class QubesApp(PropertyHolder):
     autosave: bool = True
     _system_info: dict[str, Any] | None = None
     devices: BlockDevices = field(init=False)
+    #: the pid of a running qube's sandbox, when sandboxes are long-lived (admin.vm.Stats
+    #: then reports that process tree's real memory and cpu figures; see ``stats.py``)
+    sandbox_pid: Callable[[str], int | None] | None = None
 
     def __post_init__(self) -> None:
         self.bus.hooks.append(self._react)
@@ -113,12 +116,15 @@ class QubesApp(PropertyHolder):
     # --- construction --------------------------------------------------------------------
 
     @classmethod
-    def new(cls, paths: SimPaths, pool_size: int | None = None) -> QubesApp:
-        """A fresh app with dom0, the default labels and pools (``load_initial_values``)."""
+    def new(
+        cls, paths: SimPaths, pool_size: int | None = None, pool_driver: str = "file"
+    ) -> QubesApp:
+        """A fresh app with dom0, the default labels and pools (``load_initial_values``:
+        ``varlibqubes`` is ``file``, or ``file-reflink`` where the filesystem can reflink)."""
         app = cls(paths=paths)
         for index, color, name in DEFAULT_LABELS:
             app.labels[index] = Label(index, color, name)
-        app.pools["varlibqubes"] = Pool("varlibqubes", "file-reflink", "/var/lib/qubes", pool_size)
+        app.pools["varlibqubes"] = Pool("varlibqubes", pool_driver, "/var/lib/qubes", pool_size)
         app.pools["linux-kernel"] = Pool(
             "linux-kernel", "linux-kernel", "/var/lib/qubes/vm-kernels"
         )
@@ -213,6 +219,23 @@ class QubesApp(PropertyHolder):
                 self._system_info = None
         elif event in ("domain-feature-set:internal", "domain-feature-delete:internal"):
             self._system_info = None
+        if subject is None and event == "property-pre-set:default_netvm":
+            from qubes_mcp.sim.qubesd import propwrite
+
+            propwrite.default_netvm_pre_set(self, kw)
+        elif subject is None and event == "property-set:default_netvm":
+            from qubes_mcp.sim.qubesd import propwrite
+
+            propwrite.default_netvm_set(self, kw)
+        if subject is None and event in (
+            "property-set:default_guivm",
+            "property-set:default_audiovm",
+        ):
+            # ext/gui, ext/audio: every qube left at the default hears of its new value
+            prop = event.split(":", 1)[1].removeprefix("default_")
+            for vm in list(self.domains.values()):
+                if vm.has_prop(prop) and vm.is_default(prop):
+                    self.emit(vm, "property-set:" + prop, {**kw, "name": prop})
         if event == "property-pre-set:clockvm" and isinstance(kw.get("newvalue"), Qube):
             clockvm = kw["newvalue"]
             assert isinstance(clockvm, Qube)
@@ -220,7 +243,11 @@ class QubesApp(PropertyHolder):
                 self.set_feature(clockvm, "service.clocksync", "1")
         if not isinstance(subject, Qube):
             return
-        if event in ("property-set:guivm", "property-reset:guivm"):
+        if event == "domain-feature-pre-set:preload-dispvm-max":
+            from qubes_mcp.sim.qubesd import dispvm
+
+            dispvm.check_preload_max(self, subject, str(kw["value"]), kw.get("oldvalue"))
+        elif event in ("property-set:guivm", "property-reset:guivm"):
             self._sync_vm_tag(subject, "guivm")
         elif event in ("property-set:audiovm", "property-reset:audiovm"):
             self._sync_vm_tag(subject, "audiovm")
@@ -324,7 +351,9 @@ class QubesApp(PropertyHolder):
 
 
 def _info(vm: Qube) -> dict[str, Any]:
-    label = vm.label_or_none()
+    # R4.3 reads domain.label.icon unguarded: a qube whose label was reset breaks the
+    # whole GetSystemInfo (AttributeError, an empty reply), and with it qrexec policy
+    label = vm.get("label")
     default_dispvm = vm.get("default_dispvm", None) if vm.has_prop("default_dispvm") else None
     guivm = vm.get("guivm", None) if vm.has_prop("guivm") else None
     internal = vm.features.get("internal")
@@ -336,8 +365,8 @@ def _info(vm: Qube) -> dict[str, Any]:
         if vm.has_prop("template_for_dispvms")
         else False,
         "default_dispvm": default_dispvm.name if default_dispvm is not None else None,
-        "icon": label.icon if label else "",
-        "label": label.color if label else "",
+        "icon": label.icon,
+        "label": label.color,
         "guivm": guivm.name if guivm is not None else None,
         "relayvm": None,
         "transport_rpc": None,

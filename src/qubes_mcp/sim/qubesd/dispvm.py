@@ -123,6 +123,27 @@ def preload_max(app: QubesApp, appvm: Qube) -> int:
     return int(value or 0)
 
 
+def check_preload_max(app: QubesApp, vm: Qube, value: str, oldvalue: object) -> None:
+    """``domain-feature-pre-set:preload-dispvm-max``: dom0's is checked on the global
+    ``default_dispvm`` (adminvm.py:424-447); a disposable template's needs qrexec, the
+    ``qubes.WaitForRunningSystem`` RPC and digits (dvmtemplate.py:210-236)."""
+    if vm.klass == "AdminVM":
+        if value == oldvalue:
+            return
+        target = app.get("default_dispvm", None)
+        if target is None:
+            return
+        vm = target
+    if vm.klass not in _DVM_TEMPLATE_CLASSES:
+        return
+    if not vm.check_feature("template", "qrexec", None):
+        raise exc.QubesValueError("Qube does not support qrexec")
+    if not vm.check_feature("template", "supported-rpc." + _PRELOAD_SERVICE, ""):
+        raise exc.QubesValueError(f"Qube does not support the RPC '{_PRELOAD_SERVICE}'")
+    if not (value or "0").isdigit():
+        raise exc.QubesValueError("Invalid preload-dispvm-max value: not a digit")
+
+
 def preload_start(app: QubesApp, appvm: Qube | None) -> None:
     """``admin.vm.CreateDisposable+preload``: fire ``domain-preload-dispvm-start`` on the
     template (``qubes/api/admin.py``); the answer is empty unless the handler refuses.
@@ -148,6 +169,7 @@ def preload_start(app: QubesApp, appvm: Qube | None) -> None:
 
 __all__ = [
     "check_can_generate",
+    "check_preload_max",
     "check_template",
     "inherit",
     "preload_max",

@@ -13,7 +13,7 @@ import time
 import uuid as uuidlib
 
 from qubes_mcp.sim import exc
-from qubes_mcp.sim.qubesd import dispvm
+from qubes_mcp.sim.qubesd import dispvm, storage
 from qubes_mcp.sim.qubesd.app import GIB, QubesApp, log
 from qubes_mcp.sim.qubesd.vm import Label, Qube, Volume
 
@@ -66,8 +66,7 @@ def volume_source(vm: Qube, vol: Volume) -> Qube | None:
 
 def is_kernel_volume(app: QubesApp, vol: Volume) -> bool:
     """A volume of a ``linux-kernel`` pool behaves as R4.3's ``LinuxModules``."""
-    pool = app.pools.get(vol.pool)
-    return pool is not None and pool.driver == "linux-kernel"
+    return storage.driver(app, vol) == storage.KERNEL
 
 
 def ephemeral(app: QubesApp, vol: Volume) -> bool:
@@ -84,10 +83,7 @@ def ephemeral(app: QubesApp, vol: Volume) -> bool:
 
 
 def vid(vm: Qube, vol: Volume) -> str:
-    if vol.name == "kernel":
-        return str(vm.get("kernel", "") or "")
-    kind = "vm-templates" if vm.klass == "TemplateVM" else "appvms"
-    return f"{kind}/{vm.name}/{vol.name}"
+    return storage.vid(vm, vol)
 
 
 # --- create / remove ---------------------------------------------------------------------
@@ -121,12 +117,16 @@ def create_vm(
                 )
         if klass == "DispVM":
             dispvm.check_template(template)
+        if klass == "AppVM" and template.klass == "AdminVM":
+            # AppVM.__init__ reads template.volume_config, which AdminVM has not: zero bytes
+            raise AttributeError("'AdminVM' object has no attribute 'volume_config'")
         if klass == "AppVM" and template.klass != "TemplateVM":
+            # VMProperty.__set__ got the qube itself here, not a name: its repr is shown
             raise exc.QubesPropertyValueError(
                 name,
                 "template",
                 template.name,
-                f"wrong VM class: domains[{template.name!r}] is of type {template.klass} "
+                f"wrong VM class: domains[{template!r}] is of type {template.klass} "
                 "and not TemplateVM",
             )
         props["template"] = template.name
@@ -156,7 +156,14 @@ def create_vm(
 
 
 def create_on_disk(app: QubesApp, vm: Qube, source: Qube | None = None) -> None:
-    """Make the private volume's directory (copying ``source``'s for a disposable)."""
+    """Make the private volume's directory (copying ``source``'s for a disposable); a
+    volume its pool's driver cannot create fails as in R4.3 (see :mod:`.storage`), and
+    the qube is deleted again (``_vm_create``'s ``del self.app.domains[vm]``)."""
+    try:
+        storage.check_create(app, vm)
+    except BaseException:
+        remove_vm(app, vm)
+        raise
     if source is not None and app.paths.private_dir(source.name).is_dir():
         shutil.copytree(app.paths.private_dir(source.name), app.paths.private_dir(vm.name))
     app.create_private_dir(vm)

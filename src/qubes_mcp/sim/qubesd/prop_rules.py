@@ -58,6 +58,43 @@ def _default_user(holder: Any, prop: PropDef, value: Any) -> object:
     return value
 
 
+_KBD_VARIANT = re.compile(r"\A[a-zA-Z0-9-_]*\Z")
+_KBD_OPTIONS = re.compile(r"\A[a-zA-Z0-9-_:,]*\Z")
+
+
+def _keyboard_layout_setter(holder: Any, prop: PropDef, value: Any) -> object:
+    """``_setter_kbd_layout`` (qubesvm.py:188-218): ASCII ``layout+variant+options``."""
+    text = str(value)
+
+    def refuse(why: str) -> exc.QubesPropertyValueError:
+        return exc.QubesPropertyValueError(repr(holder), prop.name, value, why)
+
+    if not text.isascii():
+        raise refuse("Keyboard layouts must be ASCII")
+    parts = text.split("+")
+    if len(parts) != 3:
+        raise refuse("invalid number of keyboard layout parameters")
+    layout, variant, options = parts
+    if not layout.isalpha():
+        raise refuse("Invalid keyboard layout provided")
+    if not _KBD_VARIANT.match(variant):
+        raise refuse("Invalid layout variant provided")
+    if not _KBD_OPTIONS.match(options):
+        raise refuse("Invalid layout options provided")
+    return text
+
+
+def _kernel(holder: Any, prop: PropDef, value: Any) -> object:
+    """``_setter_kernel`` (qubesvm.py:69-81): empty is ``""``; no ``/`` in a name."""
+    if not value:
+        return ""
+    if "/" in str(value):
+        raise exc.QubesPropertyValueError(
+            repr(holder), prop.name, value, "Kernel name cannot contain '/'"
+        )
+    return str(value)
+
+
 def _kernelopts(holder: Any, prop: PropDef, value: Any) -> object:
     if not value:
         return ""
@@ -239,11 +276,11 @@ def _dns(vm: Any) -> object:
 
 
 def _icon(vm: Any) -> object:
+    if vm.klass == "AdminVM":
+        return "adminvm-black"  # adminvm.py: a constant, whatever the label
     label = vm.label_or_none()
     if label is None:
         raise AttributeError("icon")
-    if vm.klass == "AdminVM":
-        return "adminvm-black"
     if vm.klass == "AppVM" and vm.get("template_for_dispvms"):
         return "templatevm-" + label.name
     prefix = {"TemplateVM": "templatevm-", "DispVM": "dispvm-", "StandaloneVM": "standalonevm-"}
@@ -254,9 +291,28 @@ def _icon(vm: Any) -> object:
     return prefix.get(vm.klass, "appvm-") + label.name
 
 
+def _balancing_possible(vm: Any) -> bool:
+    """``is_memory_balancing_possible`` (qubesvm.py:1965-1995; no qube has PCI devices): an
+    HVM qube balances only if it announces qrexec and, when it announces any service,
+    ``meminfo-writer``."""
+    if vm.get("virt_mode") != "hvm":
+        return True
+    features: set[str] = set(vm.features)
+    tpl = vm.template_or_none()
+    while tpl is not None:
+        features.update(tpl.features)
+        tpl = tpl.template_or_none()
+    services = any(f.startswith("supported-service.") for f in features)
+    if not vm.check_feature("template", "qrexec", ""):
+        return False
+    return not services or bool(
+        vm.check_feature("template", "supported-service.meminfo-writer", "")
+    )
+
+
 def _maxmem(vm: Any) -> object:
-    if vm.get("virt_mode") == "hvm" and not vm.features.get("qrexec"):
-        pass  # R4.3 asks qmemman; the emulator always allows balancing
+    if not _balancing_possible(vm):
+        return 0
     cap = vm.get("memory") * 10 if vm.features.get("os") == "Linux" else 4000
     cap = min(cap, HOST_MEMORY_MIB // 2)
     return _from_template("maxmem", const(cap))(vm)

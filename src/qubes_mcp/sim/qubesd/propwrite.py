@@ -97,6 +97,36 @@ def reset_prop(app: QubesApp, holder: Qube | QubesApp, name: str) -> None:
     app.emit(subject, "property-del:" + name, kw)
 
 
+def default_netvm_pre_set(app: QubesApp, kw: dict[str, object]) -> None:
+    """app.py:1729-1744: every qube on the default netvm hears ``property-pre-set:netvm``
+    (with the app's old and new values), and its checks run."""
+    for vm in list(app.domains.values()):
+        if vm.has_prop("netvm") and vm.is_default("netvm"):
+            app.emit(vm, "property-pre-set:netvm", {**kw, "name": "netvm"}, pre=True)
+            _pre_set_checks(app, vm, "netvm", kw.get("newvalue"))
+
+
+def default_netvm_set(app: QubesApp, kw: dict[str, object]) -> None:
+    """app.py:1746-1757 fires ``property-reset:netvm`` on each of those qubes; net.py:585-597
+    turns a change into ``property-set:netvm``, whose handler (net.py:634-655) reloads the
+    new netvm's connected IPs — which dom0 cannot do (AttributeError: the new default is
+    stored, the reply is empty and the remaining qubes hear nothing)."""
+    oldvalue = kw.get("oldvalue")
+    for vm in list(app.domains.values()):
+        if not (vm.has_prop("netvm") and vm.is_default("netvm")):
+            continue
+        app.emit(vm, "property-reset:netvm", {"name": "netvm", "oldvalue": oldvalue})
+        newvalue = vm.get("netvm", None)
+        if newvalue is oldvalue:
+            continue
+        if isinstance(newvalue, Qube) and newvalue.klass == "AdminVM":
+            raise AttributeError("'AdminVM' object has no attribute 'reload_connected_ips'")
+        app.emit(
+            vm, "property-set:netvm", {"name": "netvm", "newvalue": newvalue, "oldvalue": oldvalue}
+        )
+        _after_netvm_change(app, vm, newvalue)
+
+
 def _resolve(app: QubesApp, holder: Qube | QubesApp, prop: pdefs.PropDef, value: object) -> object:
     if prop.kind == "label":
         return app.label_by_name(str(value))

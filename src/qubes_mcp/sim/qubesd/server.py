@@ -30,7 +30,9 @@ from qubes_mcp.sim.qubesd import (  # noqa: F401
     api_devices,
     api_events,
     api_extra,
+    api_pools,
     api_props,
+    api_stats,
     api_storage,
     api_vm,
 )

@@ -93,7 +93,22 @@ class Qube(PropertyHolder):
         return self.name
 
     def __repr__(self) -> str:
-        return f"<{self.klass} name={self.name!r} qid={self.qid}>"
+        """R4.3 ``BaseVM.__repr__``, which error messages embed (``Invalid value None for
+        property 'template' of <AppVM at 0x… name='work' qid=5 autostart=False …>``): the
+        class, the object's address, name, qid, then every other property in
+        ``property_list`` order as ``name=str(value)``, skipping those without a value."""
+        parts = []
+        for prop in pdefs.listed(self.defs):
+            if prop.name in ("name", "qid"):
+                continue
+            try:
+                value = self.get(prop.name)
+            except AttributeError:
+                continue
+            parts.append(f"{prop.name}={value}")
+        return (
+            f"<{self.klass} at {id(self):#x} name={self.name!r} qid={self.qid!r} {' '.join(parts)}>"
+        )
 
     # --- properties ----------------------------------------------------------------------
 
