@@ -101,6 +101,12 @@ def desktop_notifier(request: PendingRequest) -> None:
     )
 
 
+def dialog_text(request: PendingRequest) -> tuple[str, str]:
+    """The desktop dialog's title and text: the consent view and why it is asked."""
+    title = f"qubes-mcp: {request.principal} asks ({request.id})"
+    return title, f"{request.view.text}\n\nwhy: {'; '.join(request.reasons)}"
+
+
 #: how many finished requests the broker remembers, so a late answer can be told why
 RECENT_ANSWERS = 256
 
@@ -123,8 +129,7 @@ class ConsentBroker:
 
     async def _ask_dialog(self, request: PendingRequest) -> None:
         """Show the operator's dialog; its exit code answers this request (and only it)."""
-        title = f"qubes-mcp: {request.principal} asks ({request.id})"
-        text = f"{request.view.text}\n\nwhy: {'; '.join(request.reasons)}"
+        title, text = dialog_text(request)
         argv = [a.replace("{title}", title).replace("{text}", text) for a in self.dialog]
         try:
             proc = await asyncio.create_subprocess_exec(

@@ -53,8 +53,9 @@ _HEAD, _TAIL = 48, 32
 LINE_MAX = 400
 #: standard input is shown in lines of at most this many characters …
 STDIN_WRAP = 100
-#: … and its first bytes (the preview) are never folded away
+#: … and its first bytes, at most so many lines (the preview), are never folded away
 STDIN_PREVIEW = 1024
+STDIN_PREVIEW_LINES = 12
 #: the hex digits of a SHA-256 shown for a hidden part (the whole digest for standard input)
 _SHORT_HASH = 16
 
@@ -370,7 +371,8 @@ def _head(
 
 def _stdin_lines(f: Field, value: str, where: str) -> list[Line]:
     """Standard input: size and digest (the exact bytes the command gets), then its content
-    in short lines; the first :data:`STDIN_PREVIEW` bytes are never folded."""
+    in short lines; the preview (the first :data:`STDIN_PREVIEW` bytes, at most
+    :data:`STDIN_PREVIEW_LINES` lines) is never folded."""
     raw = utf8(value)
     if not raw:
         return [Line((f"  {f.name}: (empty)",), label=f"{where}{f.name}")]
@@ -388,7 +390,11 @@ def _stdin_lines(f: Field, value: str, where: str) -> list[Line]:
             number += 1
             label = f"{where}{f.name} line {number}"
             lines.append(
-                Line(("    | ", Val(label, chunk)), key=offset < STDIN_PREVIEW, label=label)
+                Line(
+                    ("    | ", Val(label, chunk)),
+                    key=offset < STDIN_PREVIEW and number <= STDIN_PREVIEW_LINES,
+                    label=label,
+                )
             )
             offset += len(utf8(chunk))
     return lines
@@ -411,6 +417,7 @@ def _rules_lines(f: Field, value: object, current: Sequence[str] | None, where: 
             for j, text in enumerate(new)
         ]
     else:
+        current = [_canonical(line) for line in current]
         head = f"  {f.name}: {len(current)} now, {len(new)} after (+ added, - removed, = kept)"
         lines = [Line((head,), label=label)]
         matcher = difflib.SequenceMatcher(None, list(current), new, autojunk=False)
@@ -443,6 +450,17 @@ def _rules_lines(f: Field, value: object, current: Sequence[str] | None, where: 
     if not new:
         lines.append(Line(("  (no rules: the qube's traffic is all dropped)",)))
     return lines
+
+
+def _canonical(line: str) -> str:
+    """A current rule as ``render_rule`` writes the new ones, so the diff compares like with
+    like; a line with anything render_rule does not know (``expire=``) is shown as qubesd has
+    it."""
+    rule = parse_rule_line(line)
+    known = {"action", "proto", "dst4", "dst6", "dsthost", "dstports", "icmptype"}
+    if "action" not in rule or not set(rule) <= known | {"specialtarget", "comment"}:
+        return line
+    return render_rule(rule)
 
 
 def _as_list(value: object) -> list[Any]:
