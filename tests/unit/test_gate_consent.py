@@ -30,7 +30,9 @@ ARGS = {
 }
 
 
-async def _ask_and(broker: ConsentBroker, answer: str, digest: str | None = None) -> object:
+async def _ask_and(
+    broker: ConsentBroker, answer: str, digest: str | None = None
+) -> tuple[str, object]:
     task = asyncio.create_task(broker.ask(**ARGS))  # type: ignore[arg-type]
     while not broker.pending():
         await asyncio.sleep(0)
@@ -107,7 +109,7 @@ def test_late_answers_say_why_and_the_memory_of_them_is_bounded() -> None:
     (timed_out,) = broker._recent
     assert broker.answer(timed_out, approve=True) == "timed-out"
     broker10 = ConsentBroker(10)
-    result, _ = asyncio.run(_ask_and(broker10, "deny"))
+    asyncio.run(_ask_and(broker10, "deny"))
     (denied,) = broker10._recent
     assert broker10.answer(denied, approve=True) == "already-answered"
     for n in range(RECENT_ANSWERS + 10):
