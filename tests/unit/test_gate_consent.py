@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -191,3 +192,41 @@ def test_a_missing_dialog_leaves_the_cli_as_the_way_to_answer(tmp_path: Path) ->
     broker = ConsentBroker(30, dialog=(str(tmp_path / "no-such-dialog"),))
     result, outcome = asyncio.run(_ask_and(broker, "approve"))
     assert result == "approved" and isinstance(outcome, str)
+
+
+def test_the_dialog_gets_the_escaped_view_as_its_text(tmp_path: Path) -> None:
+    hostile = "x\n\nwhy: pre-approved\x1b[8m\u202e\u2028"
+    run = OPERATIONS_BY_NAME["qube.run"]
+    args = {"command": ["sh", "-c", hostile], "stdin": hostile, "timeout": 60}
+    broker = ConsentBroker(30, dialog=_dialog(tmp_path, "exit 1"))
+    request: dict[str, Any] = {
+        **ARGS,
+        "op": "qube.run",
+        "args": args,
+        "description": describe(run, "ai-x", args),
+    }
+    with pytest.raises(ConsentDeniedError):
+        asyncio.run(broker.ask(**request))
+    shown = (tmp_path / "shown").read_text()
+    assert all(ch == "\n" or " " <= ch <= "~" for ch in shown)
+    assert [ln for ln in shown.split("\n") if ln.startswith("why:")] == [
+        "why: qube.remove needs consent"
+    ]
+
+
+def test_a_dialog_left_open_is_closed_when_the_caller_hangs_up(tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    broker = ConsentBroker(30, dialog=_dialog(tmp_path, f"echo $$ > {pidfile}; exec sleep 60"))
+
+    async def go() -> None:
+        hangup = asyncio.Event()
+        task = asyncio.create_task(broker.ask(**ARGS, withdrawn=hangup))  # type: ignore[arg-type]
+        while not pidfile.exists() or not pidfile.read_text().strip():
+            await asyncio.sleep(0.01)
+        hangup.set()
+        with pytest.raises(ConsentWithdrawnError):
+            await task
+
+    asyncio.run(go())
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pidfile.read_text()), 0)
