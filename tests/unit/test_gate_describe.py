@@ -371,3 +371,16 @@ def test_a_line_starts_with_the_gates_own_printable_words() -> None:
         Line((Val("v", "why: x"),))
     with pytest.raises(ValueError, match="printable ASCII"):
         Line(("  value: \n",))
+
+
+def test_a_command_of_many_arguments_keeps_its_head_and_tail_and_names_the_middle() -> None:
+    command = ["tool", *(f"--opt{i}=" + "v" * 40 for i in range(200)), "--then", "rm -rf /"]
+    op = OPERATIONS_BY_NAME["qube.run"]
+    view = describe(op, "ai-dev", {"command": command, "stdin": "", "timeout": 60}).view("x")
+    line = view.text.split("\n")[1]
+    assert line.startswith("  command (203 item(s)): 'tool' '--opt0=")
+    assert line.endswith("'--then' 'rm -rf /'")
+    middle = re.search(r"\.\.\.\[command\[(\d+)\] to command\[(\d+)\]: ([\d,]+) bytes", line)
+    assert middle is not None and int(middle.group(2)) == 199
+    hidden = " ".join(f"'{item}'" for item in command[int(middle.group(1)) : 200])
+    assert int(middle.group(3).replace(",", "")) == len(hidden)

@@ -49,8 +49,10 @@ VIEW_MAX_CHARS = 4000
 #: in a summary, a value whose escaped form is longer than this shows its head and tail only
 ELIDE_OVER = 96
 _HEAD, _TAIL = 48, 32
-#: in a summary, a line longer than this (after eliding values) is replaced by its digest
+#: in a summary, a line longer than this (after eliding values) keeps its first and last parts
+#: (about this many characters of each) and names the parts in between
 LINE_MAX = 400
+_LINE_HEAD, _LINE_TAIL = 240, 120
 #: standard input is shown in lines of at most this many characters …
 STDIN_WRAP = 100
 #: … and its first bytes, at most so many lines (the preview), are never folded away
@@ -179,18 +181,23 @@ class Line:
 
     @cached_property
     def _compact(self) -> str:
-        text = "".join(p if isinstance(p, str) else p.compact()[0] for p in self.parts)
-        if len(text) <= LINE_MAX:
-            return text
-        raw = utf8(self.full())
-        return (
-            f"{self.parts[0]}[{self.label or 'line'}: {len(raw):,} bytes, "
-            f"sha256 {_sha256(raw)[:_SHORT_HASH]}]"
-        )
-
-    @property
-    def elided(self) -> bool:
-        return any(isinstance(p, Val) and p.compact()[1] for p in self.parts)
+        """Long values elided; a line still too long (a command of many arguments) keeps its
+        head and tail parts and names the parts between, with their size and digest."""
+        texts = [p if isinstance(p, str) else p.compact()[0] for p in self.parts]
+        if sum(map(len, texts)) <= LINE_MAX:
+            return "".join(texts)
+        head, used = 1, len(texts[0])  # the gate's first words always stay
+        while head < len(texts) and used + len(texts[head]) <= _LINE_HEAD:
+            used, head = used + len(texts[head]), head + 1
+        tail, used = len(texts), 0
+        while tail > head and used + len(texts[tail - 1]) <= _LINE_TAIL:
+            used, tail = used + len(texts[tail - 1]), tail - 1
+        middle = self.parts[head:tail]
+        labels = [p.label for p in middle if isinstance(p, Val)] or ["words"]
+        which = labels[0] if len(labels) == 1 else f"{labels[0]} to {labels[-1]}"
+        raw = utf8("".join(p if isinstance(p, str) else p.full() for p in middle))
+        note = f" ...[{which}: {len(raw):,} bytes, sha256 {_sha256(raw)[:_SHORT_HASH]}]..."
+        return "".join(texts[:head]) + note + "".join(texts[tail:])
 
 
 @dataclass(frozen=True)
