@@ -384,3 +384,29 @@ def test_a_command_of_many_arguments_keeps_its_head_and_tail_and_names_the_middl
     assert middle is not None and int(middle.group(2)) == 199
     hidden = " ".join(f"'{item}'" for item in command[int(middle.group(1)) : 200])
     assert int(middle.group(3).replace(",", "")) == len(hidden)
+
+
+def test_a_create_says_where_the_new_qube_lands_and_its_network() -> None:
+    from qubes_mcp.dom0.decide import Birth
+    from qubes_mcp.dom0.tiers import Tier
+
+    op = OPERATIONS_BY_NAME["qube.create"]
+    args = {
+        "name": "ai-new",
+        "label": "red",
+        "disposable_template": False,
+        "private_size": 1 << 30,
+        "network": "inherit",
+    }
+    birth = Birth("ai-new", "ai-debian", "AppVM", "red", Tier.EXEC, frozenset(), "ai-egress",
+                  1 << 30, False, 1 << 30)  # fmt: skip
+    text = describe(op, "ai-debian", args, birth=birth).full_text().split("\n")
+    assert text == [
+        "qube.create: CREATE a new app qube from template ai-debian: it joins the agent's scope "
+        "at tier exec, network ai-egress",
+        "  name: ai-new",
+        "  label: red",
+        "  disposable_template: no",
+        "  private_size: 1073741824 bytes (1.0 GiB)",
+        "  network: inherit",
+    ]

@@ -351,7 +351,7 @@ def _head(
         if birth is not None:
             net: Part = "none" if birth.netvm is None else Val(f"{where}netvm", birth.netvm)
             parts += (
-                ": it joins your agent's scope at tier ",
+                ": it joins the agent's scope at tier ",
                 Val(f"{where}tier", birth.tier.word),
                 ", network ",
                 net,
@@ -459,15 +459,27 @@ def _rules_lines(f: Field, value: object, current: Sequence[str] | None, where: 
     return lines
 
 
+_RULE_KEYS = frozenset(
+    (
+        "action",
+        "proto",
+        "dst4",
+        "dst6",
+        "dsthost",
+        "dstports",
+        "icmptype",
+        "specialtarget",
+        "comment",
+    )
+)
+
+
 def _canonical(line: str) -> str:
     """A current rule as ``render_rule`` writes the new ones, so the diff compares like with
     like; a line with anything render_rule does not know (``expire=``) is shown as qubesd has
     it."""
     rule = parse_rule_line(line)
-    known = {"action", "proto", "dst4", "dst6", "dsthost", "dstports", "icmptype"}
-    if "action" not in rule or not set(rule) <= known | {"specialtarget", "comment"}:
-        return line
-    return render_rule(rule)
+    return render_rule(rule) if "action" in rule and set(rule) <= _RULE_KEYS else line
 
 
 def _as_list(value: object) -> list[Any]:
