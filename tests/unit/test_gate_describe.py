@@ -398,8 +398,18 @@ def test_a_create_says_where_the_new_qube_lands_and_its_network() -> None:
         "private_size": 1 << 30,
         "network": "inherit",
     }
-    birth = Birth("ai-new", "ai-debian", "AppVM", "red", Tier.EXEC, frozenset(), "ai-egress",
-                  1 << 30, False, 1 << 30)  # fmt: skip
+    birth = Birth(
+        name="ai-new",
+        source="ai-debian",
+        klass="AppVM",
+        label="red",
+        tier=Tier.EXEC,
+        stamp=frozenset(),
+        netvm="ai-egress",
+        private_size=1 << 30,
+        template_for_dispvms=False,
+        estimate=1 << 30,
+    )
     text = describe(op, "ai-debian", args, birth=birth).full_text().split("\n")
     assert text == [
         "qube.create: CREATE a new app qube from template ai-debian: it joins the agent's scope "
