@@ -259,11 +259,14 @@ class Description:
             for index, entry in enumerate(entries):
                 if entry[0].key:
                     continue
-                for count in range(1, len(entry) + 1):
+                low, high = 0, len(entry)  # the most lines of this run that fit: bisect
+                while low < high:
+                    count = (low + high + 1) // 2
                     wider = [*shown[:index], _entry(entry, count), *shown[index + 1 :]]
-                    if not _fits(_flat(wider) + footer):
-                        break
-                    shown = wider
+                    if _fits(_flat(wider) + footer):
+                        low, shown = count, wider
+                    else:
+                        high = count - 1
             return View("\n".join(_flat(shown) + footer), True)
         # c: the first entries that fit (what needs consent comes first), the rest folded
         kept: list[str] = []
