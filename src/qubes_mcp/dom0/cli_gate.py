@@ -3,7 +3,7 @@
     gate                         run the gate daemon in the foreground
     install / uninstall / status / doctor   [--root DIR]
     policy render | explain [--from QUBE]
-    pending | approve ID [--digest D] | deny ID
+    pending | show ID | approve ID [--digest D] | deny ID
     audit verify [--log PATH]
     tier QUBE read|exec|net|full|none | enrol QUBE | unenrol QUBE   [--scope ai]
 
@@ -22,6 +22,7 @@ from typing import Any
 
 from qubes_mcp.dom0.admin import AdminClient
 from qubes_mcp.dom0.config import DEFAULT_CONFIG_PATH, GateConfig, load_config
+from qubes_mcp.dom0.describe import escape
 from qubes_mcp.dom0.errors import GateError
 from qubes_mcp.dom0.install import Layout
 from qubes_mcp.dom0.tiers import Scope, Tier
@@ -130,6 +131,21 @@ def _operator(args: argparse.Namespace, command: dict[str, Any]) -> dict[str, An
     return asyncio.run(operator_call(_config(args).paths.operator_socket, command))
 
 
+def format_request(item: dict[str, Any], *, whole: bool = False) -> list[str]:
+    """How one waiting request is printed: the CLI's own header line, the request's lines as
+    the gate built them (agent values escaped there, so none holds a line break; each is
+    indented), then the CLI's own ``why:`` line. ``whole`` prints the whole request instead of
+    the consent view (``show``)."""
+    lines = [
+        f"[{item['id']}] {item['principal']} asks: {item['op']} on {item['target']} "
+        f"({item['seconds_left']}s left; digest {item['digest']})"
+    ]
+    body = str(item["request"] if whole else item["description"])
+    lines += [f"    {line}" for line in body.split("\n")]
+    lines.append(f"    why: {'; '.join(str(r) for r in item['reasons'])}")
+    return lines
+
+
 def cmd_pending(args: argparse.Namespace) -> int:
     try:
         pending = _operator(args, {"cmd": "pending"})["pending"]
@@ -141,13 +157,24 @@ def cmd_pending(args: argparse.Namespace) -> int:
     if not pending:
         print("nothing is waiting for you")
     for item in pending:
-        print(
-            f"[{item['id']}] {item['principal']} asks: {item['op']} on {item['target']} "
-            f"({item['seconds_left']}s left; digest {item['digest']})"
-        )
-        for line in str(item["description"]).splitlines():
-            print(f"    {line}")
-        print(f"    why: {'; '.join(item['reasons'])}")
+        for line in format_request(item):
+            print(line)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    try:
+        answer = _operator(args, {"cmd": "show", "id": args.id})
+    except (GateError, OSError) as exc:
+        return _fail(f"the gate is not reachable ({type(exc).__name__})")
+    request = answer.get("request")
+    if not isinstance(request, dict):
+        return _fail(f"no pending request {escape(args.id)}")
+    if args.json:
+        print(json.dumps(request, indent=2))
+        return 0
+    for line in format_request(request, whole=True):
+        print(line)
     return 0
 
 
@@ -158,10 +185,12 @@ def cmd_answer(args: argparse.Namespace) -> int:
         if approve and not digest:  # bind the answer to the request as it stands now
             pending = _operator(args, {"cmd": "pending"})["pending"]
             match = [p for p in pending if p["id"] == args.id]
-            if not match:
-                return _fail(f"no pending request {args.id}")
-            digest = match[0]["digest"]
-            print(f"approving: {match[0]['description']}")
+            if match:
+                digest = match[0]["digest"]
+                print("approving:")
+                for line in format_request(match[0])[1:-1]:
+                    print(line)
+            # not pending: the gate says why (withdrawn, timed-out, already-answered, unknown)
         answer = _operator(args, {"cmd": args.answer, "id": args.id, "digest": digest or ""})
     except (GateError, OSError) as exc:
         return _fail(f"the gate is not reachable ({type(exc).__name__})")
@@ -254,6 +283,9 @@ def register(sub: Any, policy_sub: Any | None = None) -> None:
     add("doctor", cmd_doctor, "find misconfigurations in config, files and fleet", root=True)
     pending = add("pending", cmd_pending, "list requests waiting for your consent")
     pending.add_argument("--json", action="store_true")
+    show = add("show", cmd_show, "print the whole of a pending request, escaped")
+    show.add_argument("id")
+    show.add_argument("--json", action="store_true")
     for answer in ("approve", "deny"):
         p = add(answer, cmd_answer, f"{answer} a pending request")
         p.add_argument("id")

@@ -1,11 +1,19 @@
 """Consent: a request that needs the operator waits here until they answer, or time runs out.
 
-The operator sees each pending request in dom0 (``qubes-mcp-admin pending``) with what it
-will do, and answers with ``approve ID`` or ``deny ID``. An answer is bound to the exact
-request: approving sends back the digest of the request the operator was shown, and a digest
-that does not match (the request changed, or an ID was guessed) is not an approval. No answer
-within the timeout is a refusal, and the gate answers the agent before its MCP call gives up
-(the server's timeout is longer than the gate's consent timeout, see operations' docs).
+The operator sees each pending request in dom0 (``qubes-mcp-admin pending``, or a desktop
+dialog) described by ``describe.py``: the whole request if it fits the view, otherwise a summary
+that names each hidden part with its size and SHA-256, and ``qubes-mcp-admin show ID`` prints
+the whole request. The operator answers with ``approve ID`` or ``deny ID``. An answer is bound
+to the exact request: approving sends back the digest of the whole request (every argument, not
+the text shown), and a digest that does not match (the request changed, or an ID was guessed) is
+not an approval.
+
+Every wait ends in one of four ways, each its own refusal code: approved; denied
+(``consent-denied``); no answer within the timeout (``consent-timeout``; the gate answers the
+agent before its MCP call gives up); or withdrawn (``withdrawn``): the caller hung up — it
+cancelled, or its qrexec connection closed — so the request leaves the queue and is never acted
+on. The broker remembers the outcome of recent requests, so a late ``approve`` is told
+``withdrawn`` or ``timed-out`` rather than acting.
 
 Only dom0 reaches the operator socket (mode 0600 in a 0700 directory); nothing an agent can
 call can answer, list or even see the queue.
@@ -21,20 +29,29 @@ import secrets
 import shutil
 import subprocess
 import time
+from asyncio import FIRST_COMPLETED
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from qubes_mcp.dom0.errors import ConsentDeniedError
+from qubes_mcp.dom0.describe import Description, View, escape
+from qubes_mcp.dom0.errors import ConsentDeniedError, ConsentTimeoutError, ConsentWithdrawnError
 
 
 @dataclass
 class PendingRequest:
+    """One request waiting for the operator. Every text field is already safe to show."""
+
     id: str
     digest: str
     principal: str
     op: str
     target: str
-    description: str
+    #: what the consent view shows (the whole request, or a summary naming what it hides)
+    view: View
+    #: the whole request, escaped (``qubes-mcp-admin show ID``)
+    full: str
     reasons: tuple[str, ...]
     created: float
     expires: float
@@ -47,38 +64,26 @@ class PendingRequest:
             "principal": self.principal,
             "op": self.op,
             "target": self.target,
-            "description": self.description,
+            "description": self.view.text,
+            "shortened": self.view.shortened,
             "reasons": list(self.reasons),
             "seconds_left": max(0, round(self.expires - time.time())),
         }
 
-
-DESCRIPTION_MAX = 4000
-
-
-def safe_text(untrusted_text: str, limit: int = DESCRIPTION_MAX) -> str:
-    """Text for the operator's terminal or desktop: parts of a description come from the agent
-    (names, rule comments, command words), so control characters — terminal escapes above all —
-    are shown as ``\\xNN`` and the length is capped. Newlines the gate itself puts between
-    lines are kept; the agent's own arrive escaped, because each value is escaped separately
-    (see ``gate.describe``)."""
-    out = []
-    for ch in untrusted_text:
-        if ch == "\n" or (ch.isprintable() and ch not in "\u2028\u2029"):
-            out.append(ch)
-        else:
-            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}")
-    text = "".join(out)
-    return text if len(text) <= limit else text[:limit] + f" …[+{len(text) - limit} chars]"
+    def details(self) -> dict[str, object]:
+        """Everything ``public`` has, and the whole request."""
+        return {**self.public(), "request": self.full}
 
 
 def request_digest(principal: str, op: str, target: str, args: Mapping[str, object]) -> str:
+    """What an answer is bound to: the whole request, every argument (not the text shown)."""
     canonical = json.dumps([principal, op, target, args], sort_keys=True, default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def desktop_notifier(request: PendingRequest) -> None:
-    """Best effort: tell a logged-in operator that something waits (real dom0 only)."""
+    """Best effort: tell a logged-in operator that something waits (real dom0 only). Only the
+    gate's words and escaped names: notification daemons interpret markup in the body."""
     exe = shutil.which("notify-send")
     if exe is None:
         return
@@ -88,15 +93,26 @@ def desktop_notifier(request: PendingRequest) -> None:
             "--app-name=qubes-mcp",
             "--urgency=critical",
             f"qubes-mcp: approval needed ({request.id})",
-            f"{request.description}\nqubes-mcp-admin approve {request.id}",
+            f"{request.op} on {request.target} from {request.principal}: "
+            "see qubes-mcp-admin pending",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
 
 
+def dialog_text(request: PendingRequest) -> tuple[str, str]:
+    """The desktop dialog's title and text: the consent view and why it is asked."""
+    title = f"qubes-mcp: {request.principal} asks ({request.id})"
+    return title, f"{request.view.text}\n\nwhy: {'; '.join(request.reasons)}"
+
+
+#: how many finished requests the broker remembers, so a late answer can be told why
+RECENT_ANSWERS = 256
+
+
 class ConsentBroker:
-    """Holds the pending requests of one gate daemon."""
+    """Holds the pending requests of one gate daemon, and the outcome of recent ones."""
 
     def __init__(
         self,
@@ -108,11 +124,12 @@ class ConsentBroker:
         self.notifier = notifier
         self.dialog = dialog
         self._pending: dict[str, PendingRequest] = {}
+        #: id -> approved | denied | timed-out | withdrawn, oldest first, bounded
+        self._recent: OrderedDict[str, str] = OrderedDict()
 
     async def _ask_dialog(self, request: PendingRequest) -> None:
         """Show the operator's dialog; its exit code answers this request (and only it)."""
-        title = f"qubes-mcp: {request.principal} asks ({request.id})"
-        text = f"{request.description}\n\nwhy: {'; '.join(request.reasons)}"
+        title, text = dialog_text(request)
         argv = [a.replace("{title}", title).replace("{text}", text) for a in self.dialog]
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -134,6 +151,11 @@ class ConsentBroker:
         if code in (0, 1):
             self.answer(request.id, approve=code == 0, digest=request.digest)
 
+    def _remember(self, request_id: str, outcome: str) -> None:
+        self._recent[request_id] = outcome
+        while len(self._recent) > RECENT_ANSWERS:
+            self._recent.popitem(last=False)
+
     async def ask(
         self,
         *,
@@ -141,20 +163,31 @@ class ConsentBroker:
         op: str,
         target: str,
         args: Mapping[str, object],
-        description: str,
+        description: Description,
         reasons: tuple[str, ...],
+        withdrawn: asyncio.Event | None = None,
     ) -> str:
-        """Wait for the operator. Returns the request id; raises ConsentDeniedError."""
+        """Wait for the operator; returns the request id.
+
+        Raises ``ConsentDeniedError`` (the operator said no), ``ConsentTimeoutError`` (no answer
+        in time) or ``ConsentWithdrawnError`` (``withdrawn`` was set: the caller hung up). A
+        withdrawn request leaves the queue at once; a hang-up wins over an answer that arrives
+        in the same instant, because nobody is left to act for.
+        """
+        if withdrawn is not None and withdrawn.is_set():
+            raise ConsentWithdrawnError(reason="the caller hung up before consent was asked")
         loop = asyncio.get_running_loop()
         now = time.time()
+        request_id = secrets.token_hex(4)
         request = PendingRequest(
-            id=secrets.token_hex(4),
+            id=request_id,
             digest=request_digest(principal, op, target, args),
-            principal=principal,
-            op=op,
-            target=target,
-            description=safe_text(description),
-            reasons=tuple(safe_text(r, 200) for r in reasons),
+            principal=escape(principal),
+            op=escape(op),
+            target=escape(target),
+            view=description.view(request_id),
+            full=description.full_text(),
+            reasons=tuple(escape(r) for r in reasons),
             created=now,
             expires=now + self.timeout,
             future=loop.create_future(),
@@ -164,28 +197,50 @@ class ConsentBroker:
             with contextlib.suppress(OSError):  # a courtesy; the queue is the interface
                 self.notifier(request)
         dialog = asyncio.ensure_future(self._ask_dialog(request)) if self.dialog else None
+        hangup = asyncio.ensure_future(withdrawn.wait()) if withdrawn is not None else None
+        outcome = "cancelled"  # the gate is shutting down, if nothing below replaces it
         try:
-            approved = await asyncio.wait_for(asyncio.shield(request.future), self.timeout)
-        except TimeoutError:
-            raise ConsentDeniedError(reason=f"consent {request.id} timed out") from None
+            waiting: set[asyncio.Future[Any]] = {request.future}
+            if hangup is not None:
+                waiting.add(hangup)
+            await asyncio.wait(waiting, timeout=self.timeout, return_when=FIRST_COMPLETED)
+            if withdrawn is not None and withdrawn.is_set():
+                outcome = "withdrawn"
+            elif request.future.done():
+                outcome = "approved" if request.future.result() else "denied"
+            else:
+                outcome = "timed-out"
         finally:
             self._pending.pop(request.id, None)
-            if dialog is not None:
-                dialog.cancel()  # answered elsewhere or timed out: close the dialog
-                with contextlib.suppress(asyncio.CancelledError):
-                    await dialog
-        if not approved:
+            self._remember(request.id, outcome)
+            for task in (dialog, hangup):
+                if task is not None:
+                    task.cancel()  # answered elsewhere, withdrawn or timed out: close it
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+        if outcome == "withdrawn":
+            raise ConsentWithdrawnError(reason=f"consent {request.id} withdrawn: caller hung up")
+        if outcome == "timed-out":
+            raise ConsentTimeoutError(reason=f"consent {request.id} timed out")
+        if outcome == "denied":
             raise ConsentDeniedError(reason=f"consent {request.id} denied")
         return request.id
 
     def pending(self) -> list[PendingRequest]:
         return sorted(self._pending.values(), key=lambda r: r.created)
 
+    def show(self, request_id: str) -> dict[str, object] | None:
+        """A pending request with the whole of what it asks (``qubes-mcp-admin show``)."""
+        request = self._pending.get(request_id)
+        return None if request is None else request.details()
+
     def answer(self, request_id: str, *, approve: bool, digest: str = "") -> str:
-        """The operator's answer: ``approved``, ``denied``, ``unknown`` or ``mismatch``."""
+        """The operator's answer: ``approved``, ``denied``, ``mismatch``, or why there is nothing
+        to answer: ``withdrawn``, ``timed-out``, ``already-answered`` or ``unknown``."""
         request = self._pending.get(request_id)
         if request is None or request.future.done():
-            return "unknown"
+            late = self._recent.get(request_id, "unknown")
+            return late if late in ("withdrawn", "timed-out", "unknown") else "already-answered"
         if approve and not secrets.compare_digest(digest, request.digest):
             return "mismatch"
         request.future.set_result(approve)

@@ -6,8 +6,8 @@ entries are symlinks to qubesd's: qrexec connects, writes the service descriptor
 whatever the gate writes back. The source and target in the descriptor come from the qrexec
 daemon, so they are trusted; the payload after the NUL is the agent's.
 
-The operator socket (mode 0600, dom0 root only) serves ``qubes-mcp-admin pending / approve /
-deny`` as one JSON line each way.
+The operator socket (mode 0600, dom0 root only) serves ``qubes-mcp-admin pending / show /
+approve / deny`` as one JSON line each way.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from qubes_mcp.dom0.gate import Gate, Request
 log = logging.getLogger("qubes_mcp.gate")
 _DESCRIPTOR_MAX = 1024
 _OPERATOR_LINE_MAX = 4096
+#: an answer on the operator socket (``show`` carries a whole request, ``pending`` many views)
+_OPERATOR_REPLY_MAX = 64 << 20
 
 
 def parse_descriptor(raw: bytes) -> tuple[str, str, str | None]:
@@ -145,6 +147,9 @@ class GateDaemon:
                 str(command["id"]), approve=cmd == "approve", digest=str(command.get("digest", ""))
             )
             return {"result": result}
+        if cmd == "show":  # the whole of one pending request, escaped
+            shown = self.consent.show(str(command["id"]))
+            return {"request": shown} if shown is not None else {"error": "unknown"}
         return {"error": "unknown command"}
 
     async def start(self) -> None:
@@ -174,7 +179,7 @@ class GateDaemon:
 
 async def operator_call(socket_path: Path, command: dict[str, Any]) -> dict[str, Any]:
     """One operator command to a running gate (used by ``qubes-mcp-admin``)."""
-    reader, writer = await asyncio.open_unix_connection(str(socket_path))
+    reader, writer = await asyncio.open_unix_connection(str(socket_path), limit=_OPERATOR_REPLY_MAX)
     try:
         writer.write(json.dumps(command).encode() + b"\n")
         await writer.drain()

@@ -70,6 +70,22 @@ class ConsentDeniedError(GateError):
     default_message = "the operator did not approve this request"
 
 
+class ConsentTimeoutError(GateError):
+    """No answer from the operator in time: a refusal, told apart from a "no"."""
+
+    code = "consent-timeout"
+    default_message = "the operator did not answer in time"
+
+
+class ConsentWithdrawnError(GateError):
+    """The caller hung up (cancelled, or its qrexec connection closed) while the request waited
+    for the operator: it is taken off the queue and never acted on. The agent is gone and will
+    not read this; the code is for the audit log and for an operator who answers later."""
+
+    code = "withdrawn"
+    default_message = "the request was withdrawn before the operator answered"
+
+
 class ConflictError(GateError):
     code = "conflict"
     default_message = "a qube with that name already exists"
@@ -113,6 +129,8 @@ CODES: tuple[str, ...] = tuple(
         NotAllowedError,
         BudgetExceededError,
         ConsentDeniedError,
+        ConsentTimeoutError,
+        ConsentWithdrawnError,
         ConflictError,
         InvalidStateError,
         FailedError,

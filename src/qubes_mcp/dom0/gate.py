@@ -19,15 +19,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qubes_mcp.dom0 import create, handlers_files, handlers_read, handlers_write
-from qubes_mcp.dom0.admin import AdminClient
+from qubes_mcp.dom0.admin import AdminClient, QubesdError
 from qubes_mcp.dom0.audit import AuditLog
 from qubes_mcp.dom0.config import GateConfig, Principal
 from qubes_mcp.dom0.consent import ConsentBroker
 from qubes_mcp.dom0.context import Context, Handler
 from qubes_mcp.dom0.decide import Verdict, decide, names_to_read
+from qubes_mcp.dom0.describe import StepContext, describe, describe_plan
 from qubes_mcp.dom0.errors import FailedError, GateError, NotFoundError
 from qubes_mcp.dom0.facts import Facts
-from qubes_mcp.dom0.firewall import render_rule
 from qubes_mcp.dom0.names import is_valid_qube_name
 from qubes_mcp.dom0.operations import (
     OPERATIONS_BY_NAME,
@@ -35,7 +35,7 @@ from qubes_mcp.dom0.operations import (
     Operation,
     Target,
 )
-from qubes_mcp.dom0.plans import PLAN_TTL, PlanBook, PlanStep
+from qubes_mcp.dom0.plans import PLAN_TTL, Plan, PlanBook, PlanStep
 from qubes_mcp.dom0.reader import FleetReader
 from qubes_mcp.dom0.schema import check_payload
 
@@ -81,29 +81,8 @@ class Request:
     source: str
     target: str | None  # None when addressed to @adminvm / dom0
     untrusted_payload: bytes
-
-
-def describe(op: Operation, verdict: Verdict, facts: Facts) -> str:
-    """What the operator is asked to approve, in words: qube, class, size, what is lost."""
-    a = verdict.args
-    target = verdict.target or "dom0"
-    q = facts.get(verdict.target)
-    if op.name == "qube.remove" and q is not None:
-        size = q.private_size / (1 << 30)
-        return (
-            f"REMOVE qube {target} ({q.klass}, private volume {size:.1f} GiB): "
-            "the qube and all data in it will be lost"
-        )
-    if op.name == "firewall.set":
-        rules = "\n".join(f"  {render_rule(r)}" for r in a["rules"]) or "  (none: drop all)"
-        return f"REPLACE the firewall of {target} with {len(a['rules'])} rule(s):\n{rules}"
-    if op.name in ("device.attach", "device.detach"):
-        mode = " read-only" if a.get("read_only") else ""
-        verb = "ATTACH" if op.name == "device.attach" else "DETACH"
-        where = "to" if verb == "ATTACH" else "from"
-        return f"{verb} block device {a['backend']}:{a['device']} {where} {target}{mode}"
-    detail = ", ".join(f"{k}={v}" for k, v in a.items() if k not in ("stdin",) and v is not None)
-    return f"{op.name} on {target}" + (f" ({detail})" if detail else "")
+    #: set when the caller hangs up (qrexec connection closed): a pending consent is withdrawn
+    hangup: asyncio.Event | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -272,8 +251,16 @@ class Gate:
                 op=op.name,
                 target=target or "dom0",
                 args=verdict.args,
-                description=describe(op, verdict, facts),
+                description=describe(
+                    op,
+                    target,
+                    verdict.args,
+                    facts=facts,
+                    birth=verdict.birth,
+                    current_rules=await self._current_rules(op, target),
+                ),
                 reasons=verdict.consent_reasons,
+                withdrawn=call.request.hangup,
             )
             call.detail["consent"] = "approved"
         if op.state_changing:
@@ -281,6 +268,29 @@ class Gate:
         call.acting = True
         ctx = Context(self.config, principal, self.admin, reader, verdict, facts, call.detail)
         return await HANDLERS[op.name](ctx)
+
+    async def _current_rules(self, op: Operation, target: str | None) -> list[str] | None:
+        """A firewall request shows the rules it replaces: read them (None if unreadable)."""
+        if op.name != "firewall.set" or target is None:
+            return None
+        try:
+            text = await self.admin.call(target, "admin.vm.firewall.Get")
+        except QubesdError:
+            return None
+        return [line for line in text.split("\n") if line]
+
+    async def _plan_context(self, principal: Principal, plan: Plan) -> dict[int, StepContext]:
+        """Fresh facts for describing each step that is not deferred (what a removal loses,
+        the rules a firewall step replaces); deferred steps are described from their args."""
+        reader = FleetReader(self.admin, principal.scope)
+        context = {}
+        for step in plan.steps:
+            if not step.deferred:
+                names = names_to_read(step.op, step.target, step.args)
+                context[step.index] = StepContext(
+                    await reader.facts(names), await self._current_rules(step.op, step.target)
+                )
+        return context
 
     # --- plans ------------------------------------------------------------------------------
 
@@ -338,12 +348,13 @@ class Gate:
                 op="plan.apply",
                 target="dom0",
                 args={"plan": plan.id, "digest": plan.digest},
-                description=plan.describe(),
+                description=describe_plan(plan, await self._plan_context(principal, plan)),
                 reasons=tuple(
                     f"step {s.index + 1}: {s.op.name} needs consent"
                     for s in plan.steps
                     if s.consent
                 ),
+                withdrawn=call.request.hangup,
             )
             call.detail["consent"] = "approved"
         await self._audit(call, decision="allowed", outcome="pending")
@@ -352,7 +363,11 @@ class Gate:
         for step in plan.steps:
             reply = await self._handle(
                 Request(
-                    step.op.service, principal.qube, step.target, json.dumps(step.args).encode()
+                    step.op.service,
+                    principal.qube,
+                    step.target,
+                    json.dumps(step.args).encode(),
+                    call.request.hangup,
                 ),
                 preapproved=plan.needs_consent,
                 detail={"plan_id": plan.id, "step": step.index},

@@ -8,9 +8,11 @@ random id and the digest of its steps; a plan with any refused step is not kept.
 
 ``plan.apply`` needs the id and the digest the proposal returned, so what runs is what was
 proposed. If any step needs consent, the operator is asked once, for the whole plan, with every
-step listed. Then each step is decided again with fresh facts right before it acts — an approval
-covers the steps as shown, never more than the tiers allow — and the plan stops at the first
-step that is refused or fails. Steps already done are not undone; the reply says which ran.
+step described in the same words a single request gets, those that need consent first
+(``describe.describe_plan``). Then each step is decided again with fresh facts right before it
+acts — an approval covers the steps as shown, never more than the tiers allow — and the plan
+stops at the first step that is refused or fails. Steps already done are not undone; the reply
+says which ran.
 """
 
 from __future__ import annotations
@@ -38,13 +40,6 @@ class PlanStep:
     deferred: bool
     consent: bool
 
-    def describe(self) -> str:
-        shown = ", ".join(
-            f"{k}={v}" for k, v in self.args.items() if v not in (None, "", False) and k != "stdin"
-        )
-        where = f" on {self.target}" if self.target else ""
-        return f"{self.index + 1}. {self.op.name}{where}" + (f" ({shown})" if shown else "")
-
 
 @dataclass
 class Plan:
@@ -58,12 +53,6 @@ class Plan:
     @property
     def needs_consent(self) -> bool:
         return any(step.consent for step in self.steps)
-
-    def describe(self) -> str:
-        head = f"APPLY PLAN {self.title!r}" if self.title else "APPLY PLAN"
-        return "\n".join(
-            [f"{head}: {len(self.steps)} step(s)", *(f"  {s.describe()}" for s in self.steps)]
-        )
 
 
 def plan_digest(principal: str, steps: list[PlanStep]) -> str:
