@@ -462,7 +462,30 @@ def test_a_disk_error_before_the_write_is_a_refusal_and_leaves_the_log_usable(
     assert entry(log, 3).seq == 2
 
 
-def test_a_failed_anchor_update_stops_appends_until_recover(
+def test_a_failed_anchor_update_removes_the_line_and_the_log_stays_usable(
+    log_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The line and its anchor are one unit (issue 11 §3): no line the anchor does not vouch
+    for survives a failed append, so the next append needs no ``recover``."""
+    import qubes_mcp.dom0.audit as audit_module
+
+    log = AuditLog(log_path)
+    entry(log, 1)
+    before = log_path.read_bytes()
+
+    def broken(path: Path, anchor: Anchor) -> Path:
+        raise OSError(5, "Input/output error")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(audit_module, "stage_anchor", broken)
+        with pytest.raises(AuditError, match="Input/output"):
+            entry(log, 2)
+    assert log_path.read_bytes() == before
+    assert entry(log, 3).seq == 2
+    assert log.verify().ok
+
+
+def test_a_line_that_cannot_be_cut_back_stops_appends_until_recover(
     log_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import qubes_mcp.dom0.audit as audit_module
@@ -470,12 +493,16 @@ def test_a_failed_anchor_update_stops_appends_until_recover(
     log = AuditLog(log_path)
     entry(log, 1)
 
-    def broken(path: Path, anchor: Anchor) -> None:
+    def broken(path: Path, anchor: Anchor) -> Path:
+        raise OSError(5, "Input/output error")
+
+    def no_truncate(fd: int, size: int) -> None:
         raise OSError(5, "Input/output error")
 
     with monkeypatch.context() as patch:
-        patch.setattr(audit_module, "write_anchor", broken)
-        with pytest.raises(AuditError, match="Input/output"):
+        patch.setattr(audit_module, "stage_anchor", broken)
+        patch.setattr(os, "ftruncate", no_truncate)
+        with pytest.raises(AuditError, match="could not be removed"):
             entry(log, 2)
     with pytest.raises(AuditError, match="not anchored"):
         entry(log, 3)  # the same instance does not trust its cache after a failure
