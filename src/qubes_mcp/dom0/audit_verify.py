@@ -232,9 +232,9 @@ def _broken(
             kind, message = (
                 "torn",
                 (
-                    f"{walk.torn_at}: it held the anchored record (seq {anchor_seq}), which is lost: "
-                    "`qubes-mcp-admin audit recover --accept-loss` moves it aside and records "
-                    "the loss in the chain"
+                    f"{walk.torn_at}: it held the anchored record (seq {anchor_seq}), which "
+                    "is lost: `qubes-mcp-admin audit recover --accept-loss` moves it aside and "
+                    "records the loss in the chain"
                 ),
             )
         else:

@@ -89,6 +89,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     for key, value in report.items():
         print(f"{key}: {value}")
+    try:
+        gate = _operator(args, {"cmd": "status"}).get("status", {})
+    except (GateError, OSError, ValueError):
+        gate = None
+    if gate is None:
+        print("gate: not reachable")
+        return 0
+    for key, value in gate.items():
+        print(f"gate {key}: {value}")
     return 0
 
 
