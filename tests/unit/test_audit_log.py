@@ -150,25 +150,40 @@ def test_rotation_keeps_one_chain_across_files(log_path: Path) -> None:
     assert result.files == [p for _s, p in rotated] + [log_path]
 
 
-def test_retention_deletes_the_oldest_files_and_moves_the_anchor_base(log_path: Path) -> None:
+def exported(log: AuditLog, count: int) -> int:
+    """Append ``count`` records, recording an export checkpoint of the head after every ten:
+    an operator who backs up often. Returns the records appended (checkpoints included)."""
+    total = 0
+    for i in range(count):
+        record = entry(log, i)
+        total += 1
+        if i % 10 == 9:
+            log.checkpoint(seq=record.seq, digest=record.hash)
+            total += 1
+    return total
+
+
+def test_retention_deletes_the_oldest_exported_files_and_moves_the_anchor_base(
+    log_path: Path,
+) -> None:
     log = AuditLog(log_path, max_bytes=SMALL_MAX, keep=1)
-    for i in range(330):
-        entry(log, i)
+    total = exported(log, 330)
     rotated = archives(log_path)
     assert len(rotated) == 1
     oldest = parse_line(lines(rotated[0][1])[0])
+    assert oldest.seq > 1  # files were deleted
     anchor = parse_anchor(anchor_path(log_path).read_bytes())
     assert (anchor.base_seq, anchor.base_prev) == (oldest.seq, oldest.prev)
     result = log.verify()
     assert result.ok, result.error
-    assert result.entries == 330 - oldest.seq + 1
+    assert result.entries == total - oldest.seq + 1
 
 
 def test_keep_zero_retains_only_the_current_file(log_path: Path) -> None:
     log = AuditLog(log_path, max_bytes=SMALL_MAX, keep=0)
-    for i in range(120):
-        entry(log, i)
+    exported(log, 120)
     assert archives(log_path) == []
+    assert parse_anchor(anchor_path(log_path).read_bytes()).base_seq > 1
     assert log.verify().ok
 
 
