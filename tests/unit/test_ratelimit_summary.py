@@ -83,9 +83,9 @@ def test_the_limits_are_configurable_and_checked() -> None:
     config = parse_config(CONFIG_TEXT + "\n[limits]\nrate = 7\nburst = 9\n")
     assert (config.limits.rate, config.limits.burst) == (7, 9)
     assert (config.limits.refused_rate, config.limits.refused_burst) == (5, 50)  # defaults
-    with pytest.raises(ConfigError, match="limits.rate"):
+    with pytest.raises(ConfigError, match=r"limits\.rate"):
         parse_config(CONFIG_TEXT + "\n[limits]\nrate = 0\n")
-    with pytest.raises(ConfigError, match="limits.refused_burst"):
+    with pytest.raises(ConfigError, match=r"limits\.refused_burst"):
         parse_config(CONFIG_TEXT + '\n[limits]\nrefused_burst = "many"\n')
 
 
