@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -251,3 +253,48 @@ def test_checkpoint_refuses_a_broken_log_or_an_unknown_record(tmp_path: Path) ->
     assert audit_checkpoint_main(path, io.StringIO()) == 1
     assert not exported_path(path).exists()
     assert os.stat(path.parent).st_mode & 0o077 == 0
+
+
+# --- the operator's commands ------------------------------------------------------------------
+
+
+def admin(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "qubes_mcp.dom0.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_the_admin_commands_verify_recover_and_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "log" / "audit.log"
+    log = AuditLog(path)
+    for i in range(3):
+        entry(log, i)
+    cut(path, 25)
+    verify = admin("audit", "verify", "--log", str(path))
+    assert verify.returncode == 1 and "recover --accept-loss" in verify.stdout
+    assert admin("audit", "recover", "--log", str(path)).returncode == 1
+    done = admin("audit", "recover", "--log", str(path), "--accept-loss", "--reason", "cut")
+    assert done.returncode == 0, done.stdout + done.stderr
+    verify = admin("audit", "verify", "--log", str(path))
+    assert verify.returncode == 0, verify.stdout
+    head = verify.stdout.split("checkpoint: ", 1)[1].strip()
+    done = admin("audit", "checkpoint", "--log", str(path), "--through", head)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert parse_anchor(exported_path(path).read_bytes()).seq == int(head.split(":")[0])
+    assert admin("audit", "checkpoint", "--log", str(path), "--through", "x").returncode == 1
+
+
+def test_the_operator_socket_reports_why_the_gate_stopped(tmp_path: Path) -> None:
+    from qubes_mcp.dom0.daemon import GateDaemon
+    from tests.gate_fixtures import config
+
+    daemon = GateDaemon(config(), audit=AuditLog(tmp_path / "log" / "audit.log"))
+    status = daemon._operator({"cmd": "status"})["status"]
+    assert status["serving"] == "all requests" and status["halted"] is None
+    daemon.gate.halted = "the outcome of qube.start (request r1) could not be recorded: full"
+    status = daemon._operator({"cmd": "status"})["status"]
+    assert status["serving"] == "reads only" and "could not be recorded" in status["halted"]
