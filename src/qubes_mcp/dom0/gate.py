@@ -295,6 +295,30 @@ class Gate:
     async def _refuse(self, call: _Call, exc: GateError) -> dict[str, Any]:
         if exc.reason:
             call.detail.setdefault("reason", exc.reason)
+        self.limiter.refused(call.request.source)
+        if call.op is not None and not call.op.state_changing:
+            if exc.code != "rate-limited":  # a flood must not flood the journal either
+                self._journal(call, exc)
+            return exc.to_reply()
+        if call.acting:
+            outcome = "rolled-back" if call.detail.get("rolled_back") else "failed"
+            self._journal(call, exc)
+            await self._record_outcome(call, decision="allowed", outcome=outcome, code=exc.code)
+            return exc.to_reply()
+        await self._flush_refusals()
+        key = (call.request.source, call.op.name if call.op else call.request.service, exc.code)
+        if not self.refusals.first(key):
+            return exc.to_reply()  # counted: the window's summary line records it
+        self._journal(call, exc)
+        self._flush_later()
+        try:
+            await self._audit(call, decision="refused", outcome="not-run", code=exc.code)
+        except GateError as err:
+            log.warning("qubes-mcp gate: refusal not recorded: %s", err.reason or err)
+        return exc.to_reply()
+
+    @staticmethod
+    def _journal(call: _Call, exc: GateError) -> None:
         log.info(
             "qubes-mcp gate: %s %s from %s refused: %s (%s)",
             call.request.service,
@@ -303,22 +327,6 @@ class Gate:
             exc.code,
             exc.reason,
         )
-        self.limiter.refused(call.request.source)
-        if call.op is None or call.op.state_changing:
-            if call.acting:
-                outcome = "rolled-back" if call.detail.get("rolled_back") else "failed"
-                await self._record_outcome(call, decision="allowed", outcome=outcome, code=exc.code)
-                return exc.to_reply()
-            await self._flush_refusals()
-            key = (call.request.source, call.op.name if call.op else call.request.service, exc.code)
-            if not self.refusals.first(key):
-                return exc.to_reply()  # counted: the window's summary line records it
-            self._flush_later()
-            try:
-                await self._audit(call, decision="refused", outcome="not-run", code=exc.code)
-            except GateError as err:
-                log.warning("qubes-mcp gate: refusal not recorded: %s", err.reason or err)
-        return exc.to_reply()
 
     async def _run(self, call: _Call) -> dict[str, Any]:
         op, principal, target = call.op, call.principal, call.request.target
