@@ -11,7 +11,14 @@ file still says the same and the current file still has the (device, inode, size
 instance left it at. Otherwise — another process wrote or rotated, or someone edited — the
 tail is re-read: the anchor (≤ 1 KiB) and the last line of the current file
 (≤ ``MAX_LINE_BYTES``), never the whole file. Each append writes the line with ``O_APPEND``,
-fsyncs it, then replaces the anchor (temp file, fsync, rename, fsync directory).
+fsyncs it, then replaces the anchor (temp file, fsync, rename, fsync directory). The line and
+its anchor are one unit: if anything fails before the rename (a full disk, a read-only file
+system), the line is cut off again, so the log never holds a line its anchor does not vouch
+for and the next append needs no repair.
+
+Rotation deletes old files only when every record in them is at or before the operator's
+export checkpoint (``audit checkpoint``, audit_export.py); when the retained space is full of
+unexported records, new requests are refused instead of old records forgotten.
 
 The anchor is what makes the end of the chain tamper-evident: after a truncated tail, a
 deleted current file, or a last line forged with a recomputed hash the chain no longer ends
@@ -89,7 +96,9 @@ class AuditLog:
     Args:
         path: the current log file; its directory (0700) holds everything else.
         max_bytes: rotate before a line would make the current file larger than this.
-        keep: rotated files to retain besides the current one.
+        keep: rotated files to retain besides the current one; beyond it, only files wholly
+            before the export checkpoint are deleted, and otherwise appends that would
+            start something are refused.
         clock: POSIX time source, read once per record.
         create: start a new chain when no log exists yet. A daemon whose log was created at
             install time passes ``False``, so that deleting every file, anchor included,
