@@ -38,8 +38,11 @@ def qubesd(tmp_path: Path) -> Iterator[Qubesd]:
 
 
 def _gate(qubesd: Qubesd, tmp_path: Path) -> Gate:
+    # no rate limit: these tests measure the decision path, not the limiter's refusal
+    unlimited = "\n[limits]\nrate = 100000\nburst = 100000\n"
+    unlimited += "refused_rate = 100000\nrefused_burst = 100000\n"
     config = parse_config(
-        CONFIG_TEXT + f'\n[paths]\nqubesd_socket = "{qubesd.paths.qubesd_sock}"\n'
+        CONFIG_TEXT + unlimited + f'\n[paths]\nqubesd_socket = "{qubesd.paths.qubesd_sock}"\n'
     )
     audit = AuditLog(tmp_path / "audit" / "audit.log")
     return Gate(config, audit, ConsentBroker(5), AdminClient(qubesd.paths.qubesd_sock))
@@ -69,7 +72,7 @@ def _info(gate: Gate, qube: str) -> float:
     started = time.perf_counter()
     reply = asyncio.run(gate.handle(Request("qmcp.Info", "mcp-control", qube, b"")))
     elapsed = time.perf_counter() - started
-    assert reply["ok"] is False
+    assert reply["ok"] is False and reply["error"]["code"] == "not-found", reply
     return elapsed
 
 

@@ -150,25 +150,40 @@ def test_rotation_keeps_one_chain_across_files(log_path: Path) -> None:
     assert result.files == [p for _s, p in rotated] + [log_path]
 
 
-def test_retention_deletes_the_oldest_files_and_moves_the_anchor_base(log_path: Path) -> None:
+def exported(log: AuditLog, count: int) -> int:
+    """Append ``count`` records, recording an export checkpoint of the head after every ten:
+    an operator who backs up often. Returns the records appended (checkpoints included)."""
+    total = 0
+    for i in range(count):
+        record = entry(log, i)
+        total += 1
+        if i % 10 == 9:
+            log.checkpoint(seq=record.seq, digest=record.hash)
+            total += 1
+    return total
+
+
+def test_retention_deletes_the_oldest_exported_files_and_moves_the_anchor_base(
+    log_path: Path,
+) -> None:
     log = AuditLog(log_path, max_bytes=SMALL_MAX, keep=1)
-    for i in range(330):
-        entry(log, i)
+    total = exported(log, 330)
     rotated = archives(log_path)
     assert len(rotated) == 1
     oldest = parse_line(lines(rotated[0][1])[0])
+    assert oldest.seq > 1  # files were deleted
     anchor = parse_anchor(anchor_path(log_path).read_bytes())
     assert (anchor.base_seq, anchor.base_prev) == (oldest.seq, oldest.prev)
     result = log.verify()
     assert result.ok, result.error
-    assert result.entries == 330 - oldest.seq + 1
+    assert result.entries == total - oldest.seq + 1
 
 
 def test_keep_zero_retains_only_the_current_file(log_path: Path) -> None:
     log = AuditLog(log_path, max_bytes=SMALL_MAX, keep=0)
-    for i in range(120):
-        entry(log, i)
+    exported(log, 120)
     assert archives(log_path) == []
+    assert parse_anchor(anchor_path(log_path).read_bytes()).base_seq > 1
     assert log.verify().ok
 
 
@@ -462,7 +477,30 @@ def test_a_disk_error_before_the_write_is_a_refusal_and_leaves_the_log_usable(
     assert entry(log, 3).seq == 2
 
 
-def test_a_failed_anchor_update_stops_appends_until_recover(
+def test_a_failed_anchor_update_removes_the_line_and_the_log_stays_usable(
+    log_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The line and its anchor are one unit (issue 11 §3): no line the anchor does not vouch
+    for survives a failed append, so the next append needs no ``recover``."""
+    import qubes_mcp.dom0.audit as audit_module
+
+    log = AuditLog(log_path)
+    entry(log, 1)
+    before = log_path.read_bytes()
+
+    def broken(path: Path, anchor: Anchor) -> Path:
+        raise OSError(5, "Input/output error")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(audit_module, "stage_anchor", broken)
+        with pytest.raises(AuditError, match="Input/output"):
+            entry(log, 2)
+    assert log_path.read_bytes() == before
+    assert entry(log, 3).seq == 2
+    assert log.verify().ok
+
+
+def test_a_line_that_cannot_be_cut_back_stops_appends_until_recover(
     log_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import qubes_mcp.dom0.audit as audit_module
@@ -470,12 +508,16 @@ def test_a_failed_anchor_update_stops_appends_until_recover(
     log = AuditLog(log_path)
     entry(log, 1)
 
-    def broken(path: Path, anchor: Anchor) -> None:
+    def broken(path: Path, anchor: Anchor) -> Path:
+        raise OSError(5, "Input/output error")
+
+    def no_truncate(fd: int, size: int) -> None:
         raise OSError(5, "Input/output error")
 
     with monkeypatch.context() as patch:
-        patch.setattr(audit_module, "write_anchor", broken)
-        with pytest.raises(AuditError, match="Input/output"):
+        patch.setattr(audit_module, "stage_anchor", broken)
+        patch.setattr(os, "ftruncate", no_truncate)
+        with pytest.raises(AuditError, match="could not be removed"):
             entry(log, 2)
     with pytest.raises(AuditError, match="not anchored"):
         entry(log, 3)  # the same instance does not trust its cache after a failure

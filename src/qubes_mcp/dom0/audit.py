@@ -11,7 +11,14 @@ file still says the same and the current file still has the (device, inode, size
 instance left it at. Otherwise — another process wrote or rotated, or someone edited — the
 tail is re-read: the anchor (≤ 1 KiB) and the last line of the current file
 (≤ ``MAX_LINE_BYTES``), never the whole file. Each append writes the line with ``O_APPEND``,
-fsyncs it, then replaces the anchor (temp file, fsync, rename, fsync directory).
+fsyncs it, then replaces the anchor (temp file, fsync, rename, fsync directory). The line and
+its anchor are one unit: if anything fails before the rename (a full disk, a read-only file
+system), the line is cut off again, so the log never holds a line its anchor does not vouch
+for and the next append needs no repair.
+
+Rotation deletes old files only when every record in them is at or before the operator's
+export checkpoint (``audit checkpoint``, audit_export.py); when the retained space is full of
+unexported records, new requests are refused instead of old records forgotten.
 
 The anchor is what makes the end of the chain tamper-evident: after a truncated tail, a
 deleted current file, or a last line forged with a recomputed hash the chain no longer ends
@@ -42,12 +49,17 @@ from .audit_files import (
     anchor_path,
     archive_path,
     archives,
+    chain_exists,
     check_private,
+    exported_path,
     first_record,
     fsync_dir,
     last_line,
     lock_path,
+    publish_anchor,
     read_anchor,
+    read_exported,
+    stage_anchor,
     write_anchor,
 )
 from .audit_record import (
@@ -65,7 +77,7 @@ from .audit_record import (
 if TYPE_CHECKING:
     from .audit_verify import VerifyResult
 
-__all__ = ["AuditError", "AuditLog", "AuditRecord"]
+__all__ = ["AuditError", "AuditLog", "AuditRecord", "chain_exists"]
 
 DEFAULT_MAX_BYTES: Final = 16 * 1024 * 1024
 DEFAULT_KEEP: Final = 10
@@ -84,7 +96,9 @@ class AuditLog:
     Args:
         path: the current log file; its directory (0700) holds everything else.
         max_bytes: rotate before a line would make the current file larger than this.
-        keep: rotated files to retain besides the current one.
+        keep: rotated files to retain besides the current one; beyond it, only files wholly
+            before the export checkpoint are deleted, and otherwise appends that would
+            start something are refused.
         clock: POSIX time source, read once per record.
         create: start a new chain when no log exists yet. A daemon whose log was created at
             install time passes ``False``, so that deleting every file, anchor included,
@@ -162,13 +176,15 @@ class AuditLog:
 
         return verify_log(self.path)
 
-    def recover(self, *, reason: str = "") -> AuditRecord:
+    def recover(self, *, reason: str = "", accept_loss: bool = False) -> AuditRecord:
         """Operator action: repair only a crash signature, then record the repair.
 
         A torn last line is moved to ``<log>.torn-<seq>`` and cut off; a last record that is
         valid and chained but not yet anchored is anchored. The ``audit.recover`` record
         appended afterwards names both (fragment size and digest), so the repair is itself
-        in the chain.
+        in the chain. With ``accept_loss`` a torn line that is the anchored record itself is
+        cut too, and the chain is re-anchored one record back; ``lost_seq``/``lost_hash`` in
+        the recover record name what was lost.
 
         Raises:
             AuditError: the end of the log matches no crash signature (an edit, a
@@ -178,7 +194,7 @@ class AuditLog:
 
         with self._locked():
             self._tail = None
-            facts = self._guard(lambda: repair_tail(self.path, self.reads))
+            facts = self._guard(lambda: repair_tail(self.path, self.reads, accept_loss=accept_loss))
             return self._append_locked(
                 RecordFields(
                     principal="dom0",
@@ -186,6 +202,27 @@ class AuditLog:
                     decision="allowed",
                     outcome="ok",
                     detail={**facts, "reason": reason},
+                )
+            )
+
+    def checkpoint(self, *, seq: int, digest: str, reason: str = "") -> AuditRecord:
+        """Operator action: records through (``seq``, ``digest``) are exported (backed up).
+
+        The caller proves first that the record is in the intact chain (audit_export.py
+        runs verify with it as a checkpoint). Rotation may then delete rotated files whose
+        records all precede it, never a later one. The checkpoint is recorded in the chain.
+        """
+        with self._locked():
+            self._guard(
+                lambda: write_anchor(self.path, Anchor(seq, digest), file=exported_path(self.path))
+            )
+            return self._append_locked(
+                RecordFields(
+                    principal="dom0",
+                    op="audit.checkpoint",
+                    decision="allowed",
+                    outcome="ok",
+                    detail={"exported_seq": seq, "reason": reason},
                 )
             )
 
@@ -253,8 +290,26 @@ class AuditLog:
     def _append_locked(self, fields: RecordFields) -> AuditRecord:
         return self._guard(lambda: self._write_record(fields))
 
+    def _open_current(self) -> int:
+        """Open the current file for appending; create it only where a chain may continue.
+
+        A refused append must leave nothing behind: with no anchor and ``create=False`` there
+        is no chain to continue, and an empty ``audit.log`` created here would only stand in
+        the way of ``install`` starting one.
+        """
+        flags = os.O_RDWR | os.O_APPEND | OPEN_FLAGS
+        try:
+            return os.open(self.path, flags)
+        except FileNotFoundError:
+            pass
+        if not self._create and read_anchor(self.path, self.reads) is None:
+            raise AuditError(f"no audit log at {self.path} and create=False")
+        # The chain is new (create=True), or a rotation was interrupted between the rename
+        # and the new file; _sync_tail checks the end of the chain either way.
+        return os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+
     def _write_record(self, fields: RecordFields) -> AuditRecord:
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | OPEN_FLAGS, 0o600)
+        fd = self._open_current()
         try:
             tail = self._sync_tail(fd)
             record = build_record(
@@ -267,21 +322,59 @@ class AuditLog:
             size = tail.file_id[2]
             base = (tail.anchor.base_seq, tail.anchor.base_prev)
             if size > 0 and size + len(line) > self.max_bytes:
-                fd, base = self._rotate(fd, tail.anchor)
-                size = 0
+                blocked = self._retention_blocked(fd, tail.anchor)
+                if blocked is None:
+                    fd, base = self._rotate(fd, tail.anchor)
+                    size = 0
+                elif not _must_record(fields):
+                    raise AuditError(blocked)
+                # else: the outcome of a request already under way (or an operator's
+                # record) is written past max_bytes rather than lost; the pending lines
+                # that could need one are bounded by the gate's concurrency.
+            anchor = Anchor(record.seq, record.hash, *base)
+            self._commit(fd, size, line, anchor)
+            st = os.fstat(fd)
+            self._tail = _Tail(anchor, (st.st_dev, st.st_ino, st.st_size))
+            return record
+        finally:
+            os.close(fd)
+
+    def _commit(self, fd: int, size: int, line: bytes, anchor: Anchor) -> None:
+        """Write ``line`` and its anchor as one unit: both durable, or the line cut off again.
+
+        A full disk or an I/O error anywhere before the new anchor is in place truncates the
+        file back to ``size``, so the log never holds a line (an ``allowed/pending`` claim)
+        that its anchor does not vouch for, and the next append needs no ``recover``. Only if
+        that truncation fails too is a torn or unanchored tail left for the operator.
+        """
+        try:
             written = os.write(fd, line)
             if written != len(line):
                 raise AuditError(f"{self.path}: short write ({written} of {len(line)} bytes)")
             os.fsync(fd)
             if size == 0:
                 fsync_dir(self.path.parent)  # a new file must survive a crash with its line
-            anchor = Anchor(record.seq, record.hash, *base)
-            write_anchor(self.path, anchor)
-            st = os.fstat(fd)
-            self._tail = _Tail(anchor, (st.st_dev, st.st_ino, st.st_size))
-            return record
-        finally:
-            os.close(fd)
+            staged = stage_anchor(self.path, anchor)
+        except BaseException as err:
+            self._cut_back(fd, size, err)
+            raise
+        # The rename is the commit point: from here the anchor names the line. A failure
+        # while making the rename durable leaves both in place; the caller still refuses,
+        # and the gate's refusal line then closes the request truthfully.
+        publish_anchor(self.path, staged)
+
+    def _cut_back(self, fd: int, size: int, cause: BaseException) -> None:
+        """Remove what a failed append wrote; say so precisely if even that fails."""
+        try:
+            if os.fstat(fd).st_size != size:
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+        except OSError as err:
+            raise AuditError(
+                f"{self.path}: an append failed ({cause}) and its partial line could not be "
+                f"removed ({err}); check with `qubes-mcp-admin audit verify`, then run "
+                "`qubes-mcp-admin audit recover`"
+            ) from err
 
     def _sync_tail(self, fd: int) -> _Tail:
         """The (seq, hash) to chain onto, proven against the anchor and the file's end."""
@@ -344,13 +437,38 @@ class AuditLog:
             os.close(new_fd)
             raise
 
+    def _retention_blocked(self, fd: int, anchor: Anchor) -> str | None:
+        """Why rotating now would have to delete records not yet exported, or ``None``.
+
+        After the rotation the current file (records up to ``anchor.seq``) is one more
+        rotated file; pruning may delete only files whose every record is at or before the
+        operator's export checkpoint (``audit checkpoint``). Retention never forgets
+        unexported records: when it would have to, the log refuses new requests instead.
+        """
+        firsts = [seq for seq, _ in archives(self.path)]
+        excess = len(firsts) + 1 - self.keep
+        if excess <= 0:
+            return None
+        firsts.append(first_record(fd, self.reads, self.path).seq)
+        exported = read_exported(self.path, self.reads)
+        if _exported_files(firsts, anchor.seq, exported) >= excess:
+            return None
+        since = f"after seq {exported.seq}" if exported else "(none was ever exported)"
+        return (
+            f"audit log {self.path}: the retained space is full ({self.keep} rotated files of "
+            f"{self.max_bytes} bytes) and rotating would delete records not yet exported "
+            f"{since}; back up the log, then run `qubes-mcp-admin audit checkpoint`"
+        )
+
     def _prune(self, anchor: Anchor) -> tuple[int, str]:
-        """Delete archives beyond ``keep``: the anchor's base moves first, then files go."""
+        """Delete exported archives beyond ``keep``; the anchor's base moves first, then files."""
         found = archives(self.path)
-        excess = len(found) - self.keep
+        exported = read_exported(self.path, self.reads)
+        deletable = _exported_files([seq for seq, _ in found], anchor.seq, exported)
+        excess = min(len(found) - self.keep, deletable)
         if excess <= 0:
             return anchor.base_seq, anchor.base_prev
-        if self.keep == 0:
+        if excess == len(found):
             base = (anchor.seq + 1, anchor.hash)
         else:
             oldest = found[excess][1]
@@ -367,3 +485,23 @@ class AuditLog:
             old.unlink()
         fsync_dir(self.path.parent)
         return base
+
+
+def _must_record(fields: RecordFields) -> bool:
+    """An outcome of a request already acting, or an operator's own record: never refused for
+    want of retained space (refusing it would leave a ``pending`` line without an outcome)."""
+    return fields["decision"] == "allowed" and fields["outcome"] != "pending"
+
+
+def _exported_files(firsts: list[int], last_seq: int, exported: Anchor | None) -> int:
+    """How many of the files (by first seq, oldest first; the newest ends at ``last_seq``),
+    counted from the oldest, hold only records the operator has exported."""
+    if exported is None:
+        return 0
+    count = 0
+    for index in range(len(firsts)):
+        ends = firsts[index + 1] - 1 if index + 1 < len(firsts) else last_seq
+        if ends > exported.seq:
+            break
+        count += 1
+    return count

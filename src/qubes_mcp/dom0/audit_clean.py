@@ -51,6 +51,12 @@ DETAIL_KEYS: Final = frozenset(
         *("duration_ms", "error_class", "qubesd_error"),
         # written by the log itself (callers may not set the first two)
         *("dropped_keys", "overflow", "torn_bytes", "torn_sha256", "anchor_lag", "reason"),
+        # recover after a cut tail: the anchored record that was lost, for the record
+        *("lost_seq", "lost_hash"),
+        # the operator's export checkpoint, and a refusals-summary line (how many, how long)
+        *("exported_seq", "summary", "count", "window_s"),
+        # an outcome line written after the gate had to stop for want of it
+        "recorded_late",
     }
 )
 _RESERVED: Final = frozenset({"dropped_keys", "overflow"})

@@ -7,6 +7,8 @@ Layout, all in one directory (mode 0700, owned by the gate's user; files 0600)::
     audit.log.head             the anchor: last seq + hash, and where the retained chain starts
     audit.log.lock             flock'd by every writer (threads and processes) and by verify
     audit.log.torn-<seq>       a crash fragment moved aside by ``AuditLog.recover``
+    audit.log.exported         the last record the operator exported (``audit checkpoint``):
+                               rotation never deletes a file holding a record after it
 
 Every read here has a hard cap and adds to a :class:`ReadCounter`, so tests can prove that
 an append reads O(1) bytes however long the log is.
@@ -14,6 +16,7 @@ an append reads O(1) bytes however long the log is.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
@@ -58,6 +61,25 @@ def lock_path(path: Path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
+def exported_path(path: Path) -> Path:
+    """The export checkpoint of the log at ``path``: an :class:`Anchor`-format file whose
+    (seq, hash) is the last record the operator has copied off the machine."""
+    return path.with_name(path.name + ".exported")
+
+
+def chain_exists(path: Path) -> bool:
+    """Whether a chain was ever started at ``path``: an anchor, a rotated file, or records.
+
+    An empty current file with neither (an older version's refused append left one) is not a
+    chain, so ``install`` may start one there.
+    """
+    try:
+        size = os.stat(path, follow_symlinks=False).st_size
+    except FileNotFoundError:
+        size = 0
+    return size > 0 or anchor_path(path).exists() or bool(archives(path))
+
+
 def archive_path(path: Path, first_seq: int) -> Path:
     """Name of a rotated file whose first record is ``first_seq``."""
     return path.with_name(f"{path.name}.{first_seq:012d}")
@@ -90,14 +112,15 @@ class ReadCounter:
         return data
 
 
-def read_anchor(path: Path, counter: ReadCounter) -> Anchor | None:
-    """The anchor of the log at ``path``, or ``None`` if there is none.
+def read_anchor(path: Path, counter: ReadCounter, *, file: Path | None = None) -> Anchor | None:
+    """The anchor of the log at ``path`` (or the Anchor-format ``file``), ``None`` if absent.
 
     Raises:
-        AuditError: the anchor file exists but is not a valid anchor.
+        AuditError: the file exists but is not a valid anchor.
     """
+    where = file or anchor_path(path)
     try:
-        fd = os.open(anchor_path(path), os.O_RDONLY | OPEN_FLAGS)
+        fd = os.open(where, os.O_RDONLY | OPEN_FLAGS)
     except FileNotFoundError:
         return None
     try:
@@ -107,23 +130,46 @@ def read_anchor(path: Path, counter: ReadCounter) -> Anchor | None:
     try:
         return parse_anchor(data)
     except RecordError as err:
-        raise AuditError(f"anchor file {anchor_path(path)}: {err}") from err
+        raise AuditError(f"anchor file {where}: {err}") from err
 
 
-def write_anchor(path: Path, anchor: Anchor) -> None:
-    """Replace the anchor atomically and durably: temp file, fsync, rename, fsync directory."""
-    final = anchor_path(path)
+def read_exported(path: Path, counter: ReadCounter) -> Anchor | None:
+    """The operator's export checkpoint of the log at ``path``, ``None`` if never recorded."""
+    return read_anchor(path, counter, file=exported_path(path))
+
+
+def stage_anchor(path: Path, anchor: Anchor, *, file: Path | None = None) -> Path:
+    """First half of an anchor replace: the new anchor, durable, under a temporary name.
+
+    Nothing the log depends on has changed yet; on failure the temporary file is removed.
+    """
+    final = file or anchor_path(path)
     temp = final.with_name(final.name + ".tmp")
     data = anchor.encode()
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | OPEN_FLAGS, 0o600)
     try:
-        if os.write(fd, data) != len(data):
-            raise AuditError(f"short write to {temp}")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, final)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | OPEN_FLAGS, 0o600)
+        try:
+            if os.write(fd, data) != len(data):
+                raise AuditError(f"short write to {temp}")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    return temp
+
+
+def publish_anchor(path: Path, temp: Path, *, file: Path | None = None) -> None:
+    """Second half: rename the staged anchor over the old one, and make the rename durable."""
+    os.replace(temp, file or anchor_path(path))
     fsync_dir(path.parent)
+
+
+def write_anchor(path: Path, anchor: Anchor, *, file: Path | None = None) -> None:
+    """Replace the anchor atomically and durably: temp file, fsync, rename, fsync directory."""
+    publish_anchor(path, stage_anchor(path, anchor, file=file), file=file)
 
 
 def fsync_dir(directory: Path) -> None:

@@ -1,11 +1,14 @@
 """Repairing the end of the audit log after a crash — and nothing else.
 
-A crash can leave exactly two marks, and append refuses to continue past either:
+A crash can leave these marks, and append refuses to continue past any of them:
 
 - a *torn* last line: bytes after the last newline (power loss mid-write; on some file
   systems a run of NULs);
 - an *unanchored* last record: complete and chained onto the anchor, but the anchor was not
-  yet replaced when the process died.
+  yet replaced when the process died;
+- a torn *anchored* record: the end of the last line never reached the disk although its
+  anchor did, or the file was cut inside that line. The record is lost; the repair says
+  which one (``lost_seq``, ``lost_hash``), so the chain records the loss.
 
 :func:`repair_tail` handles only these. The fragment is kept, not deleted, in
 ``<log>.torn-<seq>`` (0600); the caller then appends an ``audit.recover`` record with the
@@ -26,6 +29,7 @@ from .audit_files import (
     OPEN_FLAGS,
     AuditError,
     ReadCounter,
+    archives,
     fsync_dir,
     last_line,
     read_anchor,
@@ -37,15 +41,16 @@ from .audit_record import MAX_LINE_BYTES, Anchor, RecordError, parse_line
 _FRAGMENT_CAP = 2 * MAX_LINE_BYTES
 
 
-def repair_tail(path: Path, reads: ReadCounter) -> dict[str, object]:
-    """Cut off a torn last line and anchor an unanchored last record (lock held by caller).
+def repair_tail(path: Path, reads: ReadCounter, *, accept_loss: bool = False) -> dict[str, object]:
+    """Cut off a torn last line and re-anchor the chain where it now ends (lock held by caller).
 
     Everything is checked before anything is changed: if the end of the log is not a crash
     signature, the files are left exactly as they were.
 
     Returns:
         ``detail`` for the ``audit.recover`` record: ``torn_bytes``, ``torn_sha256`` (or
-        ``None``) and ``anchor_lag`` (0 or 1).
+        ``None``), ``anchor_lag`` (0 or 1) and, when the torn line was the anchored record
+        itself, ``lost_seq`` and ``lost_hash`` — what the anchor vouched for and is now gone.
 
     Raises:
         AuditError: the end of the log shows no crash signature, or something else is wrong.
@@ -60,21 +65,25 @@ def repair_tail(path: Path, reads: ReadCounter) -> dict[str, object]:
     try:
         size = os.fstat(fd).st_size
         torn = _torn_fragment(fd, size, path, reads)
-        unanchored = _unanchored_record(fd, size - len(torn), path, anchor, reads)
-        if not torn and unanchored is None:
+        last = _last_record(fd, size - len(torn), path, anchor, reads)
+        new_anchor, lost = _new_anchor(path, anchor, last, torn, accept_loss=accept_loss)
+        if not torn and new_anchor is None:
             raise AuditError(f"{path}: its end matches its anchor; nothing to recover")
         # ---- checked: from here on the log is changed ----
         if torn:
             _move_aside(fd, size, torn, path.with_name(f"{path.name}.torn-{anchor.seq + 1}"))
-        if unanchored is not None:
-            write_anchor(path, unanchored)
+        if new_anchor is not None:
+            write_anchor(path, new_anchor)
     finally:
         os.close(fd)
-    return {
+    facts: dict[str, object] = {
         "torn_bytes": len(torn),
         "torn_sha256": hashlib.sha256(torn).hexdigest() if torn else None,
-        "anchor_lag": 0 if unanchored is None else 1,
+        "anchor_lag": 1 if new_anchor is not None and not lost else 0,
     }
+    if lost:
+        facts.update(lost_seq=anchor.seq, lost_hash=anchor.hash)
+    return facts
 
 
 def _torn_fragment(fd: int, size: int, path: Path, reads: ReadCounter) -> bytes:
@@ -105,27 +114,88 @@ def _move_aside(fd: int, size: int, fragment: bytes, keep: Path) -> None:
     os.fsync(fd)
 
 
-def _unanchored_record(
+def _last_record(
     fd: int, size: int, path: Path, anchor: Anchor, reads: ReadCounter
-) -> Anchor | None:
-    """The anchor for a valid last record one past the anchor; ``None`` if it is anchored."""
-    if size == 0:
-        return None
-    untrusted_line = last_line(fd, size, reads, path)
+) -> tuple[int, str, str]:
+    """(seq, hash, prev) of the last complete record of the chain once the fragment is cut.
+
+    It is the current file's last line, or — when the current file holds nothing else — the
+    newest rotated file's last line, or the anchor's base when no record is retained.
+    """
+    where = path
+    if size > 0:
+        untrusted_line = last_line(fd, size, reads, path)
+    else:
+        found = archives(path)
+        if not found:
+            return anchor.base_seq - 1, anchor.base_prev, ""
+        where = found[-1][1]
+        afd = os.open(where, os.O_RDONLY | OPEN_FLAGS)
+        try:
+            untrusted_line = last_line(afd, os.fstat(afd).st_size, reads, where)
+        finally:
+            os.close(afd)
     try:
         record = parse_line(untrusted_line)
     except RecordError as err:
         raise AuditError(
-            f"{path}: the last complete line is not a valid record ({err}): an edit, not a crash"
+            f"{where}: the last complete line is not a valid record ({err}): an edit, not a crash"
         ) from err
-    if (record.seq, record.hash) == (anchor.seq, anchor.hash):
-        return None
-    if record.seq == anchor.seq + 1 and record.prev == anchor.hash:
-        return Anchor(record.seq, record.hash, anchor.base_seq, anchor.base_prev)
+    return record.seq, record.hash, record.prev
+
+
+def _new_anchor(
+    path: Path, anchor: Anchor, last: tuple[int, str, str], torn: bytes, *, accept_loss: bool
+) -> tuple[Anchor | None, bool]:
+    """The anchor the repaired log needs (``None``: it already fits), and whether it loses
+    the record the old anchor named.
+
+    Three shapes are crash signatures. The chain ends at the anchor (only a torn fragment
+    follows it). It ends one chained record past the anchor (the process died before the
+    anchor was replaced). Or the anchored record itself is the torn line — its end never
+    reached the disk, or the file was cut inside it — so the chain now ends one record
+    before the anchor. That looks the same as cutting an anchored line on purpose, so it is
+    repaired only when the operator accepts the loss (``--accept-loss``), the fragment does
+    not contradict the anchored record (its ``hash``, ``prev`` and ``seq``, where it got that
+    far), and the loss is recorded.
+    """
+    seq, digest, prev = last
+    if (seq, digest) == (anchor.seq, anchor.hash):
+        return None, False
+    if seq == anchor.seq + 1 and prev == anchor.hash:
+        return Anchor(seq, digest, anchor.base_seq, anchor.base_prev), False
+    if torn and seq == anchor.seq - 1 and _fragment_fits(torn, anchor, digest):
+        if accept_loss:
+            return Anchor(seq, digest, anchor.base_seq, anchor.base_prev), True
+        raise AuditError(
+            f"{path}: the torn last line is the anchored record (seq {anchor.seq}) itself, so "
+            "repairing it loses that record; if no copy of it exists, run "
+            "`qubes-mcp-admin audit recover --accept-loss` (the loss is recorded in the chain)"
+        )
     raise AuditError(
-        f"{path}: the log ends at seq {record.seq} but its anchor records seq {anchor.seq}: "
+        f"{path}: the log ends at seq {seq} but its anchor records seq {anchor.seq}: "
         "an edit or a truncation, not a crash"
     )
+
+
+def _fragment_fits(untrusted_torn: bytes, anchor: Anchor, prev: str) -> bool:
+    """Whether a torn line could be the start of the anchored record chained onto ``prev``.
+
+    A canonical line has its keys sorted (``…"hash":…"prev":…"seq":…``) and a quote inside a
+    value is always escaped, so these byte patterns can only be the keys themselves.
+    """
+    for key, want in ((b'"hash":"', anchor.hash), (b'"prev":"', prev)):
+        start = untrusted_torn.find(key)
+        if start >= 0:
+            value = untrusted_torn[start + len(key) : start + len(key) + 64]
+            if not want.encode().startswith(value):
+                return False
+    start = untrusted_torn.find(b'"seq":')
+    if start >= 0:
+        digits = untrusted_torn[start + 6 :].split(b",", 1)
+        if len(digits) == 2 and digits[0] != str(anchor.seq).encode():
+            return False
+    return True
 
 
 def _free_name(candidate: Path) -> Path:
@@ -138,8 +208,10 @@ def _free_name(candidate: Path) -> Path:
     return found
 
 
-def audit_recover_main(path: Path, out: TextIO, *, reason: str = "") -> int:
-    """``qubes-mcp-admin audit recover [--log PATH] [--reason TEXT]``.
+def audit_recover_main(
+    path: Path, out: TextIO, *, reason: str = "", accept_loss: bool = False
+) -> int:
+    """``qubes-mcp-admin audit recover [--log PATH] [--reason TEXT] [--accept-loss]``.
 
     Returns:
         0 when a crash signature was repaired and the repair recorded; 1 when the log's end
@@ -148,7 +220,7 @@ def audit_recover_main(path: Path, out: TextIO, *, reason: str = "") -> int:
     from .audit import AuditLog
 
     try:
-        record = AuditLog(path, create=False).recover(reason=reason)
+        record = AuditLog(path, create=False).recover(reason=reason, accept_loss=accept_loss)
     except AuditError as err:
         print(f"audit recover refused: {err.reason}", file=out)
         return 1
@@ -158,4 +230,10 @@ def audit_recover_main(path: Path, out: TextIO, *, reason: str = "") -> int:
         f"anchored {detail.get('anchor_lag', 0)} record(s); recorded as seq {record.seq}",
         file=out,
     )
+    if "lost_seq" in detail:
+        print(
+            f"record seq {detail['lost_seq']} (hash {detail['lost_hash']}) was lost; "
+            "the recover record names it",
+            file=out,
+        )
     return 0

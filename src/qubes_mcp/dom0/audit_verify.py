@@ -92,6 +92,7 @@ class _Walk:
     checkpoint_seen: bool = False
     anchored_hash: str | None = None  # hash of the record whose seq the anchor names
     torn: str = ""
+    torn_at: str = ""  # the file, line and size of a torn last line, without advice
 
     def take(self, record: AuditRecord, where: str) -> None:
         last, anchor = self.last, self.anchor
@@ -223,7 +224,21 @@ def _broken(
     kind: str, message: str, walk: _Walk | None, files: list[Path], anchor: Anchor | None
 ) -> VerifyResult:
     if walk is not None and walk.torn and kind != "torn":
-        kind, message = "torn", f"{walk.torn}; besides, {message}"
+        last, anchor_seq = walk.last, walk.anchor.seq
+        ends = last.seq if last is not None else walk.anchor.base_seq - 1
+        if kind == "truncated" and ends == anchor_seq - 1:
+            # The torn line is where the anchored record was: it never fully reached the
+            # disk, or the file was cut inside it. Say exactly what repairs it, and at what cost.
+            kind, message = (
+                "torn",
+                (
+                    f"{walk.torn_at}: it held the anchored record (seq {anchor_seq}), which "
+                    "is lost: `qubes-mcp-admin audit recover --accept-loss` moves it aside and "
+                    "records the loss in the chain"
+                ),
+            )
+        else:
+            kind, message = "torn", f"{walk.torn}; besides, {message}"
     entries = walk.entries if walk is not None else 0
     return VerifyResult(False, entries, message, files, kind, anchor)
 
@@ -254,9 +269,12 @@ def _walk_file(walk: _Walk, file: Path, current: Path, *, last_file: bool) -> No
                 if len(untrusted_line) > MAX_LINE_BYTES:
                     raise _BrokenError("corrupt", f"{where}: longer than any record")
                 if last_file and not stream.read(1):
-                    walk.torn = (
+                    walk.torn_at = (
                         f"{where}: the last line is incomplete ({len(untrusted_line)} bytes, "
-                        "no newline): torn by a crash during append; `qubes-mcp-admin audit "
+                        "no newline)"
+                    )
+                    walk.torn = (
+                        f"{walk.torn_at}: torn by a crash during append; `qubes-mcp-admin audit "
                         "recover` moves it aside"
                     )
                     return

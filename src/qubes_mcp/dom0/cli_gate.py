@@ -4,7 +4,7 @@
     install / uninstall / status / doctor   [--root DIR]
     policy render | explain [--from QUBE]
     pending | show ID | approve ID [--digest D] | deny ID
-    audit verify [--log PATH]
+    audit verify | recover | checkpoint [--log PATH]
     tier QUBE read|exec|net|full|none | enrol QUBE | unenrol QUBE   [--scope ai]
 
 ``--config`` (default /etc/qubes-mcp/config.toml) names the configuration; with ``--root``
@@ -90,6 +90,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     for key, value in report.items():
         print(f"{key}: {value}")
+    try:
+        gate = _operator(args, {"cmd": "status"}).get("status", {})
+    except (GateError, OSError, ValueError):
+        gate = None
+    if gate is None:
+        print("gate: not reachable")
+        return 0
+    for key, value in gate.items():
+        print(f"gate {key}: {value}")
     return 0
 
 
@@ -218,11 +227,34 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         return _fail(str(exc))
 
 
+def _seq_hash(text: str) -> tuple[int, str] | None:
+    seq, _, digest = text.partition(":")
+    return (int(seq), digest) if seq.isdigit() and digest else None
+
+
+def cmd_audit_checkpoint(args: argparse.Namespace) -> int:
+    from qubes_mcp.dom0.audit_export import audit_checkpoint_main
+
+    through = None
+    if args.through:
+        through = _seq_hash(args.through)
+        if through is None:
+            return _fail("--through must be SEQ:HASH (as verify printed it)")
+    try:
+        return audit_checkpoint_main(
+            _log_path(args), sys.stdout, through=through, reason=args.reason
+        )
+    except GateError as exc:
+        return _fail(str(exc))
+
+
 def cmd_audit_recover(args: argparse.Namespace) -> int:
     from qubes_mcp.dom0.audit_repair import audit_recover_main
 
     try:
-        return audit_recover_main(_log_path(args), sys.stdout, reason=args.reason)
+        return audit_recover_main(
+            _log_path(args), sys.stdout, reason=args.reason, accept_loss=args.accept_loss
+        )
     except GateError as exc:
         return _fail(str(exc))
 
@@ -309,7 +341,23 @@ def register(sub: Any, policy_sub: Any | None = None) -> None:
     recover.add_argument("--config")
     recover.add_argument("--log", help="log file (default: from the configuration)")
     recover.add_argument("--reason", default="", help="why, for the record")
+    recover.add_argument(
+        "--accept-loss",
+        action="store_true",
+        help="also cut a torn line that was the anchored record (verify says when); "
+        "the lost record's seq and hash are recorded",
+    )
     recover.set_defaults(func=cmd_audit_recover)
+    checkpoint = audit_sub.add_parser(
+        "checkpoint",
+        help="record that the log is backed up (through its head, or SEQ:HASH): rotation "
+        "never deletes records after the last checkpoint",
+    )
+    checkpoint.add_argument("--config")
+    checkpoint.add_argument("--log", help="log file (default: from the configuration)")
+    checkpoint.add_argument("--through", help="SEQ:HASH printed by `verify` before the backup")
+    checkpoint.add_argument("--reason", default="", help="where the copy went, for the record")
+    checkpoint.set_defaults(func=cmd_audit_checkpoint)
     tier = add("tier", cmd_tier, "set a qube's tier tags (none = unenrol)")
     tier.add_argument("qube")
     tier.add_argument("tier", choices=("read", "exec", "net", "full", "none"))

@@ -37,6 +37,10 @@ Example (every key shown; only ``[[principal]]`` is required)::
     run_timeout = 600              # seconds, upper bound for one command
     event_window = 120             # seconds, upper bound for one events call
     concurrent_requests = 16
+    rate = 20                      # requests per second per calling qube, sustained …
+    burst = 100                    # … after a burst of this many; beyond: rate-limited
+    refused_rate = 5               # refused requests per second per calling qube, and burst:
+    refused_burst = 50             # beyond, every request of that qube is rate-limited
 
     [paths]
     qubesd_socket = "/var/run/qubesd.sock"
@@ -102,6 +106,11 @@ class Limits:
     run_timeout: int
     event_window: int
     concurrent_requests: int
+    #: token buckets per calling qube (ratelimit.py): all requests, and refused ones
+    rate: int = 20
+    burst: int = 100
+    refused_rate: int = 5
+    refused_burst: int = 50
 
 
 @dataclass(frozen=True)
@@ -139,6 +148,10 @@ DEFAULT_LIMITS = {
     "run_timeout": 600,
     "event_window": 120,
     "concurrent_requests": 16,
+    "rate": 20,
+    "burst": 100,
+    "refused_rate": 5,
+    "refused_burst": 50,
 }
 DEFAULT_PATHS = {
     "qubesd_socket": "/var/run/qubesd.sock",
@@ -156,6 +169,10 @@ _BOUNDS = {
     "run_timeout": (1, 24 * 3600),
     "event_window": (1, 3600),
     "concurrent_requests": (1, 256),
+    "rate": (1, 100_000),
+    "burst": (1, 1_000_000),
+    "refused_rate": (1, 100_000),
+    "refused_burst": (1, 1_000_000),
 }
 
 

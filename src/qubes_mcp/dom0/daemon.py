@@ -7,7 +7,7 @@ whatever the gate writes back. The source and target in the descriptor come from
 daemon, so they are trusted; the payload after the NUL is the agent's.
 
 The operator socket (mode 0600, dom0 root only) serves ``qubes-mcp-admin pending / show /
-approve / deny`` as one JSON line each way.
+approve / deny / status`` as one JSON line each way.
 """
 
 from __future__ import annotations
@@ -140,6 +140,8 @@ class GateDaemon:
 
     def _operator(self, command: dict[str, Any]) -> dict[str, Any]:
         cmd = command["cmd"]
+        if cmd == "status":
+            return {"status": self.gate.status()}
         if cmd == "pending":
             return {"pending": [r.public() for r in self.consent.pending()]}
         if cmd in ("approve", "deny"):
@@ -174,6 +176,7 @@ class GateDaemon:
             server.close()
             with contextlib.suppress(Exception):
                 await server.wait_closed()
+        await self.gate.flush()  # counted refusals go into the log before the gate stops
         self.gate.audit.close()
 
 

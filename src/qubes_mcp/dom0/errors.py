@@ -100,6 +100,13 @@ class FailedError(GateError):
     code = "failed"
 
 
+class RateLimitedError(GateError):
+    """The calling qube sent more requests (or more refused requests) than its rate allows."""
+
+    code = "rate-limited"
+    default_message = "too many requests; try again later"
+
+
 class UnavailableError(GateError):
     code = "unavailable"
     default_message = "qubes-mcp gate is unavailable"
@@ -135,5 +142,6 @@ CODES: tuple[str, ...] = tuple(
         InvalidStateError,
         FailedError,
         UnavailableError,
+        RateLimitedError,
     )
 )

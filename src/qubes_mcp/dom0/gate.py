@@ -6,6 +6,12 @@ name in the audit log. State-changing requests get an audit line before they act
 (``outcome=pending``) and one after (``ok``/``failed``/``rolled-back``); one refused before
 acting gets a single ``refused``/``not-run`` line. If the audit log cannot be written, the
 request is refused and nothing is done.
+
+Two things keep the log truthful under faults and floods. An outcome line that cannot be
+written (full disk, I/O error) stops the gate from taking state-changing requests: the
+outcome is kept and retried before the next one, and ``status`` says why until it lands.
+And every request passes the caller's rate limits (ratelimit.py); repeated refusals are
+recorded as the first in full plus one summary line per window (audit_summary.py).
 """
 
 from __future__ import annotations
@@ -21,12 +27,13 @@ from typing import Any
 from qubes_mcp.dom0 import create, handlers_files, handlers_read, handlers_write
 from qubes_mcp.dom0.admin import AdminClient, QubesdError
 from qubes_mcp.dom0.audit import AuditLog
+from qubes_mcp.dom0.audit_summary import SUMMARY_ID, RefusalSummary
 from qubes_mcp.dom0.config import GateConfig, Principal
 from qubes_mcp.dom0.consent import ConsentBroker
 from qubes_mcp.dom0.context import Context, Handler
 from qubes_mcp.dom0.decide import Verdict, decide, names_to_read
 from qubes_mcp.dom0.describe import StepContext, describe, describe_plan
-from qubes_mcp.dom0.errors import FailedError, GateError, NotFoundError
+from qubes_mcp.dom0.errors import FailedError, GateError, NotFoundError, UnavailableError
 from qubes_mcp.dom0.facts import Facts
 from qubes_mcp.dom0.names import is_valid_qube_name
 from qubes_mcp.dom0.operations import (
@@ -36,6 +43,7 @@ from qubes_mcp.dom0.operations import (
     Target,
 )
 from qubes_mcp.dom0.plans import PLAN_TTL, Plan, PlanBook, PlanStep
+from qubes_mcp.dom0.ratelimit import RateLimiter
 from qubes_mcp.dom0.reader import FleetReader
 from qubes_mcp.dom0.schema import check_payload
 
@@ -119,11 +127,29 @@ class Gate:
         #: the pool-cap check and the create must not interleave between requests
         self.create_lock = asyncio.Lock()
         self.plans = PlanBook()
+        self.limiter = RateLimiter(config.limits)
+        self.refusals = RefusalSummary()
+        #: why the gate takes no state-changing request (an outcome it could not record)
+        self.halted: str | None = None
+        #: outcome lines that could not be written yet: (call, outcome, code)
+        self._unrecorded: list[tuple[_Call, str, str]] = []
+        #: the last audit failure, for ``status`` (cleared by the next successful append)
+        self.audit_problem: str | None = None
+        self._flushers: set[asyncio.Task[None]] = set()
+        self._resume_lock = asyncio.Lock()
+
+    async def _append(self, **fields: Any) -> None:
+        # append fsyncs: keep it off the event loop so other requests are not stalled
+        try:
+            await asyncio.to_thread(self.audit.append, **fields)
+        except GateError as exc:
+            self.audit_problem = exc.reason or exc.message
+            raise
+        self.audit_problem = None
 
     async def _audit(self, call: _Call, *, decision: str, outcome: str, code: str = "") -> None:
-        # append fsyncs: keep it off the event loop so other requests are not stalled
-        await asyncio.to_thread(
-            self.audit.append,
+        await self._flush_refusals()
+        await self._append(
             principal=call.request.source,
             op=call.op.name if call.op else call.request.service,
             decision=decision,
@@ -134,14 +160,91 @@ class Gate:
             detail=call.detail,
         )
 
+    async def _flush_refusals(self, *, everything: bool = False) -> None:
+        """Write one summary line per ended window of repeated refusals (audit_summary.py)."""
+        due = self.refusals.due(everything=everything)
+        for index, item in enumerate(due):
+            principal, op, code = item.key
+            try:
+                await self._append(
+                    principal=principal,
+                    op=op,
+                    decision="refused",
+                    outcome="not-run",
+                    code=code,
+                    request_id=SUMMARY_ID,
+                    detail={
+                        "summary": "refusals",
+                        "count": item.count,
+                        "window_s": self.refusals.window,
+                    },
+                )
+            except GateError:
+                self.refusals.restore(due[index:])  # counted again into the next line
+                return
+
+    def _flush_later(self) -> None:
+        """Make sure a window's summary is written when it ends, even if nothing follows."""
+
+        def spawn() -> None:
+            task = asyncio.ensure_future(self._flush_refusals())
+            self._flushers.add(task)
+            task.add_done_callback(self._flushers.discard)
+
+        asyncio.get_running_loop().call_later(self.refusals.window + 0.05, spawn)
+
+    async def flush(self) -> None:
+        """Write every counted refusal now (the daemon calls this when it stops)."""
+        await self._flush_refusals(everything=True)
+
+    async def _record_outcome(
+        self, call: _Call, *, decision: str, outcome: str, code: str = ""
+    ) -> None:
+        """The outcome line of a request that acted; if it cannot be written, stop."""
+        try:
+            await self._audit(call, decision=decision, outcome=outcome, code=code)
+        except GateError as exc:
+            self._unrecorded.append((call, outcome, code))
+            self.halted = (
+                f"the outcome of {call.op.name if call.op else call.request.service} "
+                f"(request {call.request_id}) could not be recorded: {exc.reason or exc}"
+            )
+            log.error("qubes-mcp gate: refusing state-changing requests: %s", self.halted)
+
+    async def _resume(self) -> None:
+        """Retry the outcome lines the gate owes; once all are written, take requests again."""
+        async with self._resume_lock:
+            while self._unrecorded:
+                call, outcome, code = self._unrecorded[0]
+                call.detail["recorded_late"] = True
+                try:
+                    await self._audit(call, decision="allowed", outcome=outcome, code=code)
+                except GateError:
+                    return
+                self._unrecorded.pop(0)
+            if self.halted is not None:
+                log.warning("qubes-mcp gate: owed outcomes recorded; taking requests again")
+            self.halted = None
+
+    def status(self) -> dict[str, Any]:
+        """What the operator's ``status`` shows about the request path and its log."""
+        return {
+            "serving": "reads only" if self.halted else "all requests",
+            "halted": self.halted,
+            "unrecorded_outcomes": len(self._unrecorded),
+            "audit_problem": self.audit_problem,
+            "refusals_counted": self.refusals.pending,
+        }
+
     async def handle(self, request: Request) -> dict[str, Any]:
         """Answer one request with one JSON object. Never raises."""
-        return await self._handle(request)
+        return await self._handle(request, admit=True)
 
     async def _handle(
         self,
         request: Request,
         *,
+        admit: bool = False,
         preapproved: bool = False,
         detail: dict[str, object] | None = None,
     ) -> dict[str, Any]:
@@ -154,6 +257,8 @@ class Gate:
         call.detail.update(detail or {})
         call.targets = [request.target] if request.target else []
         try:
+            if admit:  # a plan's steps were admitted with the plan
+                self.limiter.admit(request.source)
             result = await self._run(call)
         except GateError as exc:
             return await self._refuse(call, exc)
@@ -163,12 +268,38 @@ class Gate:
             return await self._refuse(call, FailedError(reason=f"unexpected {type(exc).__name__}"))
         if call.op is not None and call.op.state_changing:
             call.detail["duration_ms"] = round((time.monotonic() - call.started) * 1000)
-            await self._audit(call, decision="allowed", outcome="ok")
+            # it was done: the agent learns so even if the line cannot be written (then the
+            # gate stops taking state-changing requests until it is)
+            await self._record_outcome(call, decision="allowed", outcome="ok")
         return {"ok": True, "result": result}
 
     async def _refuse(self, call: _Call, exc: GateError) -> dict[str, Any]:
         if exc.reason:
             call.detail.setdefault("reason", exc.reason)
+        self.limiter.refused(call.request.source)
+        if call.op is not None and not call.op.state_changing:
+            if exc.code != "rate-limited":  # a flood must not flood the journal either
+                self._journal(call, exc)
+            return exc.to_reply()
+        if call.acting:
+            outcome = "rolled-back" if call.detail.get("rolled_back") else "failed"
+            self._journal(call, exc)
+            await self._record_outcome(call, decision="allowed", outcome=outcome, code=exc.code)
+            return exc.to_reply()
+        await self._flush_refusals()
+        key = (call.request.source, call.op.name if call.op else call.request.service, exc.code)
+        if not self.refusals.first(key):
+            return exc.to_reply()  # counted: the window's summary line records it
+        self._journal(call, exc)
+        self._flush_later()
+        try:
+            await self._audit(call, decision="refused", outcome="not-run", code=exc.code)
+        except GateError as err:
+            log.warning("qubes-mcp gate: refusal not recorded: %s", err.reason or err)
+        return exc.to_reply()
+
+    @staticmethod
+    def _journal(call: _Call, exc: GateError) -> None:
         log.info(
             "qubes-mcp gate: %s %s from %s refused: %s (%s)",
             call.request.service,
@@ -177,25 +308,15 @@ class Gate:
             exc.code,
             exc.reason,
         )
-        if call.op is None or call.op.state_changing:
-            outcome = "not-run"
-            if call.acting:
-                outcome = "rolled-back" if call.detail.get("rolled_back") else "failed"
-            try:
-                await self._audit(
-                    call,
-                    decision="allowed" if call.acting else "refused",
-                    outcome=outcome,
-                    code=exc.code,
-                )
-            except GateError:
-                log.exception("qubes-mcp gate: audit log unavailable")
-        return exc.to_reply()
 
     async def _run(self, call: _Call) -> dict[str, Any]:
         op, principal, target = call.op, call.principal, call.request.target
         if op is None or principal is None:
             raise NotFoundError(reason="unknown service or caller")
+        if op.state_changing and self.halted is not None:
+            await self._resume()
+            if self.halted is not None:
+                raise UnavailableError(reason=f"gate stopped: {self.halted}")
         if op.target is Target.GLOBAL:
             if target is not None:
                 raise NotFoundError(reason="global operation addressed to a qube")

@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from qubes_mcp.dom0.audit import AuditLog
+from qubes_mcp.dom0.audit import AuditLog, chain_exists
 from qubes_mcp.dom0.config import GateConfig, load_config
 from qubes_mcp.dom0.fsutil import atomic_write, locked
 from qubes_mcp.dom0.operations import OPERATIONS
@@ -155,7 +155,7 @@ def install(
     for directory in (config.paths.audit_log.parent, config.paths.state_dir):
         directory.mkdir(parents=True, exist_ok=True)
         directory.chmod(0o700)
-    if not config.paths.audit_log.exists():
+    if not chain_exists(config.paths.audit_log):
         # the only place the chain may start; the daemon opens it with create=False
         with AuditLog(config.paths.audit_log, create=True) as log:
             log.append(principal="operator", op="install", decision="allowed", outcome="ok")

@@ -43,6 +43,20 @@ def _groups(text: str | None) -> list[str] | None:
     return None if text is None else [g.strip() for g in text.split(",") if g.strip()]
 
 
+def http_options() -> dict[str, Any]:
+    """How the HTTP transport is run: loopback Host/Origin only (403 otherwise, http_guard.py,
+    in place of FastMCP's looser guard) and no per-request access-log line."""
+    from starlette.middleware import Middleware
+
+    from qubes_mcp.server.http_guard import LoopbackOnly
+
+    return {
+        "middleware": [Middleware(LoopbackOnly)],
+        "host_origin_protection": False,  # it would answer first, and looser (see http_guard)
+        "uvicorn_config": {"access_log": False},
+    }
+
+
 def _serve(args: argparse.Namespace) -> int:
     from qubes_mcp.server.app import UnknownGroupError, build_server, select_groups
     from qubes_mcp.server.transport import QrexecTransport, SimTransport, Timeouts, Transport
@@ -65,7 +79,7 @@ def _serve(args: argparse.Namespace) -> int:
         timeouts=Timeouts(consent=float(args.consent_timeout)),
     )
     if args.transport == "http":
-        mcp.run(transport="http", host=host, port=args.port, show_banner=False)
+        mcp.run(transport="http", host=host, port=args.port, show_banner=False, **http_options())
     else:
         mcp.run(transport="stdio", show_banner=False)
     return 0
