@@ -25,6 +25,7 @@ from qubes_mcp.dom0.config import GateConfig, Principal
 from qubes_mcp.dom0.consent import ConsentBroker
 from qubes_mcp.dom0.context import Context, Handler
 from qubes_mcp.dom0.decide import Verdict, decide, names_to_read
+from qubes_mcp.dom0.enrolment import RegistryFile, reconcile, registry_path
 from qubes_mcp.dom0.errors import FailedError, GateError, NotFoundError
 from qubes_mcp.dom0.facts import Facts
 from qubes_mcp.dom0.firewall import render_rule
@@ -138,6 +139,39 @@ class Gate:
         #: the pool-cap check and the create must not interleave between requests
         self.create_lock = asyncio.Lock()
         self.plans = PlanBook()
+        #: who is in which scope (decision record 0010); re-read whenever the file is replaced
+        self.registry = RegistryFile(registry_path(config.paths.state_dir))
+        self._reconciled = asyncio.Lock()
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def _ensure_reconciled(self) -> None:
+        """Once per process, before the first decision: drop registrations of qubes that are
+        gone or were re-created (new uuid), then keep doing so on qubesd's domain-delete."""
+        async with self._reconciled:
+            if self._watcher is not None:
+                return
+            await reconcile(self.config, self.admin)
+            self._watcher = asyncio.create_task(self._watch_deletes())
+
+    async def _watch_deletes(self) -> None:
+        """Reconcile after every ``domain-delete`` of a registered name (as dom0, through
+        ``admin.Events``), so a name the operator removes and re-creates never carries the old
+        enrolment in the policy. Reconnects after a lost stream; a failure is logged."""
+        while True:
+            try:
+                async for ev in self.admin.events("dom0"):
+                    about = ev.subject or ev.kwargs.get("vm", "")
+                    registry = self.registry.current()
+                    if ev.name == "domain-delete" and any(
+                        registry.entry(s, about) for s in registry.scopes()
+                    ):
+                        await reconcile(self.config, self.admin)
+            except asyncio.CancelledError:
+                raise
+            except (GateError, OSError, asyncio.IncompleteReadError) as exc:
+                # keep watching; every read still checks uuids itself
+                log.warning("qubes-mcp gate: reconcile watcher: %s", type(exc).__name__)
+            await asyncio.sleep(1)
 
     async def _audit(self, call: _Call, *, decision: str, outcome: str, code: str = "") -> None:
         # append fsyncs: keep it off the event loop so other requests are not stalled
@@ -221,6 +255,7 @@ class Gate:
         elif target is None or target == "dom0" or not is_valid_qube_name(target):
             raise NotFoundError(reason="operation needs a target qube")
         args = check_payload(op, call.request.untrusted_payload, name_prefix=principal.name_prefix)
+        await self._ensure_reconciled()
         if op.name == "plan.propose":
             return await self._propose(principal, args)
         if op.name == "plan.apply":
@@ -256,7 +291,7 @@ class Gate:
         self, call: _Call, op: Operation, principal: Principal, args: dict[str, Any]
     ) -> dict[str, Any]:
         target = call.request.target
-        reader = FleetReader(self.admin, principal.scope)
+        reader = FleetReader(self.admin, principal.scope, self.registry)
         call.targets = list(dict.fromkeys(names_to_read(op, target, args)))
         verdict, facts = await self._read_and_decide(reader, principal, op, target, args)
         if target is not None:
@@ -284,7 +319,7 @@ class Gate:
 
     async def _propose(self, principal: Principal, args: dict[str, Any]) -> dict[str, Any]:
         """Decide every step without acting (plans.py); keep the plan if none is refused."""
-        reader = FleetReader(self.admin, principal.scope)
+        reader = FleetReader(self.admin, principal.scope, self.registry)
         steps: list[PlanStep] = []
         report: list[dict[str, Any]] = []
         created: set[str] = set()
