@@ -1,0 +1,44 @@
+"""Enrolment for tests, the way the operator does it: by name, through the registry.
+
+``registry_for`` builds the registry a migrated demo fleet has (every qube carrying an ``ai``
+scope tag, registered under a stable made-up uuid); ``enrol``/``unenrol`` run the operator's
+``qubes-mcp-admin enrol|unenrol`` against a running stack (tags alone no longer enrol anyone:
+decision record 0010).
+"""
+
+from __future__ import annotations
+
+import uuid as uuidlib
+from collections.abc import Iterable
+
+from qubes_mcp.dom0.enrolment import Registry
+from qubes_mcp.dom0.facts import QubeFacts
+from qubes_mcp.sim.stack import Stack
+
+
+def uuid_of(name: str) -> str:
+    return str(uuidlib.uuid5(uuidlib.NAMESPACE_DNS, f"{name}.qubes-mcp.test"))
+
+
+def registry_for(qubes: Iterable[QubeFacts], scope: str = "ai") -> Registry:
+    registry = Registry()
+    for q in qubes:
+        tags = set(q.tags)
+        if q.registered is not None and ((f"{scope}-managed" in tags) != (f"{scope}-dump" in tags)):
+            registry = registry.enrolled(
+                scope, q.name, uuid_of(q.name), q.klass, role=q.registered, by="operator"
+            )
+    return registry
+
+
+def enrol(stack: Stack, name: str, *extra: str) -> str:
+    """``qubes-mcp-admin enrol NAME [--tier T | --dump]``; fails the test if it fails."""
+    done = stack.admin("enrol", name, *extra)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def unenrol(stack: Stack, name: str) -> str:
+    done = stack.admin("unenrol", name)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
