@@ -8,9 +8,11 @@ decision record 0010).
 
 from __future__ import annotations
 
+import asyncio
 import uuid as uuidlib
 from collections.abc import Iterable
 
+from qubes_mcp.dom0.config import GateConfig
 from qubes_mcp.dom0.enrolment import Registry
 from qubes_mcp.dom0.facts import QubeFacts
 from qubes_mcp.sim.stack import Stack
@@ -42,3 +44,21 @@ def unenrol(stack: Stack, name: str) -> str:
     done = stack.admin("unenrol", name)
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+def migrate_tagged(config: GateConfig) -> Registry:
+    """Register every qube carrying a scope tag, as the first ``install`` does (for tests
+    that run the gate in-process against an emulated qubesd)."""
+    from qubes_mcp.dom0.enrolment import commit, registry_path
+    from qubes_mcp.dom0.install import _migrate, scan_fleet
+    from qubes_mcp.dom0.render import render_policy
+
+    scan = asyncio.run(
+        scan_fleet(config, Registry.load(registry_path(config.paths.state_dir)), first=True)
+    )
+    return commit(
+        config.paths.state_dir,
+        config.paths.policy_dir,
+        _migrate(scan),
+        lambda registry: render_policy(config, registry),
+    )

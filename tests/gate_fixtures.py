@@ -105,5 +105,9 @@ def demo_qubes() -> list[QubeFacts]:
 def facts(names: Iterable[str], extra: Iterable[QubeFacts] = ()) -> Facts:
     """Facts for the given names from the demo fleet (missing names map to None)."""
     fleet = {q.name: q for q in [*demo_qubes(), *extra]}
-    scope = tuple(q for q in fleet.values() if "ai-managed" in q.tags and "ai-dump" not in q.tags)
+    scope = tuple(
+        q
+        for q in fleet.values()
+        if q.registered == "member" and "ai-managed" in q.tags and "ai-dump" not in q.tags
+    )
     return Facts(qubes={n: fleet.get(n) for n in names}, scope_qubes=scope)
