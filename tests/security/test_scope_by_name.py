@@ -25,11 +25,11 @@ from pathlib import Path
 
 import pytest
 
+from qubes_mcp.dom0.admin import AdminClient
 from qubes_mcp.dom0.config import load_config
 from qubes_mcp.dom0.enrolment import Registry, registry_path
-from qubes_mcp.dom0.operations import OPERATIONS, Target
-from qubes_mcp.dom0.admin import AdminClient
 from qubes_mcp.dom0.install import Layout
+from qubes_mcp.dom0.operations import OPERATIONS, Target
 from qubes_mcp.sim.stack import Stack, start_emulator, start_stack, stop_process
 from tests.enrolment_helpers import enrol, unenrol
 from tests.gate_e2e import dom0_admin, gate_call, ok
