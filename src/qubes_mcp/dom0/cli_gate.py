@@ -45,6 +45,15 @@ def _fail(message: str) -> int:
     return 1
 
 
+def _fail_gate(exc: GateError) -> int:
+    """The operator sees the whole reason (file and line of a policy that does not parse)."""
+    from qubes_mcp.dom0.enrolment import PolicyRefusedError
+
+    if isinstance(exc, PolicyRefusedError):
+        return _fail(f"{exc}: {exc.reason}")
+    return _fail(str(exc))
+
+
 def cmd_gate(args: argparse.Namespace) -> int:
     import logging
 
@@ -67,7 +76,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         ):
             print(line)
     except GateError as exc:
-        return _fail(str(exc))
+        return _fail_gate(exc)
     except (PolicyError, OSError) as exc:  # say what; nothing more was changed
         return _fail(f"{type(exc).__name__}: {exc}")
     return 0
@@ -264,7 +273,9 @@ def cmd_tier(args: argparse.Namespace) -> int:
         else:
             tier = args.tier or "read"
             line = asyncio.run(_enrol(config, args.qube, scope, tier, getattr(args, "dump", False)))
-    except (GateError, ValueError) as exc:
+    except GateError as exc:
+        return _fail_gate(exc)
+    except ValueError as exc:
         return _fail(str(exc))
     print(line)
     return 0

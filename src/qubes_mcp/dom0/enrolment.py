@@ -63,9 +63,12 @@ class RegistryError(UnavailableError):
 
 
 class PolicyRefusedError(GateError):
-    """The policy rendered for a registry change did not validate; nothing was written."""
+    """The policy rendered for a registry change did not validate; nothing was written.
+
+    ``reason`` names the file and line (for the operator and the dom0 journal only)."""
 
     code = "failed"
+    default_message = "the generated policy would not validate; nothing was changed"
 
 
 @dataclass(frozen=True)
@@ -260,7 +263,7 @@ def commit(
         try:
             text = stage_policy(policy_dir, render(new))
         except PolicyError as exc:
-            raise PolicyRefusedError(None, reason=f"policy does not validate: {exc}") from None
+            raise PolicyRefusedError(reason=str(exc)) from None
         if new != old:
             atomic_write(path, new.to_bytes(), 0o600)
         try:
