@@ -30,6 +30,7 @@ from qubes_mcp.dom0.config import load_config
 from qubes_mcp.dom0.enrolment import Registry, registry_path
 from qubes_mcp.dom0.install import Layout
 from qubes_mcp.dom0.operations import OPERATIONS, Target
+from qubes_mcp.sim.qrexec.client import call as router_call
 from qubes_mcp.sim.stack import Stack, start_emulator, start_stack, stop_process
 from tests.enrolment_helpers import enrol, unenrol
 from tests.gate_e2e import dom0_admin, gate_call, ok
@@ -205,3 +206,53 @@ def test_first_install_migrates_tagged_qubes_and_says_so_and_later_installs_do_n
         assert "enrolled" not in again.stdout
     finally:
         stop_process(emulator)
+
+
+_MISSING_UUID = "12345678-9abc-4def-8123-456789abcdef"
+
+
+def test_every_target_form_through_the_real_router(stack: Stack) -> None:
+    """A sample of the engine-level matrix (test_policy_confinement) through the emulator's
+    qrexec router: for the principal and each kind of sandbox source, a hidden qube (here a
+    hidden disposable template) and a missing one get the same answer in every target form."""
+    dom0_admin(
+        stack, "dom0", "admin.vm.Create.AppVM", "debian-13-xfce", b"name=secret-dvm label=red"
+    )
+    dom0_admin(stack, "secret-dvm", "admin.vm.property.Set", "template_for_dispvms", b"True")
+    secret = dom0_admin(stack, "secret-dvm", "admin.vm.List").split("uuid=")[1].strip()
+    born = ok(gate_call(stack, "ai-dvm", "qmcp.CreateDisposable", {}))["name"]
+    ok(gate_call(stack, born, "qmcp.Start", {}))
+    pairs = [
+        ("secret-dvm", "no-such-qube"),
+        ("@dispvm:secret-dvm", "@dispvm:no-such-dvm"),
+        (f"@dispvm:uuid:{secret}", f"@dispvm:uuid:{_MISSING_UUID}"),
+        ("@dispvm:@tag:ai-managed", "@dispvm:@tag:no-such-tag"),
+        (f"uuid:{secret}", f"uuid:{_MISSING_UUID}"),
+        ("Secret-dvm", "no-such-qube"),
+        ("@default", "no-such-qube"),
+        ("$dispvm:secret-dvm", "$dispvm:no-such-dvm"),
+    ]
+    cases = [("mcp-control", "qmcp.Info"), ("mcp-control", "qubes.GetDate")]
+    for source in ("ai-dev", "ai-notes", "ai-debian", born):
+        cases += [(source, "qubes.GetDate"), (source, "qubes.UpdatesProxy")]
+        cases += [(source, "qubes.VMShell")]
+
+    async def answer(source: str, target: str, service: str) -> tuple[int, bytes]:
+        result = await router_call(
+            stack.paths, source=source, target=target, service_and_arg=service, timeout=60
+        )
+        # an allowed call's output may differ (the date); a refusal's bytes may not
+        refused = result.exit_code == 126
+        return result.exit_code, (result.stdout + result.stderr) if refused else b""
+
+    async def run_all() -> list[str]:
+        wrong = []
+        for source, service in cases:
+            for hidden, missing in pairs:
+                a = await answer(source, hidden, service)
+                b = await answer(source, missing, service)
+                if a != b:
+                    wrong.append(f"{source} {service}: {hidden} {a} vs {missing} {b}")
+        return wrong
+
+    assert asyncio.run(run_all()) == []
