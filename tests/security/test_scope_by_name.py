@@ -256,3 +256,43 @@ def test_every_target_form_through_the_real_router(stack: Stack) -> None:
         return wrong
 
     assert asyncio.run(run_all()) == []
+
+
+def test_a_birth_whose_policy_would_not_validate_is_refused_and_rolled_back(
+    tmp_path: Path,
+) -> None:
+    """In-process gate on an emulated qubesd: registration is the last step of a birth, and a
+    registry change is written only with a policy that validates; otherwise nothing is
+    registered and the new qube is removed again."""
+    from qubes_mcp.dom0.audit import AuditLog
+    from qubes_mcp.dom0.config import parse_config
+    from qubes_mcp.dom0.consent import ConsentBroker
+    from qubes_mcp.dom0.gate import Gate, Request
+    from tests.enrolment_helpers import migrate_tagged
+    from tests.gate_fixtures import CONFIG_TEXT
+    from tests.qubesd_fixtures import Qubesd, demo_app
+
+    qubesd = Qubesd(demo_app(tmp_path / "root")).start()
+    try:
+        config = parse_config(
+            CONFIG_TEXT + f'\n[paths]\nqubesd_socket = "{qubesd.paths.qubesd_sock}"\n'
+            f'state_dir = "{tmp_path}/state"\npolicy_dir = "{tmp_path}/policy.d"\n'
+        )
+        migrate_tagged(config)
+        client = AdminClient(qubesd.paths.qubesd_sock)
+        gate = Gate(config, AuditLog(tmp_path / "audit.log"), ConsentBroker(5), client)
+        before = asyncio.run(client.lines("dom0", "admin.vm.List"))
+        registry_before = (tmp_path / "state/enrolment.json").read_bytes()
+        (tmp_path / "policy.d/31-broken.policy").write_text("qubes.Filecopy * @anyvm\n")
+        req = Request("qmcp.CreateDisposable", "mcp-control", "ai-dvm", b"{}")
+        reply = asyncio.run(gate.handle(req))
+        assert reply["ok"] is False and reply["error"]["code"] == "failed", reply
+        assert asyncio.run(client.lines("dom0", "admin.vm.List")) == before  # rolled back
+        assert (tmp_path / "state/enrolment.json").read_bytes() == registry_before
+        (tmp_path / "policy.d/31-broken.policy").unlink()
+        made = asyncio.run(gate.handle(req))
+        assert made["ok"] is True, made
+        name = made["result"]["name"]
+        assert Registry.load(tmp_path / "state/enrolment.json").entry("ai", name) is not None
+    finally:
+        qubesd.stop()

@@ -38,6 +38,7 @@ import asyncio
 import datetime
 import json
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,7 +216,12 @@ def registry_path(state_dir: Path) -> Path:
 
 
 class RegistryFile:
-    """The gate's view of the file: re-read only when it was replaced (cheap per request)."""
+    """The gate's view of the file: re-read when it was replaced (cheap per request).
+
+    A replacement shows as a new (inode, mtime, size); since an inode number can be reused
+    and timestamps are coarse, a file modified in the last two seconds is always re-read."""
+
+    _SETTLED_NS = 2_000_000_000
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -226,9 +232,10 @@ class RegistryFile:
         try:
             st = os.stat(self.path)
             key = (st.st_ino, st.st_mtime_ns, st.st_size)
+            settled = time.time_ns() - st.st_mtime_ns > self._SETTLED_NS
         except FileNotFoundError:
-            key = (0, 0, 0)
-        if key != self._key:
+            key, settled = (0, 0, 0), True
+        if key != self._key or not settled:
             self._snapshot = Registry.load(self.path)
             self._key = key
         return self._snapshot
