@@ -231,3 +231,32 @@ def test_an_unregistered_name_costs_what_a_missing_one_costs(qubesd: Any) -> Non
         asyncio.run(reader.qube(name))
         trips.append(client.round_trips - before)
     assert trips == [1, 1, 1]
+
+
+def test_doctor_reports_strays_and_recreated_names_as_errors(qubesd: Any, tmp_path: Path) -> None:
+    from qubes_mcp.dom0.doctor import doctor
+    from qubes_mcp.dom0.enrolment import registry_path
+    from tests.gate_fixtures import CONFIG_TEXT
+
+    config_path = tmp_path / "config.toml"
+    config_path.write_text(
+        CONFIG_TEXT + f'\n[paths]\nqubesd_socket = "{qubesd.paths.qubesd_sock}"\n'
+        f'state_dir = "{tmp_path}/state"\npolicy_dir = "{tmp_path}/policy.d"\n'
+    )
+    client = AdminClient(qubesd.paths.qubesd_sock)
+    # ai-dev registered under another uuid (re-created); ai-build tagged but never registered
+    registry = Registry().enrolled("ai", "ai-dev", "0" * 36, "AppVM", by="operator")
+    registry = registry.enrolled("ai", "ai-web", _uuid(client, "ai-web"), "AppVM", by="operator")
+    path = registry_path(tmp_path / "state")
+    path.parent.mkdir()
+    path.write_bytes(registry.to_bytes())
+    found = [str(f) for f in asyncio.run(doctor(tmp_path, config_path))]
+    assert any(
+        f.startswith("error: ai-dev is registered in ai under another uuid") for f in found
+    ), found
+    assert any(
+        f.startswith("error: ai-build carries ai-full, ai-managed but is not enrolled in ai")
+        and "tags copied from an enrolled qube" in f
+        for f in found
+    ), found
+    assert not any(f.startswith("error: ai-web") for f in found), found

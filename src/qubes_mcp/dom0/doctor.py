@@ -115,7 +115,7 @@ async def _fleet_findings(config: GateConfig) -> list[Finding]:
             found.append(
                 Finding("error", f"egress qube {egress} is not enrolled in {scope.prefix}")
             )
-        for name in sorted(enrolled | {principal.qube}):
+        for name in sorted((enrolled | {principal.qube}) & set(live)):
             props = parse_getall(await client.call(name, "admin.vm.property.GetAll"))
             netvm = props["netvm"].value if "netvm" in props else ""
             if name == egress or not netvm:
