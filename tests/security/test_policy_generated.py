@@ -106,8 +106,8 @@ def test_every_allow_line_is_oracle_free_and_keyed_on_names(
         if target == "@default" or target.startswith("@type:"):
             wildcards[(service, _arg, source, *params)].add(target)
         if service in ("qubes.SyncAppMenus", "qubes.UpdatesProxy"):
-            entry = next(registry.entries(s).get(source) for s in registry.scopes()
-                         if registry.entries(s).get(source))  # fmt: skip
+            entries = [registry.entry(s, source) for s in registry.scopes()]
+            entry = next((e for e in entries if e is not None), None)
             assert entry is not None and entry.klass == "TemplateVM", cols
             if service == "qubes.UpdatesProxy":
                 assert entry.by == "operator" and redirect == ["target=ai-egress"], cols

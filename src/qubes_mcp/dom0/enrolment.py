@@ -254,7 +254,7 @@ def commit(
 
     ``render`` turns a registry into the text of the generated policy file; it is validated
     with our engine together with the other files of ``policy_dir`` before anything is
-    written (``render.install_policy``).
+    written (``render.stage_policy``).
 
     Raises:
         PolicyRefusedError: the policy does not validate (nothing written).
