@@ -89,10 +89,13 @@ class FleetReader:
     async def summary(self, name: str) -> QubeFacts | None:
         """Existence, tags and -- for a registered name -- class, state, uuid and the
         registration that uuid matches. ``None`` when the qube does not exist."""
+        # the registry first, so that a missing and an unregistered name do the same work
+        registry = self.registry
+        entry = registry.entry(self.scope.prefix, name)
         tags = await self.tags(name)
         if tags is None:
             return None
-        if self.registry.entry(self.scope.prefix, name) is None:
+        if entry is None:
             return QubeFacts(name=name, klass="", state="", tags=tags)
         try:
             listed = await self.client.lines(name, "admin.vm.List")
@@ -102,7 +105,7 @@ class FleetReader:
             raise
         _, fields = parse_vm_list_line(listed[0]) if listed else ("", {})
         uuid = fields.get("uuid", "")
-        role = self.registry.role_of(self.scope.prefix, name, uuid)
+        role = registry.role_of(self.scope.prefix, name, uuid)
         if not (self.scope.is_enrolled(tags, role) or self.scope.is_dump_sink(tags, role)):
             return QubeFacts(name=name, klass="", state="", tags=tags)
         return QubeFacts(
