@@ -238,9 +238,17 @@ def test_every_target_form_through_the_real_router(stack: Stack) -> None:
         cases += [(source, "qubes.VMShell")]
 
     async def answer(source: str, target: str, service: str) -> tuple[bool, bytes]:
-        result = await router_call(
-            stack.paths, source=source, target=target, service_and_arg=service, timeout=120
-        )
+        for attempt in range(2):
+            try:
+                result = await router_call(
+                    stack.paths, source=source, target=target, service_and_arg=service, timeout=120
+                )
+                break
+            except (BrokenPipeError, ConnectionResetError):
+                # seen once on the loaded 2-core machine: the emulator's transport, not a
+                # policy answer (a refusal is an exit code, never a dropped connection)
+                if attempt:
+                    raise
         # what qrexec decided is the oracle: refused (and its exact bytes) or let through; an
         # allowed call's own output and exit status may differ (the date, a busy egress qube)
         refused = result.exit_code == 126 and result.stderr == b"Request refused\n"
