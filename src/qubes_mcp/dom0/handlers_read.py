@@ -133,7 +133,7 @@ async def events_watch(ctx: Context) -> dict[str, Any]:
             about = ev.subject or ev.kwargs.get("vm", "")
             if about not in enrolled and (
                 ev.name == f"domain-tag-add:{scope.managed}"
-                or ctx.reader.registry.entry(scope.prefix, about) is not None
+                or ctx.reader.refresh().entry(scope.prefix, about) is not None
             ):
                 # a tag alone enrols nobody (it may be inherited): ask the one predicate
                 if await ctx.reader.in_scope(about):

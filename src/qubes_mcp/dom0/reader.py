@@ -60,12 +60,15 @@ class FleetReader:
     ) -> None:
         self.client = client
         self.scope = scope
-        self._registry = registry if registry is not None else Registry()
+        self._source = registry if registry is not None else Registry()
+        self.registry = Registry()
+        self.refresh()
 
-    @property
-    def registry(self) -> Registry:
-        source = self._registry
-        return source.current() if isinstance(source, RegistryFile) else source
+    def refresh(self) -> Registry:
+        """Take a new snapshot of the registry (once per request; long reads call it again)."""
+        source = self._source
+        self.registry = source.current() if isinstance(source, RegistryFile) else source
+        return self.registry
 
     async def tags(self, name: str) -> frozenset[str] | None:
         try:
