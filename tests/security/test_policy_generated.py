@@ -137,3 +137,47 @@ def test_1000_registered_qubes_render_and_parse_in_reasonable_time() -> None:
     assert len(text.splitlines()) > 1000
     # generous on a shared 2-core machine; measured about 0.5 s alone (see the report)
     assert sorted(samples)[1] < 10.0
+
+
+def test_the_any_but_dom0_set_answers_every_existing_and_missing_name_alike() -> None:
+    """The claim render.ANY_NON_DOM0 rests on (reference §5.3/§5.5), checked with the engine:
+    every existing non-dom0 qube of every class, by name or uuid, and every missing name are
+    allowed alike; dom0 and every @dispvm form are not matched at all."""
+    from qubes_mcp.policy import AccessDenied, AllowResolution, SystemInfo
+
+    rules = "\n".join(f"svc.X * src {t} allow target=@adminvm" for t in ANY_NON_DOM0)
+    policy = Policy.from_texts({"30-x.policy": rules + "\nsvc.X * src @anyvm deny\n"})
+    domains: dict[str, dict[str, object]] = {
+        "dom0": {"type": "AdminVM", "uuid": "00000000-0000-0000-0000-000000000000"},
+        "src": {"type": "AppVM"},
+    }
+    classes = ["AppVM", "DispVM", "TemplateVM", "StandaloneVM"]
+    for i, klass in enumerate(classes):
+        domains[f"q-{klass.lower()}"] = {
+            "type": klass,
+            "uuid": f"{i + 1:08d}-0000-4000-8000-{0:012d}",
+        }
+    domains["q-dvm"] = {
+        "type": "AppVM",
+        "template_for_dispvms": True,
+        "uuid": "99999999-0000-4000-8000-000000000000",
+    }
+    domains["q-remote"] = {"type": "RemoteVM", "relayvm": "src", "transport_rpc": "qubesair.X"}
+    info = SystemInfo.from_json({"domains": domains})
+
+    def verdict(target: str) -> str:
+        try:
+            res = policy.evaluate(
+                service="svc.X", argument="+", source="src", target=target, system_info=info
+            )
+        except AccessDenied:
+            return "deny"
+        return "allow" if isinstance(res, AllowResolution) else "ask"
+
+    allowed = [n for n in domains if n not in ("dom0", "src")]
+    allowed += [f"uuid:{d['uuid']}" for n, d in domains.items() if "uuid" in d and n != "dom0"]
+    allowed += ["no-such-qube", "@default", "", "uuid:12345678-0000-4000-8000-000000000000"]
+    for target in allowed:
+        assert verdict(target) == "allow", target
+    for target in ["dom0", "@adminvm", "@dispvm", "@dispvm:q-dvm", "@dispvm:no-such", "@anyvm"]:
+        assert verdict(target) == "deny", target
