@@ -41,15 +41,33 @@ def config(text: str = CONFIG_TEXT) -> GateConfig:
     return parse_config(text)
 
 
+_AS_TAGGED = "as-tagged"
+
+
+def _registration(tags: Iterable[str], registered: str | None) -> str | None:
+    """The registry's answer the reader would give: by default, the operator enrolled exactly
+    the qubes that carry an ``ai`` scope tag (the facts a migrated fleet has)."""
+    if registered != _AS_TAGGED:
+        return registered
+    tagset = set(tags)
+    if "ai-managed" in tagset:
+        return "member"
+    return "dump" if "ai-dump" in tagset else None
+
+
 def qube(
     name: str,
     *tags: str,
     klass: str = "AppVM",
     state: str = "Halted",
     footprint: int = 2 << 30,
+    registered: str | None = _AS_TAGGED,
     **props: str,
 ) -> QubeFacts:
+    """Facts for one qube; ``registered=None`` is a qube whose tags are not backed by a
+    registration (an operator's disposable or clone that inherited them)."""
     return QubeFacts(
+        registered=_registration(tags, registered),
         name=name,
         klass=klass,
         state=state,
@@ -87,5 +105,9 @@ def demo_qubes() -> list[QubeFacts]:
 def facts(names: Iterable[str], extra: Iterable[QubeFacts] = ()) -> Facts:
     """Facts for the given names from the demo fleet (missing names map to None)."""
     fleet = {q.name: q for q in [*demo_qubes(), *extra]}
-    scope = tuple(q for q in fleet.values() if "ai-managed" in q.tags and "ai-dump" not in q.tags)
+    scope = tuple(
+        q
+        for q in fleet.values()
+        if q.registered == "member" and "ai-managed" in q.tags and "ai-dump" not in q.tags
+    )
     return Facts(qubes={n: fleet.get(n) for n in names}, scope_qubes=scope)

@@ -56,8 +56,13 @@ def test_doctor_finds_what_weakens_the_boundary(stack: Stack) -> None:
     try:
         out = stack.admin("doctor", "--root", str(stack.root))
         assert out.returncode == 1
-        assert "personal has ['ai-full'] but not ai-managed" in out.stdout
+        # a stray tier tag is an error: it is what an inherited copy looks like
+        assert (
+            "error: personal carries ai-full but is not enrolled in ai: tags copied from an "
+            "enrolled qube (a disposable or clone?); not in scope; remove the tags or enrol it"
+        ) in out.stdout
         assert "ai-notes is both enrolled and a dump sink" in out.stdout
+        assert "ai-notes is registered in ai as a member but its tags disagree" in out.stdout
         assert "policy drift" in out.stdout
     finally:
         policy.write_text(saved)

@@ -161,7 +161,6 @@ def _prop(stack: Stack, qube: str, prop: str) -> str:
     return dom0_admin(stack, qube, "admin.vm.property.Get", prop).split(" ", 2)[2]
 
 
-@pytest.mark.xfail(strict=True, reason="enrol --tier/--dump land with enrolment by name (h-scope)")
 def test_applied_to_the_emulator_it_builds_the_guides_layout(stack: Stack) -> None:
     done = apply(stack, render())
     assert done[:4] == ["mcp-control", "ai-egress", "ai-dvm", "ai-dump"]

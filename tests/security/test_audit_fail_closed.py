@@ -26,11 +26,10 @@ from qubes_mcp.dom0.audit_export import audit_checkpoint_main
 from qubes_mcp.dom0.audit_files import archives
 from qubes_mcp.dom0.audit_record import MAX_LINE_BYTES, parse_line
 from qubes_mcp.dom0.audit_verify import verify_log
-from qubes_mcp.dom0.config import parse_config
 from qubes_mcp.dom0.consent import ConsentBroker
 from qubes_mcp.dom0.gate import Gate, Request
+from tests.enrolment_helpers import in_process_config
 from tests.fs_faults import fill, small_tmpfs
-from tests.gate_fixtures import CONFIG_TEXT
 from tests.qubesd_fixtures import Qubesd, demo_app
 
 NO_LIMITS = "rate = 100000\nburst = 1000000\nrefused_rate = 100000\nrefused_burst = 1000000\n"
@@ -46,11 +45,7 @@ def qubesd(tmp_path: Path) -> Iterator[Qubesd]:
 
 
 def make_gate(qubesd: Qubesd, audit: AuditLog, limits: str = NO_LIMITS) -> Gate:
-    config = parse_config(
-        CONFIG_TEXT
-        + f"\n[limits]\n{limits}"
-        + f'\n[paths]\nqubesd_socket = "{qubesd.paths.qubesd_sock}"\n'
-    )
+    config = in_process_config(qubesd.paths.qubesd_sock, qubesd.paths.root, f"\n[limits]\n{limits}")
     return Gate(config, audit, ConsentBroker(5), AdminClient(qubesd.paths.qubesd_sock))
 
 

@@ -24,13 +24,12 @@ import pytest
 
 from qubes_mcp.dom0.admin import AdminClient
 from qubes_mcp.dom0.audit import AuditLog
-from qubes_mcp.dom0.config import parse_config
 from qubes_mcp.dom0.consent import ConsentBroker
 from qubes_mcp.dom0.describe import VIEW_MAX_CHARS, VIEW_MAX_LINES
 from qubes_mcp.dom0.gate import Gate, Request
 from qubes_mcp.stack import Stack, start_stack
+from tests.enrolment_helpers import in_process_config
 from tests.gate_e2e import code, dom0_admin, gate_call, ok
-from tests.gate_fixtures import CONFIG_TEXT
 from tests.qubesd_fixtures import Qubesd, demo_app
 
 _PRINTABLE = re.compile(r"\A[\x20-\x7e\n]*\Z")
@@ -48,9 +47,7 @@ def qubesd(tmp_path: Path) -> Iterator[Qubesd]:
 
 
 def _gate(qubesd: Qubesd, tmp_path: Path, timeout: float = 30) -> Gate:
-    config = parse_config(
-        CONFIG_TEXT + f'\n[paths]\nqubesd_socket = "{qubesd.paths.qubesd_sock}"\n'
-    )
+    config = in_process_config(qubesd.paths.qubesd_sock, tmp_path)
     audit = AuditLog(tmp_path / "audit" / "audit.log")
     return Gate(config, audit, ConsentBroker(timeout), AdminClient(qubesd.paths.qubesd_sock))
 

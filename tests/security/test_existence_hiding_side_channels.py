@@ -22,6 +22,7 @@ from qubes_mcp.dom0.audit import AuditLog
 from qubes_mcp.dom0.config import parse_config
 from qubes_mcp.dom0.consent import ConsentBroker
 from qubes_mcp.dom0.gate import Gate, Request
+from tests.enrolment_helpers import migrate_tagged
 from tests.gate_fixtures import CONFIG_TEXT
 from tests.qubesd_fixtures import Qubesd, demo_app
 
@@ -43,9 +44,14 @@ def _gate(qubesd: Qubesd, tmp_path: Path) -> Gate:
     unlimited += "refused_rate = 100000\nrefused_burst = 100000\n"
     config = parse_config(
         CONFIG_TEXT + unlimited + f'\n[paths]\nqubesd_socket = "{qubesd.paths.qubesd_sock}"\n'
+        f'state_dir = "{tmp_path}/state"\npolicy_dir = "{tmp_path}/policy.d"\n'
     )
+    migrate_tagged(config)  # the demo fleet's tagged qubes, enrolled by name as install does
     audit = AuditLog(tmp_path / "audit" / "audit.log")
-    return Gate(config, audit, ConsentBroker(5), AdminClient(qubesd.paths.qubesd_sock))
+    gate = Gate(config, audit, ConsentBroker(5), AdminClient(qubesd.paths.qubesd_sock))
+    # the once-per-process reconcile happens before the first decision; not what is measured
+    asyncio.run(gate.handle(Request("qmcp.List", "mcp-control", None, b"")))
+    return gate
 
 
 def _copy_to(gate: Gate, destination: str) -> tuple[bytes, int, float]:

@@ -19,6 +19,7 @@ from qubes_mcp.dom0.audit_record import MAX_LINE_BYTES, parse_anchor, parse_line
 from qubes_mcp.dom0.audit_repair import audit_recover_main
 from qubes_mcp.dom0.audit_verify import audit_verify_main, verify_log
 from qubes_mcp.dom0.install import install
+from tests.emulator_process import RunningEmulator
 from tests.fs_faults import fill, remount, small_tmpfs
 
 SMALL_MAX = 2 * MAX_LINE_BYTES
@@ -100,8 +101,11 @@ def test_a_read_only_file_system_refuses_and_resumes_when_writable(tmp_path: Pat
 # --- a refused append leaves nothing; install starts a chain --------------------------------
 
 
-def test_a_refused_append_creates_no_file_and_install_starts_the_chain(tmp_path: Path) -> None:
-    root = tmp_path / "root"
+def test_a_refused_append_creates_no_file_and_install_starts_the_chain(
+    emulator: RunningEmulator,
+) -> None:
+    # install reads the fleet (it registers the enrolled qubes): an emulated dom0 under root
+    root = emulator.paths.root
     path = root / "var/log/qubes-mcp/audit.log"
     path.parent.mkdir(parents=True, mode=0o700)
     with pytest.raises(AuditError, match="create=False"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from qubes_mcp.dom0.enrolment import Registry
 from qubes_mcp.dom0.gate import HANDLERS
 from qubes_mcp.dom0.operations import OPERATIONS, Target
 from qubes_mcp.dom0.render import render_policy
@@ -21,9 +22,10 @@ def test_services_are_unique_and_in_the_qmcp_namespace() -> None:
 
 
 def test_the_policy_allows_each_operation_where_the_table_says() -> None:
-    text = render_policy(config())
+    registry = Registry().enrolled("ai", "ai-dev", "u-1", "AppVM", by="operator")
+    text = render_policy(config(), registry)
     for op in OPERATIONS:
-        target = "@adminvm" if op.target is Target.GLOBAL else "@tag:ai-managed"
+        target = "@adminvm" if op.target is Target.GLOBAL else "ai-dev"  # registered names
         line = next(
             ln
             for ln in text.splitlines()

@@ -5,7 +5,8 @@
     policy render | explain [--from QUBE]
     pending | show ID | approve ID [--digest D] | deny ID
     audit verify | recover | checkpoint [--log PATH]
-    tier QUBE read|exec|net|full|none | enrol QUBE | unenrol QUBE   [--scope ai]
+    enrol QUBE [--tier T | --dump] | unenrol QUBE | tier QUBE read|exec|net|full|none
+                                 [--scope ai]   (enrolment is by name: decision record 0010)
 
 ``--config`` (default /etc/qubes-mcp/config.toml) names the configuration; with ``--root``
 the default becomes ROOT/etc/qubes-mcp/config.toml, so the same commands drive an emulator.
@@ -20,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qubes_mcp.dom0.admin import AdminClient
+from qubes_mcp.dom0.admin import AdminClient, QubesdError
 from qubes_mcp.dom0.config import DEFAULT_CONFIG_PATH, GateConfig, load_config
 from qubes_mcp.dom0.describe import escape
 from qubes_mcp.dom0.errors import GateError
@@ -45,6 +46,15 @@ def _fail(message: str) -> int:
     return 1
 
 
+def _fail_gate(exc: GateError) -> int:
+    """The operator sees the whole reason (file and line of a policy that does not parse)."""
+    from qubes_mcp.dom0.enrolment import PolicyRefusedError
+
+    if isinstance(exc, PolicyRefusedError):
+        return _fail(f"{exc}: {exc.reason}")
+    return _fail(str(exc))
+
+
 def cmd_gate(args: argparse.Namespace) -> int:
     import logging
 
@@ -67,7 +77,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         ):
             print(line)
     except GateError as exc:
-        return _fail(str(exc))
+        return _fail_gate(exc)
     except (PolicyError, OSError) as exc:  # say what; nothing more was changed
         return _fail(f"{type(exc).__name__}: {exc}")
     return 0
@@ -114,10 +124,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    from qubes_mcp.dom0.enrolment import Registry, registry_path
     from qubes_mcp.dom0.render import validated_policy
 
     try:
-        sys.stdout.write(validated_policy(_config(args)))
+        config = _config(args)
+        registry = Registry.load(registry_path(config.paths.state_dir))
+        sys.stdout.write(validated_policy(config, registry))
     except GateError as exc:
         return _fail(str(exc))
     return 0
@@ -259,10 +272,7 @@ def cmd_audit_recover(args: argparse.Namespace) -> int:
         return _fail(str(exc))
 
 
-async def _set_tags(
-    config: GateConfig, qube: str, scope: Scope, add: set[str], remove: set[str]
-) -> None:
-    client = AdminClient(config.paths.qubesd_socket)
+async def _set_tags(client: AdminClient, qube: str, add: set[str], remove: set[str]) -> None:
     have = set(await client.lines(qube, "admin.vm.tag.List"))
     for tag in sorted(remove & have):
         await client.call(qube, "admin.vm.tag.Remove", tag)
@@ -270,23 +280,65 @@ async def _set_tags(
         await client.call(qube, "admin.vm.tag.Set", tag)
 
 
+async def _enrol(config: GateConfig, qube: str, scope: Scope, tier: str, dump: bool) -> str:
+    """Register ``qube`` by name (under its uuid) and give it the scope's tags."""
+    from qubes_mcp.dom0.enrolment import enrol_live, live_identity
+    from qubes_mcp.dom0.tiers import DUMP, MEMBER
+
+    if qube == "dom0":
+        raise ValueError("refusing to enrol dom0")
+    if qube in config.principals:
+        raise ValueError(f"refusing to enrol {qube}: it is a principal's control qube")
+    client = AdminClient(config.paths.qubesd_socket)
+    if await live_identity(client, qube) is None:
+        raise ValueError(f"no such qube: {qube}")
+    tier_tags = {t for t in (scope.tier_tag(x) for x in Tier) if t}
+    if dump:
+        add, remove = {scope.dump}, {scope.managed, *tier_tags}
+    else:
+        tag = scope.tier_tag(Tier.parse(tier))
+        add = {scope.managed} | ({tag} if tag else set())
+        remove = (tier_tags - add) | {scope.dump}
+    # tags first: if the registration then fails, the qube is tagged but not registered,
+    # which the gate treats as out of scope (and doctor reports)
+    await _set_tags(client, qube, add, remove)
+    await enrol_live(config, client, scope, qube, by="operator", role=DUMP if dump else MEMBER)
+    role = "dump sink" if dump else f"tier {tier}"
+    return f"{qube}: enrolled in {scope.prefix} ({role}); tags +{sorted(add)} -{sorted(remove)}"
+
+
+async def _unenrol(config: GateConfig, qube: str, scope: Scope) -> str:
+    """Unregister first (out of scope at once), then remove the scope's enrolment tags."""
+    from qubes_mcp.dom0.enrolment import unenrol_name
+
+    await unenrol_name(config, scope, qube)
+    tier_tags = {t for t in (scope.tier_tag(x) for x in Tier) if t}
+    remove = {scope.managed, scope.dump, *tier_tags}
+    client = AdminClient(config.paths.qubesd_socket)
+    try:
+        await _set_tags(client, qube, set(), remove)
+    except QubesdError as exc:
+        if exc.exc_class not in ("QubesVMNotFoundError", "QubesValueError"):
+            raise
+        return f"{qube}: unenrolled from {scope.prefix} (the qube no longer exists)"
+    return f"{qube}: unenrolled from {scope.prefix}; tags -{sorted(remove)}"
+
+
 def cmd_tier(args: argparse.Namespace) -> int:
+    """``enrol``, ``unenrol`` and ``tier`` (which enrols at that tier; ``none`` unenrols)."""
     try:
         config = _config(args)
         scope = Scope(args.scope)
-        tier_tags = {t for t in (scope.tier_tag(x) for x in Tier) if t}
-        if args.command == "enrol":
-            add, remove = {scope.managed}, {scope.dump}
-        elif args.command == "unenrol" or args.tier == "none":
-            add, remove = set(), {scope.managed, *tier_tags}
+        if args.command == "unenrol" or getattr(args, "tier", None) == "none":
+            line = asyncio.run(_unenrol(config, args.qube, scope))
         else:
-            tag = scope.tier_tag(Tier.parse(args.tier))
-            add = {scope.managed} | ({tag} if tag else set())
-            remove = (tier_tags - add) | {scope.dump}
-        asyncio.run(_set_tags(config, args.qube, scope, add, remove))
-    except (GateError, ValueError) as exc:
+            tier = args.tier or "read"
+            line = asyncio.run(_enrol(config, args.qube, scope, tier, getattr(args, "dump", False)))
+    except GateError as exc:
+        return _fail_gate(exc)
+    except ValueError as exc:
         return _fail(str(exc))
-    print(f"{args.qube}: +{sorted(add)} -{sorted(remove)}")
+    print(line)
     return 0
 
 
@@ -358,12 +410,16 @@ def register(sub: Any, policy_sub: Any | None = None) -> None:
     checkpoint.add_argument("--through", help="SEQ:HASH printed by `verify` before the backup")
     checkpoint.add_argument("--reason", default="", help="where the copy went, for the record")
     checkpoint.set_defaults(func=cmd_audit_checkpoint)
-    tier = add("tier", cmd_tier, "set a qube's tier tags (none = unenrol)")
+    tier = add("tier", cmd_tier, "enrol a qube at a tier (none = unenrol)")
     tier.add_argument("qube")
     tier.add_argument("tier", choices=("read", "exec", "net", "full", "none"))
-    for name in ("enrol", "unenrol"):
-        p = add(name, cmd_tier, f"{name} a qube in a scope")
-        p.add_argument("qube")
+    enrol = add("enrol", cmd_tier, "enrol a qube by name in a scope (registers and tags it)")
+    enrol.add_argument("qube")
+    how = enrol.add_mutually_exclusive_group()
+    how.add_argument("--tier", choices=("read", "exec", "net", "full"), default=None)
+    how.add_argument("--dump", action="store_true", help="as the scope's copy-in-only sink")
+    unenrol = add("unenrol", cmd_tier, "unregister a qube and remove its scope tags")
+    unenrol.add_argument("qube")
     for p in (tier, *(sub.choices[n] for n in ("enrol", "unenrol"))):
         p.add_argument("--scope", default="ai")
     if policy_sub is not None:

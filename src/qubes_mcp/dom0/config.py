@@ -47,8 +47,9 @@ Example (every key shown; only ``[[principal]]`` is required)::
     gate_socket = "/run/qubes-mcp/gate.sock"
     operator_socket = "/run/qubes-mcp/operator.sock"
     audit_log = "/var/log/qubes-mcp/audit.log"
-    state_dir = "/var/lib/qubes-mcp"
+    state_dir = "/var/lib/qubes-mcp"   # enrolment.json (the registry of enrolled qubes) lives here
     qvm_run = "/usr/bin/qvm-run"
+    policy_dir = "/etc/qubes/policy.d"  # where the gate re-renders its policy on (un)enrolment
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ class Paths:
     audit_log: Path
     state_dir: Path
     qvm_run: Path
+    policy_dir: Path
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,7 @@ DEFAULT_PATHS = {
     "audit_log": "/var/log/qubes-mcp/audit.log",
     "state_dir": "/var/lib/qubes-mcp",
     "qvm_run": "/usr/bin/qvm-run",
+    "policy_dir": "/etc/qubes/policy.d",
 }
 _BOUNDS = {
     "timeout": (5, 3600),

@@ -66,9 +66,24 @@ class Context:
             raise map_qubesd_error(exc) from None
 
     async def in_scope(self, name: str) -> bool:
-        """Whether ``name`` is enrolled in the principal's scope (one fresh read)."""
-        tags = await self.reader.tags(name)
-        return tags is not None and self.principal.scope.is_enrolled(tags)
+        """Whether ``name`` is enrolled in the principal's scope (read fresh)."""
+        return await self.reader.in_scope(name)
+
+    async def enter_scope(self, name: str) -> None:
+        """Register a qube the gate just created in the principal's scope: the LAST step of a
+        birth, after its tags and network are right (``enrolment.py``). Re-renders the policy;
+        raises ``GateError`` (and registers nothing) if that fails, so the birth rolls back."""
+        from qubes_mcp.dom0.enrolment import enrol_live
+
+        await enrol_live(
+            self.config, self.admin, self.principal.scope, name, by=f"gate:{self.principal.qube}"
+        )
+
+    async def leave_scope(self, name: str) -> None:
+        """Unregister a qube the gate removes (or rolls back); re-renders the policy."""
+        from qubes_mcp.dom0.enrolment import unenrol_name
+
+        await unenrol_name(self.config, self.principal.scope, name)
 
 
 Handler = Callable[[Context], Awaitable[dict[str, Any]]]

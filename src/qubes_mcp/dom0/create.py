@@ -60,6 +60,7 @@ async def _birth(ctx: Context, birth: Birth, name: str) -> None:
     netvm = property_value(await ctx.qubesd(name, "admin.vm.property.Get", "netvm"))
     if got != birth.stamp or netvm != (birth.netvm or ""):
         raise FailedError(reason="birth read-back differs")
+    await ctx.enter_scope(name)  # last: registered by name only once everything else is right
 
 
 async def _rollback(ctx: Context, name: str, cause: BaseException) -> None:

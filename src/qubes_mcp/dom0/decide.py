@@ -94,7 +94,9 @@ def _in_scope(principal: Principal, facts: QubeFacts | None, config: GateConfig)
     """Step 2 for one qube: its effective tier, or the one not-found refusal."""
     if facts is None:
         raise NotFoundError(reason="no such qube")
-    tier = effective_tier(principal.scope, facts.tags, config.default_tier, principal.ceiling)
+    tier = effective_tier(
+        principal.scope, facts.tags, facts.registered, config.default_tier, principal.ceiling
+    )
     if tier is None:
         raise NotFoundError(reason=f"{facts.name} is not enrolled in {principal.scope.prefix}")
     return tier
@@ -179,13 +181,11 @@ def _birth_netvm(
         inherited = source.prop("netvm")
         if not inherited:
             return None
+        via = facts.get(inherited)
         if (
-            facts.get(inherited) is None
+            via is None
             or effective_tier(
-                principal.scope,
-                facts.get(inherited).tags,  # type: ignore[union-attr]
-                config.default_tier,
-                principal.ceiling,
+                principal.scope, via.tags, via.registered, config.default_tier, principal.ceiling
             )
             is None
         ):
@@ -194,7 +194,7 @@ def _birth_netvm(
     if config.egress_qube is None:
         return None
     egress = facts.get(config.egress_qube)
-    if egress is None or not principal.scope.is_enrolled(egress.tags):
+    if egress is None or not principal.scope.is_enrolled(egress.tags, egress.registered):
         raise NotAllowedError("the configured egress qube is not in your scope")
     return config.egress_qube
 
@@ -308,7 +308,7 @@ def decide(
         if (
             ref.allow_dump
             and ref_facts is not None
-            and principal.scope.is_dump_sink(ref_facts.tags)
+            and principal.scope.is_dump_sink(ref_facts.tags, ref_facts.registered)
         ):
             tiers[name] = ref.needs  # a sink accepts copies and nothing else
         else:

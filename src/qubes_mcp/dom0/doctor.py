@@ -1,7 +1,9 @@
 """``qubes-mcp-admin doctor``: find the misconfigurations that quietly weaken the boundary.
 
-Reads the configuration, the installed files and the live fleet (through qubesd, as dom0) and
-reports each finding with what to do about it. It changes nothing.
+Reads the configuration, the installed files, the enrolment registry and the live fleet
+(through qubesd, as dom0) and reports each finding with what to do about it. It changes
+nothing. Scope tags on a qube that is not registered are errors: Qubes copies tags into
+disposables and clones, so they are usually the operator's own qubes (decision record 0010).
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from pathlib import Path
 
 from qubes_mcp.dom0.admin import AdminClient
 from qubes_mcp.dom0.config import GateConfig, load_config
+from qubes_mcp.dom0.enrolment import Registry, live_uuids, registry_path
 from qubes_mcp.dom0.errors import GateError
 from qubes_mcp.dom0.install import Layout, status
-from qubes_mcp.dom0.reader import FleetReader, parse_getall
+from qubes_mcp.dom0.reader import parse_getall
 from qubes_mcp.dom0.tiers import Tier
 
 
@@ -46,25 +49,44 @@ def _install_findings(root: Path) -> list[Finding]:
 
 async def _fleet_findings(config: GateConfig) -> list[Finding]:
     client = AdminClient(config.paths.qubesd_socket)
+    registry = Registry.load(registry_path(config.paths.state_dir))
+    live = await live_uuids(client)
     found: list[Finding] = []
     for principal in config.principals.values():
         scope = principal.scope
-        reader = FleetReader(client, scope)
-        names = {name for name, _ in await reader.all_names()}
-        if principal.qube not in names:
+        if principal.qube not in live:
             found.append(Finding("error", f"principal {principal.qube} does not exist"))
+        for name, entry in registry.entries(scope.prefix).items():
+            if name not in live:
+                why = "but no longer exists (the gate drops it on start or on domain-delete)"
+                found.append(Finding("warning", f"{name} is registered in {scope.prefix} {why}"))
+            elif live[name] != entry.uuid:
+                why = (
+                    "under another uuid: it was removed and re-created, so it is not in scope "
+                    f"(unenrol it, or enrol the new {name})"
+                )
+                found.append(Finding("error", f"{name} is registered in {scope.prefix} {why}"))
         enrolled = set()
-        for name in sorted(names - {"dom0"}):
-            tags = await reader.tags(name) or frozenset()
-            tier_tags = {t for t in (scope.tier_tag(x) for x in Tier) if t} & tags
-            if tier_tags and scope.managed not in tags:
+        tier_words = {t for t in (scope.tier_tag(x) for x in Tier) if t}
+        for name in sorted(set(live) - {"dom0"}):
+            tags = frozenset(await client.lines(name, "admin.vm.tag.List"))
+            role = registry.role_of(scope.prefix, name, live[name])
+            marks = sorted((tier_words | {scope.managed, scope.dump}) & tags)
+            if role is None and marks:
+                why = (
+                    f"but is not enrolled in {scope.prefix}: tags copied from an enrolled qube "
+                    "(a disposable or clone?); not in scope; remove the tags or enrol it"
+                )
+                found.append(Finding("error", f"{name} carries {', '.join(marks)} {why}"))
+            if role is not None and not (
+                scope.is_enrolled(tags, role) or scope.is_dump_sink(tags, role)
+            ):
+                why = (
+                    f"but its tags disagree ({', '.join(marks) or 'none'}): the gate treats it "
+                    "as out of scope (run enrol or unenrol)"
+                )
                 found.append(
-                    Finding(
-                        "warning",
-                        f"{name} has {sorted(tier_tags)} but not "
-                        f"{scope.managed}: it is invisible to agents, "
-                        "but the policy's copy paths still match it",
-                    )
+                    Finding("error", f"{name} is registered in {scope.prefix} as a {role} {why}")
                 )
             if scope.managed in tags and scope.dump in tags:
                 found.append(
@@ -73,7 +95,7 @@ async def _fleet_findings(config: GateConfig) -> list[Finding]:
                         f"{name} is both enrolled and a dump sink; the gate treats it as neither",
                     )
                 )
-            if scope.is_enrolled(tags):
+            if scope.is_enrolled(tags, role):
                 enrolled.add(name)
             elif name.startswith(principal.name_prefix) and name != principal.qube:
                 found.append(
@@ -84,7 +106,7 @@ async def _fleet_findings(config: GateConfig) -> list[Finding]:
                         "name is refused as a conflict (rename it)",
                     )
                 )
-            if name == principal.qube and scope.is_enrolled(tags):
+            if name == principal.qube and scope.is_enrolled(tags, role):
                 found.append(
                     Finding("error", f"the control qube {name} is enrolled in its own scope")
                 )
@@ -93,7 +115,7 @@ async def _fleet_findings(config: GateConfig) -> list[Finding]:
             found.append(
                 Finding("error", f"egress qube {egress} is not enrolled in {scope.prefix}")
             )
-        for name in sorted(enrolled | {principal.qube}):
+        for name in sorted((enrolled | {principal.qube}) & set(live)):
             props = parse_getall(await client.call(name, "admin.vm.property.GetAll"))
             netvm = props["netvm"].value if "netvm" in props else ""
             if name == egress or not netvm:

@@ -2,7 +2,9 @@
 
 It evaluates the installed policy directory with the project's own engine against the live
 fleet (``internal.GetSystemInfo``), for the gate's services and for the qrexec services a
-hostile sandbox qube would try, and prints, per calling qube, the targets each reaches.
+hostile sandbox qube would try, and prints, per calling qube, the targets each reaches. The
+calling qubes are the principals, the registered qubes of each scope, and every qube that
+carries a scope tag without being registered (it should reach nothing through our file).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 from qubes_mcp.dom0.admin import AdminClient
 from qubes_mcp.dom0.config import GateConfig
+from qubes_mcp.dom0.enrolment import Registry, registry_path
 from qubes_mcp.dom0.install import Layout
 from qubes_mcp.dom0.operations import OPERATIONS
 from qubes_mcp.policy import AccessDenied, AllowResolution, Policy, SystemInfo
@@ -29,6 +32,8 @@ PROBED_SERVICES = (
     "admin.vm.property.Set",
 )
 PSEUDO_TARGETS = ("@dispvm", "@default", "@adminvm")
+#: a qube the operator cannot have: shows what a made-up name reaches (it must equal a hidden one)
+MADE_UP = "qubes-mcp-no-such-qube"
 
 
 async def system_info(config: GateConfig) -> SystemInfo:
@@ -65,8 +70,12 @@ async def explain(config: GateConfig, layout: Layout, source: str | None) -> str
     if source is not None:
         sources = [source]
     else:
+        # the registered qubes, and every qube carrying a scope tag without a registration
+        # (an operator's disposable or clone): the policy must give the latter nothing
         scopes = {p.scope for p in config.principals.values()}
+        registry = Registry.load(registry_path(config.paths.state_dir))
         sources = [*config.principals]
+        sources += [n for s in scopes for n in registry.entries(s.prefix)]
         sources += [
             d.name
             for d in info.domains()
@@ -77,7 +86,7 @@ async def explain(config: GateConfig, layout: Layout, source: str | None) -> str
     for src in sorted(dict.fromkeys(sources)):
         out.append(f"{src}:")
         for service in services:
-            hits = reachable(policy, info, src, service, [*names, *PSEUDO_TARGETS])
+            hits = reachable(policy, info, src, service, [*names, *PSEUDO_TARGETS, MADE_UP])
             if hits:
                 out.append(f"  {service:<24} {' '.join(hits)}")
         if out[-1] == f"{src}:":

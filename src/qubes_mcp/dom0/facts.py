@@ -1,7 +1,10 @@
 """What the gate knows about the fleet when it decides: plain data, read fresh per request.
 
-``QubeFacts`` is filled from qubesd by the reader in ``admin.py``; the decision function sees
-only these values, never a socket. A name that does not exist maps to ``None``.
+``QubeFacts`` is filled from qubesd and the enrolment registry by the reader in ``reader.py``;
+the decision function sees only these values, never a socket. A name that does not exist maps
+to ``None``. ``registered`` is the role the registry gives the name *under its current uuid*
+(``Registry.role_of``), ``None`` otherwise; ``Scope.is_enrolled(tags, registered)`` is the one
+membership predicate.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ class QubeFacts:
     #: persistent bytes charged to the pool budget (private, plus root for templates/standalones)
     footprint: int = 0
     private_size: int = 0
+    #: "member" / "dump" when registered in the reader's scope under this qube's uuid
+    registered: str | None = None
+    uuid: str = ""
 
     def prop(self, name: str) -> str:
         """The property's value, ``""`` when unset/None or not read."""

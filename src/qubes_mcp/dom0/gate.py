@@ -33,6 +33,7 @@ from qubes_mcp.dom0.consent import ConsentBroker
 from qubes_mcp.dom0.context import Context, Handler
 from qubes_mcp.dom0.decide import Verdict, decide, names_to_read
 from qubes_mcp.dom0.describe import StepContext, describe, describe_plan
+from qubes_mcp.dom0.enrolment import RegistryFile, reconcile, registry_path
 from qubes_mcp.dom0.errors import FailedError, GateError, NotFoundError, UnavailableError
 from qubes_mcp.dom0.facts import Facts
 from qubes_mcp.dom0.names import is_valid_qube_name
@@ -127,6 +128,10 @@ class Gate:
         #: the pool-cap check and the create must not interleave between requests
         self.create_lock = asyncio.Lock()
         self.plans = PlanBook()
+        #: who is in which scope (decision record 0010); re-read whenever the file is replaced
+        self.registry = RegistryFile(registry_path(config.paths.state_dir))
+        self._reconciled = asyncio.Lock()
+        self._watcher: asyncio.Task[None] | None = None
         self.limiter = RateLimiter(config.limits)
         self.refusals = RefusalSummary()
         #: why the gate takes no state-changing request (an outcome it could not record)
@@ -137,6 +142,35 @@ class Gate:
         self.audit_problem: str | None = None
         self._flushers: set[asyncio.Task[None]] = set()
         self._resume_lock = asyncio.Lock()
+
+    async def _ensure_reconciled(self) -> None:
+        """Once per process, before the first decision: drop registrations of qubes that are
+        gone or were re-created (new uuid), then keep doing so on qubesd's domain-delete."""
+        async with self._reconciled:
+            if self._watcher is not None:
+                return
+            await reconcile(self.config, self.admin)
+            self._watcher = asyncio.create_task(self._watch_deletes())
+
+    async def _watch_deletes(self) -> None:
+        """Reconcile after every ``domain-delete`` of a registered name (as dom0, through
+        ``admin.Events``), so a name the operator removes and re-creates never carries the old
+        enrolment in the policy. Reconnects after a lost stream; a failure is logged."""
+        while True:
+            try:
+                async for ev in self.admin.events("dom0"):
+                    about = ev.subject or ev.kwargs.get("vm", "")
+                    registry = self.registry.current()
+                    if ev.name == "domain-delete" and any(
+                        registry.entry(s, about) for s in registry.scopes()
+                    ):
+                        await reconcile(self.config, self.admin)
+            except asyncio.CancelledError:
+                raise
+            except (GateError, OSError, asyncio.IncompleteReadError) as exc:
+                # keep watching; every read still checks uuids itself
+                log.warning("qubes-mcp gate: reconcile watcher: %s", type(exc).__name__)
+            await asyncio.sleep(1)
 
     async def _append(self, **fields: Any) -> None:
         # append fsyncs: keep it off the event loop so other requests are not stalled
@@ -323,6 +357,7 @@ class Gate:
         elif target is None or target == "dom0" or not is_valid_qube_name(target):
             raise NotFoundError(reason="operation needs a target qube")
         args = check_payload(op, call.request.untrusted_payload, name_prefix=principal.name_prefix)
+        await self._ensure_reconciled()
         if op.name == "plan.propose":
             return await self._propose(principal, args)
         if op.name == "plan.apply":
@@ -358,7 +393,7 @@ class Gate:
         self, call: _Call, op: Operation, principal: Principal, args: dict[str, Any]
     ) -> dict[str, Any]:
         target = call.request.target
-        reader = FleetReader(self.admin, principal.scope)
+        reader = FleetReader(self.admin, principal.scope, self.registry)
         call.targets = list(dict.fromkeys(names_to_read(op, target, args)))
         verdict, facts = await self._read_and_decide(reader, principal, op, target, args)
         if target is not None:
@@ -403,7 +438,7 @@ class Gate:
     async def _plan_context(self, principal: Principal, plan: Plan) -> dict[int, StepContext]:
         """Fresh facts for describing each step that is not deferred (what a removal loses,
         the rules a firewall step replaces); deferred steps are described from their args."""
-        reader = FleetReader(self.admin, principal.scope)
+        reader = FleetReader(self.admin, principal.scope, self.registry)
         context = {}
         for step in plan.steps:
             if not step.deferred:
@@ -417,7 +452,7 @@ class Gate:
 
     async def _propose(self, principal: Principal, args: dict[str, Any]) -> dict[str, Any]:
         """Decide every step without acting (plans.py); keep the plan if none is refused."""
-        reader = FleetReader(self.admin, principal.scope)
+        reader = FleetReader(self.admin, principal.scope, self.registry)
         steps: list[PlanStep] = []
         report: list[dict[str, Any]] = []
         created: set[str] = set()

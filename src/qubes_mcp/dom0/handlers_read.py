@@ -19,31 +19,17 @@ _DEVICE_KEYS = ("port_id", "product", "vendor", "name", "serial", "interfaces")
 MAX_EVENTS = 1000
 
 
-def _tier(ctx: Context, tags: frozenset[str]) -> Any:
-    p = ctx.principal
-    return effective_tier(p.scope, tags, ctx.config.default_tier, p.ceiling)
-
-
 async def qube_list(ctx: Context) -> dict[str, Any]:
+    """The registered qubes of the scope that are in it now (never a walk of the host)."""
     qubes = []
     sinks = []
-    for name, fields in await ctx.reader.all_names():
-        if name == "dom0":
-            continue
-        tags = await ctx.reader.tags(name)
-        if tags is not None and ctx.principal.scope.is_dump_sink(tags):
-            sinks.append(name)  # the operator made it a copy target for this scope
-        tier = None if tags is None else _tier(ctx, tags)
-        if tier is not None:
-            qubes.append(
-                {
-                    "name": name,
-                    "class": fields.get("class", ""),
-                    "state": fields.get("state", ""),
-                    "tier": tier.word,
-                }
-            )
     p = ctx.principal
+    for q in sorted(await ctx.reader.registered(), key=lambda q: q.name):
+        if p.scope.is_dump_sink(q.tags, q.registered):
+            sinks.append(q.name)  # the operator made it a copy target for this scope
+        tier = effective_tier(p.scope, q.tags, q.registered, ctx.config.default_tier, p.ceiling)
+        if tier is not None:
+            qubes.append({"name": q.name, "class": q.klass, "state": q.state, "tier": tier.word})
     return {
         "principal": p.qube,
         "ceiling": p.ceiling.word,
@@ -145,8 +131,13 @@ async def events_watch(ctx: Context) -> dict[str, Any]:
     async def collect() -> None:
         async for ev in stream:
             about = ev.subject or ev.kwargs.get("vm", "")
-            if ev.name == f"domain-tag-add:{scope.managed}":
-                enrolled.add(about)
+            if about not in enrolled and (
+                ev.name == f"domain-tag-add:{scope.managed}"
+                or ctx.reader.refresh().entry(scope.prefix, about) is not None
+            ):
+                # a tag alone enrols nobody (it may be inherited): ask the one predicate
+                if await ctx.reader.in_scope(about):
+                    enrolled.add(about)
             elif ev.name == f"domain-tag-add:{scope.dump}":
                 enrolled.discard(about)  # a hybrid is in no scope (fail closed)
             view = (

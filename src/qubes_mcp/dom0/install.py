@@ -1,25 +1,51 @@
 """Installing the gate into a dom0 — a real one (``--root /``) or an emulator's root.
 
-``install`` writes the configuration (only if absent), the generated policy (validated with
-the rest of the policy directory by our own engine, then an atomic replace), one
-``/etc/qubes-rpc/qmcp.<Op>`` link per operation to the gate's socket, and the systemd unit.
+``install`` writes the configuration (only if absent), the enrolment registry and the generated
+policy (validated with the rest of the policy directory by our own engine, then an atomic
+replace; ``enrolment.commit``), one ``/etc/qubes-rpc/qmcp.<Op>`` link per operation to the
+gate's socket, and the systemd unit.
+
+Enrolment is by name (decision record 0010). The first install (no registry yet) migrates a
+fleet enrolled the old way: it registers every qube that carries ``<scope>-managed`` or
+``<scope>-dump`` and prints each one, so the operator sees exactly who entered a scope. Later
+installs register nobody: a scope tag on an unregistered qube is then a stray (typically
+copied into the operator's own disposable or clone) and install refuses until the operator
+removes the tags or enrols the qube. Either way, a stray tier tag (``<scope>-exec`` …) on a
+qube that is neither registered nor being migrated makes install refuse.
 ``uninstall`` removes all of that again (the configuration and the audit log stay unless
 ``purge``). ``status`` reports what is there; ``doctor`` (in doctor.py) looks at the fleet.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
+from qubes_mcp.dom0.admin import AdminClient
 from qubes_mcp.dom0.audit import AuditLog, chain_exists
 from qubes_mcp.dom0.config import GateConfig, load_config
-from qubes_mcp.dom0.fsutil import atomic_write, locked
+from qubes_mcp.dom0.enrolment import Change, Registry, commit, registry_path
+from qubes_mcp.dom0.errors import GateError
+from qubes_mcp.dom0.fsutil import atomic_write
 from qubes_mcp.dom0.operations import OPERATIONS
-from qubes_mcp.dom0.render import POLICY_NAME, validated_policy
-from qubes_mcp.policy import Policy
+from qubes_mcp.dom0.reader import parse_vm_list_line
+from qubes_mcp.dom0.render import POLICY_NAME, render_policy, validated_policy
+from qubes_mcp.dom0.tiers import DUMP, MEMBER, Tier
+
+
+class InstallRefusedError(GateError):
+    """Stray scope tags on unregistered qubes: install changes nothing until they are fixed."""
+
+    code = "not-allowed"
+
+    def __init__(self, strays: list[str]) -> None:
+        super().__init__(
+            "refusing to install while scope tags sit on qubes that are not enrolled:\n  "
+            + "\n  ".join(strays)
+        )
+        self.strays = strays
+
 
 UNIT_NAME = "qubes-mcp-gate.service"
 UNIT_TEXT = """[Unit]
@@ -102,6 +128,7 @@ def default_config_text(layout: Layout, principal: str, egress: str | None) -> s
             f'audit_log = "{r}/var/log/qubes-mcp/audit.log"\n'
             f'state_dir = "{r}/var/lib/qubes-mcp"\n'
             f'qvm_run = "{r}/usr/bin/qvm-run"\n'
+            f'policy_dir = "{r}/etc/qubes/policy.d"\n'
         )
     egress_line = (
         f'egress_qube = "{egress}"\n'
@@ -113,17 +140,56 @@ def default_config_text(layout: Layout, principal: str, egress: str | None) -> s
     return CONFIG_TEMPLATE.format(egress=egress_line, principal=principal, paths=paths)
 
 
-def stage_policy(layout: Layout, config: GateConfig) -> str:
-    """Render, then validate it together with every other file of the policy directory."""
-    text = validated_policy(config)
-    with tempfile.TemporaryDirectory(prefix="qubes-mcp-policy-") as tmp:
-        staged = Path(tmp) / "policy.d"
-        if layout.policy_dir.is_dir():
-            shutil.copytree(layout.policy_dir, staged, symlinks=True)
-        staged.mkdir(exist_ok=True)
-        (staged / POLICY_NAME).write_text(text)
-        Policy.load([staged])  # raises PolicySyntaxError naming file and line
-    return text
+@dataclass(frozen=True)
+class FleetScan:
+    """What install found: registrations to add (scope, name, uuid, class, role) and strays."""
+
+    migrate: list[tuple[str, str, str, str, str]]
+    strays: list[str]
+
+
+async def scan_fleet(config: GateConfig, registry: Registry, *, first: bool) -> FleetScan:
+    """Walk the host once (an operator tool may): what to migrate, what is stray."""
+    admin = AdminClient(config.paths.qubesd_socket)
+    live: dict[str, tuple[str, str]] = {}
+    for line in await admin.lines("dom0", "admin.vm.List"):
+        name, fields = parse_vm_list_line(line)
+        live[name] = (fields.get("uuid", ""), fields.get("class", ""))
+    scopes = sorted({p.scope for p in config.principals.values()}, key=lambda s: s.prefix)
+    migrate, strays = [], []
+    for name, (uuid, klass) in sorted(live.items()):
+        if name == "dom0":
+            continue
+        tags = set(await admin.lines(name, "admin.vm.tag.List"))
+        for scope in scopes:
+            registered = registry.role_of(scope.prefix, name, uuid)
+            tiers = {t for t in (scope.tier_tag(x) for x in Tier) if t} & tags
+            role = None
+            if scope.managed in tags and scope.dump not in tags:
+                role = MEMBER
+            elif scope.dump in tags and scope.managed not in tags:
+                role = DUMP
+            if registered is None and role is not None and first:
+                migrate.append((scope.prefix, name, uuid, klass, role))
+                continue
+            marks = sorted(tiers | ({scope.managed, scope.dump} & tags))
+            if registered is None and marks:
+                strays.append(
+                    f"{name} carries {', '.join(marks)} but is not enrolled in {scope.prefix} "
+                    "(tags copied from an enrolled qube, e.g. a disposable or a clone?): "
+                    f"remove the tags (qvm-tags {name} del …) or run "
+                    f"`qubes-mcp-admin enrol {name}`"
+                )
+    return FleetScan(migrate, strays)
+
+
+def _migrate(scan: FleetScan) -> Change:
+    def apply(registry: Registry) -> Registry:
+        for scope, name, uuid, klass, role in scan.migrate:
+            registry = registry.enrolled(scope, name, uuid, klass, role=role, by="operator")
+        return registry
+
+    return apply
 
 
 def install(
@@ -140,10 +206,23 @@ def install(
         atomic_write(layout.config, default_config_text(layout, principal, egress).encode(), 0o644)
         done.append(f"wrote {layout.config}")
     config = load_config(layout.config)
-    with locked(layout.policy_dir):
-        text = stage_policy(layout, config)
-        atomic_write(layout.policy, text.encode(), 0o644)
-    done.append(f"wrote {layout.policy} (validated)")
+    path = registry_path(config.paths.state_dir)
+    first = not path.exists()
+    scan = asyncio.run(scan_fleet(config, Registry.load(path), first=first))
+    if scan.strays:
+        raise InstallRefusedError(scan.strays)
+    config.paths.state_dir.mkdir(parents=True, exist_ok=True)
+    config.paths.state_dir.chmod(0o700)
+    commit(
+        config.paths.state_dir,
+        config.paths.policy_dir,
+        _migrate(scan),
+        lambda registry: render_policy(config, registry),
+    )
+    for scope, name, _, klass, role in scan.migrate:
+        what = "dump sink" if role == DUMP else klass
+        done.append(f"enrolled {name} ({what}) in scope {scope}: it carried the scope's tag")
+    done.append(f"wrote {path} and {config.paths.policy_dir / POLICY_NAME} (validated)")
     layout.rpc_dir.mkdir(parents=True, exist_ok=True)
     for link in layout.links():
         if link.is_symlink() or link.exists():
@@ -191,8 +270,9 @@ def status(root: Path) -> dict[str, object]:
     report["links"] = f"{len(links)}/{len(layout.links())}"
     if layout.config.exists():
         config = load_config(layout.config)
-        report["policy_current"] = (
-            layout.policy.exists() and layout.policy.read_text() == validated_policy(config)
+        registry = Registry.load(registry_path(config.paths.state_dir))
+        report["policy_current"] = layout.policy.exists() and layout.policy.read_text() == (
+            validated_policy(config, registry)
         )
         report["gate_socket"] = config.paths.gate_socket.exists()
     return report

@@ -1,16 +1,19 @@
 """Reading the facts a decision needs, fresh from qubesd, in a fixed order.
 
-The first read about any named qube is ``admin.vm.tag.List``: it answers both "does it exist"
-and "is it in scope" in one round trip, so a missing qube and an out-of-scope qube cost the
-same single call and stop there (no timing or sequence difference between them). Only qubes
-that are in scope (or the scope's dump sink) are read further.
+The first read about any named qube is ``admin.vm.tag.List``: it answers "does it exist" in one
+round trip, and a name the enrolment registry does not list stops there, so a missing qube and
+an out-of-scope qube cost the same single call (no timing or sequence difference between
+them). A registered name is read further (``admin.vm.List`` for its uuid, class and state):
+it is in scope only if that uuid is the registered one and its tags agree.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 from qubes_mcp.dom0.admin import AdminClient, QubesdError
+from qubes_mcp.dom0.enrolment import Registry, RegistryFile
 from qubes_mcp.dom0.facts import Facts, Prop, QubeFacts
 from qubes_mcp.dom0.tiers import Scope
 
@@ -43,11 +46,31 @@ def parse_vm_list_line(line: str) -> tuple[str, dict[str, str]]:
 
 
 class FleetReader:
-    """Fresh reads for one request. Not cached across requests: the fleet changes under us."""
+    """Fresh reads for one request. Not cached across requests: the fleet changes under us.
 
-    def __init__(self, client: AdminClient, scope: Scope) -> None:
+    Who is in scope comes from the enrolment registry (``registry``: a snapshot, or the
+    gate's ``RegistryFile``, read again when the file changes) *and* the live qube: its uuid
+    must be the registered one and its tags must agree (``Scope.is_enrolled``). A name that is
+    not registered costs one ``admin.vm.tag.List``, exactly like a missing name; listings and
+    budgets walk the registered names only, so their cost does not depend on hidden qubes.
+    """
+
+    def __init__(
+        self, client: AdminClient, scope: Scope, registry: Registry | RegistryFile
+    ) -> None:
+        # the registry is required: a reader without one would see no qube in any scope, and a
+        # caller that forgot it would describe or decide on empty facts (decision record 0010)
         self.client = client
         self.scope = scope
+        self._source = registry
+        self.registry = Registry()
+        self.refresh()
+
+    def refresh(self) -> Registry:
+        """Take a new snapshot of the registry (once per request; long reads call it again)."""
+        source = self._source
+        self.registry = source.current() if isinstance(source, RegistryFile) else source
+        return self.registry
 
     async def tags(self, name: str) -> frozenset[str] | None:
         try:
@@ -68,43 +91,75 @@ class FleetReader:
                 return int(value)
         return 0
 
-    async def qube(self, name: str) -> QubeFacts | None:
+    async def summary(self, name: str) -> QubeFacts | None:
+        """Existence, tags and -- for a registered name -- class, state, uuid and the
+        registration that uuid matches. ``None`` when the qube does not exist."""
+        # the registry first, so that a missing and an unregistered name do the same work
+        registry = self.registry
+        entry = registry.entry(self.scope.prefix, name)
         tags = await self.tags(name)
         if tags is None:
             return None
-        if not (self.scope.is_enrolled(tags) or self.scope.is_dump_sink(tags)):
+        if entry is None:
             return QubeFacts(name=name, klass="", state="", tags=tags)
-        listed = await self.client.lines(name, "admin.vm.List")
+        try:
+            listed = await self.client.lines(name, "admin.vm.List")
+        except QubesdError as exc:
+            if exc.exc_class in ("QubesVMNotFoundError", "QubesValueError"):
+                return None  # removed between the two reads
+            raise
         _, fields = parse_vm_list_line(listed[0]) if listed else ("", {})
-        props = parse_getall(await self.client.call(name, "admin.vm.property.GetAll"))
-        klass = fields.get("class", "")
-        private = await self.volume_size(name, "private")
-        footprint = private
-        if klass in PERSISTENT_ROOT:
-            footprint += await self.volume_size(name, "root")
+        uuid = fields.get("uuid", "")
+        role = registry.role_of(self.scope.prefix, name, uuid)
+        if not (self.scope.is_enrolled(tags, role) or self.scope.is_dump_sink(tags, role)):
+            return QubeFacts(name=name, klass="", state="", tags=tags)
         return QubeFacts(
             name=name,
-            klass=klass,
+            klass=fields.get("class", ""),
             state=fields.get("state", ""),
             tags=tags,
-            props=props,
-            footprint=footprint,
-            private_size=private,
+            registered=role,
+            uuid=uuid,
         )
 
+    async def in_scope(self, name: str) -> bool:
+        """Whether ``name`` is enrolled (a member, not a dump) in this scope, read fresh."""
+        q = await self.summary(name)
+        return q is not None and self.scope.is_enrolled(q.tags, q.registered)
+
+    async def qube(self, name: str) -> QubeFacts | None:
+        q = await self.summary(name)
+        if q is None or q.registered is None:
+            return q
+        props = parse_getall(await self.client.call(name, "admin.vm.property.GetAll"))
+        private = await self.volume_size(name, "private")
+        footprint = private
+        if q.klass in PERSISTENT_ROOT:
+            footprint += await self.volume_size(name, "root")
+        return replace(q, props=props, footprint=footprint, private_size=private)
+
     async def all_names(self) -> list[tuple[str, dict[str, str]]]:
+        """Every qube on the host (operator tools only: a principal's reads never walk it)."""
         return [
             parse_vm_list_line(line) for line in await self.client.lines("dom0", "admin.vm.List")
         ]
 
+    async def registered(self) -> list[QubeFacts]:
+        """The registered names of the scope that are in it now (members and dump sinks),
+        summarised; in registry order."""
+        found = []
+        for name in self.registry.entries(self.scope.prefix):
+            q = await self.summary(name)
+            if q is not None and q.registered is not None:
+                found.append(q)
+        return found
+
     async def scope_qubes(self) -> tuple[QubeFacts, ...]:
         """Every enrolled qube of the scope, fully read (for budgets)."""
         found = []
-        for name, _ in await self.all_names():
-            if name == "dom0":
-                continue
+        for name in self.registry.members(self.scope.prefix):
             facts = await self.qube(name)
-            if facts is not None and self.scope.is_enrolled(facts.tags):
+            if facts is not None and self.scope.is_enrolled(facts.tags, facts.registered):
                 found.append(facts)
         return tuple(found)
 

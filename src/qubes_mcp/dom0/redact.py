@@ -60,9 +60,9 @@ VISIBLE_EVENTS = frozenset(
 )
 
 
-def visible_tags(scope: Scope, tags: frozenset[str]) -> list[str]:
+def visible_tags(scope: Scope, tags: frozenset[str], registered: str | None) -> list[str]:
     """Only the enrolment tag: tiers, owners, guards and operator tags stay in dom0."""
-    return [scope.managed] if scope.is_enrolled(tags) else []
+    return [scope.managed] if scope.is_enrolled(tags, registered) else []
 
 
 def readable_feature(name: str) -> bool:
@@ -110,7 +110,7 @@ def info(
             for name in INFO_PROPERTIES
             if name in q.props
         },
-        "tags": visible_tags(scope, q.tags),
+        "tags": visible_tags(scope, q.tags, q.registered),
         "features": features_view(features),
         "volumes": {"private": {"size": q.private_size}},
     }

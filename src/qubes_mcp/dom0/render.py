@@ -1,30 +1,43 @@
-"""The generated qrexec policy: rendered from the configuration and the operations table.
+"""The generated qrexec policy: rendered from the configuration, the operations table and the
+enrolment registry (``enrolment.py``).
 
-The operator never edits it. It sorts before the stock files (``30-``) and says, for each
-principal and each scope:
+The operator never edits it; the gate re-renders and replaces it whenever the registry changes.
+It sorts before the stock files (``30-``) and says, for each principal and each scope:
 
 - a principal may call exactly its ``qmcp.*`` services (those its ceiling and ``may_create``
-  permit) — global ones on ``@adminvm``, per-qube ones only on targets carrying the scope's
-  enrolment tag — always with ``target=@adminvm``,
-  so qrexec scopes by tag first and never starts the target; then everything else from that
-  principal is denied, dom0-addressed calls included (``@anyvm`` does not cover dom0);
-- sandbox qubes (enrolment, tier and dump tags of the scope) may call only the housekeeping
-  services a qube needs, ``qubes.Filecopy`` along the paths the tiers allow (exec+ to exec+,
-  exec+ into the dump sink), and ``qubes.UpdatesProxy`` through the egress qube; everything
-  else — ``@dispvm``, out-of-scope qubes, dom0 — is denied outright, with no ``ask`` whose
-  dialog could reveal that a name exists.
+  permit) -- global ones on ``@adminvm``, per-qube ones only on the **registered names** of its
+  scope, one line per name -- always with ``target=@adminvm``, so qrexec never starts the
+  target; then everything else from that principal is denied, dom0 included;
+- each registered sandbox qube (member or dump sink), named one by one, may call only the
+  housekeeping services a qube needs; a registered template also ``qubes.SyncAppMenus`` and,
+  through the egress qube, ``qubes.UpdatesProxy``; then everything else from it is denied.
+  No sandbox qube may call another qube at all (copies are relayed by dom0).
 
-No allow rule matches ``@default`` alone: qrexec turns a name that does not exist into
-``@default``, so such a rule would answer differently for a made-up name than for an
-existing out-of-scope one. The text is validated with the project's own policy engine before anyone
-writes it.
+No line is keyed on a tag: Qubes copies tags into disposables and clones, so a tag-keyed line
+would open paths to qubes the operator made (decision record 0010).
+
+Oracle-free targets. No allow line names a target that could match a qube the caller cannot
+see. ``@anyvm`` and ``*`` are never an allow target: they match ``@dispvm:X``, which qrexec
+accepts only when X exists as a disposable template and refuses up front otherwise -- an
+existence oracle. ``@default`` alone is never an allow target either: qrexec turns a name that
+does not exist into ``@default``, so it would allow a made-up name and deny an existing one.
+Where a service must accept "any target but dom0" (``qubes.GetDate``: ``qvm-sync-clock`` asks
+for ``@default``; ``qubes.UpdatesProxy``: templates ask for ``@default``) the rule lists
+``ANY_NON_DOM0``: ``@default`` plus every non-dom0 ``@type:``. An existing name matches its
+type, a missing one is ``@default``, so both are allowed alike, and ``@dispvm…`` matches none
+of them. The text is validated with the project's own policy engine before anyone writes it.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
+
 from qubes_mcp.dom0.config import GateConfig, Principal
+from qubes_mcp.dom0.enrolment import Registry
 from qubes_mcp.dom0.operations import OPERATIONS, Target
-from qubes_mcp.dom0.tiers import Scope, Tier
+from qubes_mcp.dom0.tiers import MEMBER, Scope
 from qubes_mcp.policy import Policy, PolicySyntaxError
 
 POLICY_NAME = "30-qubes-mcp.policy"
@@ -34,9 +47,13 @@ HOUSEKEEPING = (
     "qubes.NotifyTools",
     "qubes.NotifyUpdates",
     "qubes.GetRandomizedTime",
-    "qubes.SyncAppMenus",
 )
-_EXEC_PLUS = (Tier.EXEC, Tier.NET, Tier.FULL)
+#: stock R4.3 lets templates only sync their menus into dom0 (never app qubes or disposables)
+TEMPLATE_ONLY = ("qubes.SyncAppMenus",)
+#: every class a non-dom0 qube can have (qubes-core-admin ``qubes.vm`` entry points, and
+#: Qubes Air's RemoteVM); with @default they match every existing or missing non-dom0 name
+NON_DOM0_CLASSES = ("AppVM", "DispVM", "TemplateVM", "StandaloneVM", "RemoteVM")
+ANY_NON_DOM0 = ("@default", *(f"@type:{k}" for k in NON_DOM0_CLASSES))
 
 
 def _row(*cols: str) -> str:
@@ -45,82 +62,104 @@ def _row(*cols: str) -> str:
 
 
 def _getdate(source: str) -> list[str]:
-    # "@anyvm ... target=" rather than "@default": a rule that matches only @default would
-    # allow a made-up name (normalised to @default) and deny an existing one -- an oracle.
-    return [
-        _row("qubes.GetDate", "*", source, "@adminvm", "allow"),
-        _row("qubes.GetDate", "*", source, "@anyvm", "allow", "target=@adminvm"),
+    lines = [_row("qubes.GetDate", "*", source, "@adminvm", "allow")]
+    lines += [
+        _row("qubes.GetDate", "*", source, t, "allow", "target=@adminvm") for t in ANY_NON_DOM0
     ]
+    return lines
 
 
-def _principal_block(p: Principal) -> list[str]:
-    tag = f"@tag:{p.scope.managed}"
+def _deny_all(source: str) -> list[str]:
+    return [_row("*", "*", source, "@adminvm", "deny"), _row("*", "*", source, "@anyvm", "deny")]
+
+
+def _principal_block(p: Principal, registry: Registry) -> list[str]:
+    members = sorted(registry.members(p.scope.prefix))
     lines = [f"## principal {p.qube}: scope {p.scope.prefix}, ceiling {p.ceiling.word}"]
     for op in OPERATIONS:
         if op.needs > p.ceiling or (op.creates and not p.may_create):
             continue  # the gate would refuse it anyway; qrexec refuses it first
-        target = "@adminvm" if op.target is Target.GLOBAL else tag
-        lines.append(_row(op.service, "*", p.qube, target, "allow", "target=@adminvm"))
+        targets = ["@adminvm"] if op.target is Target.GLOBAL else members
+        for target in targets:
+            lines.append(_row(op.service, "*", p.qube, target, "allow", "target=@adminvm"))
     for service in HOUSEKEEPING:
         lines.append(_row(service, "*", p.qube, "@adminvm", "allow"))
     lines += _getdate(p.qube)
-    lines.append(_row("*", "*", p.qube, "@adminvm", "deny"))
-    lines.append(_row("*", "*", p.qube, "@anyvm", "deny"))
-    return lines
+    return lines + _deny_all(p.qube)
 
 
-def _sandbox_block(scope: Scope, egress: str | None) -> list[str]:
-    managed = f"@tag:{scope.managed}"
-    tiered = [f"@tag:{scope.tier_tag(t)}" for t in _EXEC_PLUS]
-    sources = [managed, *tiered, f"@tag:{scope.dump}", f"@tag:{scope.guarded}"]
-    lines = [f"## sandbox qubes of scope {scope.prefix} as sources"]
-    for source in (managed, f"@tag:{scope.dump}"):
+def _sandbox_block(scope: Scope, registry: Registry, egress: str | None) -> list[str]:
+    lines = [f"## registered qubes of scope {scope.prefix} as sources: housekeeping, then nothing"]
+    for name, entry in registry.entries(scope.prefix).items():
         for service in HOUSEKEEPING:
-            lines.append(_row(service, "*", source, "@adminvm", "allow"))
-        lines += _getdate(source)
-    lines.append("# copies: exec-or-higher to exec-or-higher, and into the dump sink")
-    for source in tiered:
-        for target in [*tiered, f"@tag:{scope.dump}"]:
-            lines.append(_row("qubes.Filecopy", "*", source, target, "allow"))
-    if egress is not None:
-        lines.append("# template updates only through the operator's egress qube")
-        lines.append(
-            _row("qubes.UpdatesProxy", "*", managed, "@anyvm", "allow", f"target={egress}")
-        )
-    lines.append("# nothing else: no @dispvm, no other qube, no dom0, no dialogs")
-    for source in sources:
-        lines.append(_row("*", "*", source, "@adminvm", "deny"))
-        lines.append(_row("*", "*", source, "@anyvm", "deny"))
+            lines.append(_row(service, "*", name, "@adminvm", "allow"))
+        lines += _getdate(name)
+        template = entry.role == MEMBER and entry.klass == "TemplateVM"
+        if template:
+            for service in TEMPLATE_ONLY:
+                lines.append(_row(service, "*", name, "@adminvm", "allow"))
+        if template and entry.by == "operator" and egress is not None and name != egress:
+            lines += [
+                _row("qubes.UpdatesProxy", "*", name, t, "allow", f"target={egress}")
+                for t in ANY_NON_DOM0
+            ]
+        lines += _deny_all(name)
     return lines
 
 
-def render_policy(config: GateConfig) -> str:
-    """The policy text for ``config`` (not yet validated; see ``validated_policy``)."""
+def render_policy(config: GateConfig, registry: Registry) -> str:
+    """The policy text for ``config`` and ``registry`` (not yet validated)."""
     out = [
         f"# {POLICY_NAME} -- generated by qubes-mcp-admin from {config.source}",
-        "# Do not edit: change the configuration and run `qubes-mcp-admin install`.",
+        "# and the enrolment registry. Do not edit: `qubes-mcp-admin enrol|unenrol|install`.",
         "# Rules for your own exceptions belong in a file that sorts earlier (e.g. 29-*.policy).",
         "",
     ]
     for principal in config.principals.values():
-        out += [*_principal_block(principal), ""]
+        out += [*_principal_block(principal, registry), ""]
     seen: set[str] = set()
     for principal in config.principals.values():
         if principal.scope.prefix not in seen:
             seen.add(principal.scope.prefix)
-            out += [*_sandbox_block(principal.scope, config.egress_qube), ""]
+            out += [*_sandbox_block(principal.scope, registry, config.egress_qube), ""]
     return "\n".join(out)
 
 
-def validated_policy(config: GateConfig, others: dict[str, str] | None = None) -> str:
+def validated_policy(
+    config: GateConfig, registry: Registry, others: dict[str, str] | None = None
+) -> str:
     """Render and parse with our engine (alongside the other files of the directory).
 
     Raises:
         PolicySyntaxError: the rendered text (or the directory with it) does not parse.
     """
-    text = render_policy(config)
+    text = render_policy(config, registry)
     Policy.from_texts({**(others or {}), POLICY_NAME: text})
     return text
 
 
-__all__ = ["POLICY_NAME", "PolicySyntaxError", "render_policy", "validated_policy"]
+def stage_policy(policy_dir: Path, text: str) -> str:
+    """Validate ``text`` as ``POLICY_NAME`` together with every other file of ``policy_dir``
+    (a copy of it, so includes resolve as they will); returns ``text``.
+
+    Raises:
+        PolicySyntaxError: naming the file and line.
+    """
+    with tempfile.TemporaryDirectory(prefix="qubes-mcp-policy-") as tmp:
+        staged = Path(tmp) / "policy.d"
+        if policy_dir.is_dir():
+            shutil.copytree(policy_dir, staged, symlinks=True)
+        staged.mkdir(exist_ok=True)
+        (staged / POLICY_NAME).write_text(text)
+        Policy.load([staged])
+    return text
+
+
+__all__ = [
+    "ANY_NON_DOM0",
+    "POLICY_NAME",
+    "PolicySyntaxError",
+    "render_policy",
+    "stage_policy",
+    "validated_policy",
+]
