@@ -37,6 +37,8 @@ Example (every key shown; only ``[[principal]]`` is required)::
     run_timeout = 600              # seconds, upper bound for one command
     event_window = 120             # seconds, upper bound for one events call
     concurrent_requests = 16
+    copy_bytes = "1GiB"            # file.copy: content bytes of one copy, at most
+    copy_files = 10000             # file.copy: files, links and directories of one copy
 
     [paths]
     qubesd_socket = "/var/run/qubesd.sock"
@@ -102,6 +104,9 @@ class Limits:
     run_timeout: int
     event_window: int
     concurrent_requests: int
+    #: one file.copy, relayed by dom0: content bytes and entries (files, links, directories)
+    copy_bytes: int = 1 << 30
+    copy_files: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,8 @@ DEFAULT_LIMITS = {
     "run_timeout": 600,
     "event_window": 120,
     "concurrent_requests": 16,
+    "copy_bytes": 1 << 30,
+    "copy_files": 10_000,
 }
 DEFAULT_PATHS = {
     "qubesd_socket": "/var/run/qubesd.sock",
@@ -156,7 +163,10 @@ _BOUNDS = {
     "run_timeout": (1, 24 * 3600),
     "event_window": (1, 3600),
     "concurrent_requests": (1, 256),
+    "copy_files": (1, 1_000_000),
 }
+#: the largest copy_bytes an operator may configure (a relayed copy passes through dom0)
+COPY_BYTES_MAX = 1 << 40
 
 
 def _table(data: Mapping[str, Any], key: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -285,7 +295,10 @@ def parse_config(text: str, source: str = "<string>") -> GateConfig:
     for name in sorted(consent.operations - set(OPERATIONS_BY_NAME)):
         raise ConfigError(f"{source}: consent.operations: unknown operation {name!r}")
     lim = _table(data, "limits", DEFAULT_LIMITS)
-    limits = Limits(**{k: _int(f"limits.{k}", v) for k, v in lim.items()})
+    copy_bytes = parse_size("limits.copy_bytes", lim.pop("copy_bytes"))
+    if copy_bytes > COPY_BYTES_MAX:
+        raise ConfigError(f"{source}: limits.copy_bytes must be at most 1TiB")
+    limits = Limits(**{k: _int(f"limits.{k}", v) for k, v in lim.items()}, copy_bytes=copy_bytes)
     p = _table(data, "paths", DEFAULT_PATHS)
     for key, value in p.items():
         if not isinstance(value, str) or not value.startswith("/"):
