@@ -63,19 +63,19 @@ def service_for(args: argparse.Namespace) -> tuple[str, bytes]:
 
 
 class _Prefixed:
-    """``prefix`` then the chunks of ``stream`` (what ``qrexec.client.call`` reads with read1)."""
+    """``prefix``, then what arrives on file descriptor ``fd`` (read with ``qrexec.client.call``'s
+    read1). Raw ``os.read``: the reading thread may still be blocked in it when the call has
+    ended, and a buffered reader's lock would then abort the interpreter at exit."""
 
-    def __init__(self, prefix: bytes, stream: BinaryIO) -> None:
+    def __init__(self, prefix: bytes, fd: int) -> None:
         self._prefix = prefix
-        self._stream = stream
+        self._fd = fd
 
     def read1(self, size: int = -1) -> bytes:
         if self._prefix:
             chunk, self._prefix = self._prefix, b""
             return chunk
-        read = getattr(self._stream, "read1", self._stream.read)
-        data: bytes = read(size)
-        return data
+        return os.read(self._fd, size if size > 0 else 65536)
 
     read = read1
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     service, prefix = service_for(args)
     # streamed, as the real qvm-run does: a program that answers what it reads (dom0 relaying
     # a copy between two qubes) must get each chunk while the call runs, not at its end
-    stdin: bytes | _Prefixed = _Prefixed(prefix, sys.stdin.buffer) if args.pass_io else prefix
+    stdin: bytes | _Prefixed = _Prefixed(prefix, sys.stdin.fileno()) if args.pass_io else prefix
 
     def out(data: bytes) -> None:
         if args.pass_io:
