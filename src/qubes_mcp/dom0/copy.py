@@ -63,11 +63,14 @@ _SENDER_GRACE = 5.0
 
 
 class CopyAbort(Exception):  # noqa: N818 - a decision, not a bug: the copy is stopped
-    """The stream crossed a cap or broke the protocol; ``what`` says which."""
+    """The stream crossed a cap or broke the protocol; ``what`` says which, and ``usable`` how
+    many bytes of the chunk being fed come before the offending entry (they may be forwarded:
+    the receiver then keeps every entry before it)."""
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, usable: int = 0) -> None:
         super().__init__(what)
         self.what = what
+        self.usable = usable
 
 
 class StreamMeter:
@@ -88,11 +91,21 @@ class StreamMeter:
         self._content_left = 0
         self._pending_dir = False
         self._pending_len = 0
+        self._entry_start = 0
 
     def feed(self, untrusted_data: bytes) -> None:
         """Account for ``untrusted_data``; raise :class:`CopyAbort` before anything too much."""
+        try:
+            self._feed(untrusted_data)
+        except CopyAbort as abort:
+            abort.usable = self._entry_start
+            raise
+
+    def _feed(self, untrusted_data: bytes) -> None:
         view = memoryview(untrusted_data)
+        self._entry_start = 0
         while view:
+            offset = len(untrusted_data) - len(view)
             if self.ended:
                 raise CopyAbort("protocol")  # the receiver reads nothing after the end marker
             if self._content_left:
@@ -108,6 +121,8 @@ class StreamMeter:
                 if not self._name_left:
                     self._entry_named()
             else:
+                if not self._header:
+                    self._entry_start = offset  # an entry's header begins here
                 step = min(FILE_HEADER.size - len(self._header), len(view))
                 self._header += view[:step]
                 view = view[step:]
@@ -127,9 +142,9 @@ class StreamMeter:
         if kind in (stat.S_IFREG, stat.S_IFLNK):
             if kind == stat.S_IFLNK and filelen > MAX_PATH_LENGTH - 1:
                 raise CopyAbort("protocol")
-            self._count_file()
             if filelen > self.max_bytes - self.bytes:
                 raise CopyAbort("bytes")
+            self._count_file()
             self.bytes += filelen
             self._pending_len = filelen
         elif self._pending_dir:
@@ -298,15 +313,25 @@ class _Relay:
         while chunk := await self.sender.stdout.read(_CHUNK):
             if not receiving:
                 continue  # the receiver has stopped reading; its answer says why
-            self.meter.feed(chunk)
-            self.crc = zlib.crc32(chunk, self.crc)
-            self.stream_bytes += len(chunk)
             try:
-                self.receiver.stdin.write(chunk)
-                await self.receiver.stdin.drain()
-            except (BrokenPipeError, ConnectionResetError):
-                receiving = False
+                self.meter.feed(chunk)
+            except CopyAbort as abort:
+                await self._forward(chunk[: abort.usable])
+                raise
+            receiving = await self._forward(chunk)
         await _close(self.receiver.stdin)
+
+    async def _forward(self, chunk: bytes) -> bool:
+        """Hand ``chunk`` to the receiver; ``False`` once it stopped reading."""
+        assert self.receiver.stdin is not None
+        self.crc = zlib.crc32(chunk, self.crc)
+        self.stream_bytes += len(chunk)
+        try:
+            self.receiver.stdin.write(chunk)
+            await self.receiver.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+        return True
 
     async def forward_answer(self) -> None:
         """Receiver stdout (its answer, bounded) → sender stdin, then close it."""
@@ -346,6 +371,11 @@ async def relay_copy(
                 await stream
             except CopyAbort as abort:
                 aborted = abort.what
+                # the sender is stopped; the receiver keeps what came before the entry that
+                # crossed the line, sees its input end without the end marker and stops too
+                await _kill(sender)
+                await _close(receiver.stdin)
+                await receiver.wait()
             if not aborted:
                 await answer
                 await receiver.wait()
