@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -133,6 +134,18 @@ def test_a_sender_that_never_finishes_is_cut_at_the_timeout(stack: Stack) -> Non
     )
     out = relay(stack, sender, receiver(stack), quick)
     assert out.aborted == "timeout"
+
+
+def test_a_sender_that_lingers_after_the_answer_does_not_turn_a_landed_copy_into_a_failure(
+    stack: Stack,
+) -> None:
+    stream = entry(b"lingered.txt", REG, b"landed\n") + END
+    sender = hostile_sender(stack, stream, then="import time; time.sleep(60)")
+    started = time.monotonic()
+    out = relay(stack, sender, receiver(stack))
+    assert out.ok and (out.files, out.content_bytes) == (1, 7)
+    assert time.monotonic() - started < LIMITS.timeout
+    assert sh(stack, "ai-build", f"cat {INCOMING}/lingered.txt") == "landed\n"
 
 
 def test_a_receiver_that_says_done_without_reading_is_not_believed(stack: Stack) -> None:

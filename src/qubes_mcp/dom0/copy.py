@@ -364,31 +364,41 @@ async def relay_copy(
     answer = asyncio.create_task(relay.forward_answer())
     sender_err = asyncio.create_task(_keep(sender.stderr))
     receiver_err = asyncio.create_task(_keep(receiver.stderr))
+    answered = asyncio.ensure_future(_answered(answer, receiver))
     aborted = ""
     try:
         async with asyncio.timeout(limits.timeout):
-            try:
-                await stream
-            except CopyAbort as abort:
-                aborted = abort.what
+            # the receiver answers when the stream ends; the sender exits once it has read the
+            # answer: whichever side finishes first, the other is then given a bounded wait
+            await asyncio.wait({stream, answered}, return_when=asyncio.FIRST_COMPLETED)
+            failure = stream.exception() if stream.done() else None
+            if failure is not None and not isinstance(failure, CopyAbort):
+                raise failure  # not the qubes' doing: the gate's fail-closed path reports it
+            if isinstance(failure, CopyAbort):
+                aborted = failure.what
                 # the sender is stopped; the receiver keeps what came before the entry that
                 # crossed the line, sees its input end without the end marker and stops too
                 await _kill(sender)
                 await _close(receiver.stdin)
-                await receiver.wait()
-            if not aborted:
-                await answer
-                await receiver.wait()
-                # the receiver has answered: a sender that does not exit soon is not waited for
+                await answered
+            else:
+                await answered
+                # the receiver has answered: a sender that does not finish soon is not waited for
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(sender.wait(), _SENDER_GRACE)
+                    await asyncio.wait_for(asyncio.shield(stream), _SENDER_GRACE)
+                if stream.done() and isinstance(stream.exception(), CopyAbort):
+                    aborted = "protocol"  # it kept sending after the end of the transfer
     except TimeoutError:
-        aborted = "timeout"
+        aborted = aborted or "timeout"
     finally:
         await asyncio.gather(_kill(sender), _kill(receiver))
-        _done, pending = await asyncio.wait({stream, answer, sender_err, receiver_err}, timeout=10)
+        tasks = {stream, answer, answered, sender_err, receiver_err}
+        _done, pending = await asyncio.wait(tasks, timeout=10)
         for task in pending:
             task.cancel()
+        for task in tasks:  # retrieved, so an aborted stream is not reported as unhandled
+            if task.done() and not task.cancelled():
+                task.exception()
     sender_exit = sender.returncode if not aborted else None
     return CopyOutcome(
         files=relay.meter.files,
@@ -403,6 +413,11 @@ async def relay_copy(
         sender_stderr=_result(sender_err),
         receiver_stderr=_result(receiver_err),
     )
+
+
+async def _answered(answer: asyncio.Task[None], receiver: asyncio.subprocess.Process) -> None:
+    await answer
+    await receiver.wait()
 
 
 def _result(task: asyncio.Task[bytes]) -> bytes:
