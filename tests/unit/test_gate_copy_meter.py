@@ -109,6 +109,15 @@ def test_the_file_cap(tree: Path) -> None:
     assert (caught.value.what, meter.files) == ("files", 5)
 
 
+def test_a_sender_repeating_one_directory_is_stopped() -> None:
+    """Repeats of a known directory count no new entry, so the header count bounds them."""
+    name = b"d\0"
+    meter = StreamMeter(1 << 20, 5)
+    with pytest.raises(CopyAbort) as caught:
+        meter.feed((header(len(name), stat.S_IFDIR | 0o755, 0) + name) * 11)
+    assert (caught.value.what, meter.files) == ("files", 1)
+
+
 def test_a_directory_announcing_content_does_not_hide_entries() -> None:
     """The receiver reads no content for a directory, so neither may dom0: a directory header
     claiming 1,000 bytes of content must not swallow the next entries from the count."""

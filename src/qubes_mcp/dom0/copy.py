@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import os
 import signal
 import stat
@@ -92,6 +93,7 @@ class StreamMeter:
         self._pending_dir = False
         self._pending_len = 0
         self._entry_start = 0
+        self._headers = 0
 
     def feed(self, untrusted_data: bytes) -> None:
         """Account for ``untrusted_data``; raise :class:`CopyAbort` before anything too much."""
@@ -137,6 +139,11 @@ class StreamMeter:
             return
         if namelen > MAX_PATH_LENGTH - 1:
             raise CopyAbort("protocol")
+        # every entry is announced at most twice (a directory before and after its entries):
+        # more headers than that is a sender repeating itself to keep dom0 busy
+        self._headers += 1
+        if self._headers > 2 * self.max_files:
+            raise CopyAbort("files")
         kind = stat.S_IFMT(mode)
         self._pending_dir = kind == stat.S_IFDIR
         if kind in (stat.S_IFREG, stat.S_IFLNK):
@@ -156,7 +163,8 @@ class StreamMeter:
 
     def _entry_named(self) -> None:
         if self._pending_dir:
-            name = bytes(self._name).split(b"\0", 1)[0]
+            # a digest, not the name: at most ``max_files`` of them, 32 bytes each
+            name = hashlib.sha256(bytes(self._name).split(b"\0", 1)[0]).digest()
             if name not in self._dirs:  # a directory is sent before and after its entries
                 self._count_file()
                 self._dirs.add(name)
