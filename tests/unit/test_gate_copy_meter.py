@@ -21,6 +21,7 @@ from qubes_mcp.dom0.copy import (
     CopyOutcome,
     StreamMeter,
     failure_message,
+    failure_reason,
 )
 from qubes_mcp.sim.vm_files.qfile import Packer, Unpacker
 
@@ -180,6 +181,11 @@ def test_success_needs_the_receivers_confirmation_of_every_byte() -> None:
     assert "different bytes" in str(failure_message(_outcome(answer=Answer(0, 8)), limits))
     assert "did not confirm" in str(failure_message(_outcome(), limits))
     assert "does not exist" in str(failure_message(_outcome(ended=False), limits))
+    assert failure_reason(_outcome(answer=Answer(17, 7))) == "copy refused by the receiver: EEXIST"
+    assert failure_reason(_outcome(aborted="files")) == "copy stopped: files"
+    assert failure_reason(_outcome(ended=False, sender_exit=1)) == (
+        "copy sender stopped before the end (exit 1)"
+    )
     # qube-chosen text never reaches the message
     told = failure_message(_outcome(answer=Answer(5, 7), receiver_stderr=b"\x1b[2Jpwned"), limits)
     assert told == "the copy failed: the destination qube refused the files"

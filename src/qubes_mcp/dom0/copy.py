@@ -258,11 +258,26 @@ def failure_message(outcome: CopyOutcome, limits: CopyLimits) -> str | None:
         return "the copy failed: " + _RECEIVER_MESSAGES.get(
             answer.code, "the destination qube refused the files"
         )
-    if not outcome.ended or outcome.sender_exit != 0:
+    if not outcome.ended:
         return "the copy failed: a path does not exist or cannot be read in the source qube"
-    if answer is None or outcome.receiver_exit != 0:
+    if answer is None or answer.code or outcome.receiver_exit != 0:
         return "the copy failed: the destination qube did not confirm the files"
     return "the copy failed: the destination received different bytes than were sent"
+
+
+def failure_reason(outcome: CopyOutcome) -> str:
+    """What went wrong, for the audit log and the dom0 journal (structural facts only)."""
+    answer = outcome.answer
+    if outcome.aborted:
+        return f"copy stopped: {outcome.aborted}"
+    if answer is not None and answer.code:
+        code = "LEGAL_EOF" if answer.code == LEGAL_EOF else errno.errorcode.get(answer.code)
+        return f"copy refused by the receiver: {code or answer.code}"
+    if not outcome.ended:
+        return f"copy sender stopped before the end (exit {outcome.sender_exit})"
+    if answer is None or outcome.receiver_exit != 0:
+        return f"copy receiver gave no answer (exit {outcome.receiver_exit})"
+    return "copy checksum mismatch"
 
 
 async def _spawn(argv: Sequence[str]) -> asyncio.subprocess.Process:

@@ -16,6 +16,7 @@ from qubes_mcp.dom0.copy import (
     QUBE_USER_UID,
     CopyLimits,
     failure_message,
+    failure_reason,
     relay_copy,
 )
 from qubes_mcp.dom0.errors import FailedError, InvalidInputError
@@ -128,7 +129,7 @@ async def file_copy(ctx: Context) -> dict[str, Any]:
     ctx.detail.update(files=outcome.files, bytes=outcome.content_bytes)
     message = failure_message(outcome, caps)
     if message is not None:
-        raise FailedError(message, reason=f"copy {outcome.aborted or 'failed'}")
+        raise FailedError(message, reason=failure_reason(outcome))
     return {
         "source": source,
         "destination": dest,
