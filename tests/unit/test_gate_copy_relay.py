@@ -81,3 +81,24 @@ def test_an_existing_name_is_the_receivers_refusal(tmp_path: Path, dest: Path) -
         "directory"
     )
     assert (dest / "dup").read_text() == "already"
+
+
+def test_a_destination_that_cannot_be_prepared_stops_the_sender(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+
+    async def not_ready() -> bool:
+        await asyncio.sleep(0.2)  # the sender is already running, held by the pipe
+        return False
+
+    started = asyncio.run(
+        relay_copy(
+            half("qfile_agent", "--", str(tmp_path / "f")),
+            half("qfile_unpacker", str(os.getuid()), str(tmp_path / "never")),
+            LIMITS,
+            ready=not_ready(),
+        )
+    )
+    assert started.aborted == "prepare" and not started.ok
+    assert failure_message(started, LIMITS) == (
+        "the copy failed: the destination qube could not prepare its QubesIncoming directory"
+    )

@@ -31,12 +31,13 @@ import asyncio
 import contextlib
 import errno
 import hashlib
+import inspect
 import os
 import signal
 import stat
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 
 QFILE_AGENT = "/usr/lib/qubes/qfile-agent"
@@ -212,7 +213,8 @@ class CopyOutcome:
     crc: int
     sender_exit: int | None
     receiver_exit: int | None
-    #: "" when the copy ran to its end, else "bytes", "files", "protocol" or "timeout"
+    #: "" when the copy ran to its end, else "bytes", "files", "protocol", "timeout", or
+    #: "prepare" (the receiver never started)
     aborted: str
     sender_stderr: bytes
     receiver_stderr: bytes
@@ -251,6 +253,8 @@ def failure_message(outcome: CopyOutcome, limits: CopyLimits) -> str | None:
         return f"the copy exceeds the operator's limit of {limits.max_files} files"
     if outcome.aborted == "timeout":
         return f"the copy did not finish within {limits.timeout:g} seconds"
+    if outcome.aborted == "prepare":
+        return "the copy failed: the destination qube could not prepare its QubesIncoming directory"
     if outcome.aborted == "protocol":
         return "the source qube sent a malformed stream; the copy was stopped"
     answer = outcome.answer
@@ -372,15 +376,32 @@ class _Relay:
 
 
 async def relay_copy(
-    sender_argv: Sequence[str], receiver_argv: Sequence[str], limits: CopyLimits
+    sender_argv: Sequence[str],
+    receiver_argv: Sequence[str],
+    limits: CopyLimits,
+    *,
+    ready: Awaitable[bool] | None = None,
 ) -> CopyOutcome:
     """Run both halves and join their streams under ``limits``; never raises for the qubes'
-    behaviour (a cap, a timeout, a malformed stream): that is in the outcome."""
-    receiver = await _spawn(receiver_argv)
+    behaviour (a cap, a timeout, a malformed stream): that is in the outcome.
+
+    ``ready``, when given, must come true before the receiver starts (the destination's
+    directory being made); the sender starts meanwhile, so the two waits overlap — until the
+    receiver runs, the sender is held by the pipe between them.
+    """
     try:
         sender = await _spawn(sender_argv)
     except BaseException:
-        await _kill(receiver)
+        if inspect.iscoroutine(ready):
+            ready.close()  # never started: say so rather than leave it unawaited
+        raise
+    try:
+        if ready is not None and not await ready:
+            await _kill(sender)
+            return CopyOutcome(0, 0, 0, False, None, 0, None, None, "prepare", b"", b"")
+        receiver = await _spawn(receiver_argv)
+    except BaseException:
+        await _kill(sender)
         raise
     relay = _Relay(sender, receiver, limits)
     stream = asyncio.create_task(relay.forward_stream())

@@ -102,29 +102,25 @@ async def file_copy(ctx: Context) -> dict[str, Any]:
     ctx.detail.update(source=source, dest=dest, paths=paths, files=0, bytes=0)
     limits = ctx.config.limits
     qvm_run = ctx.config.paths.qvm_run
-    # qfile-unpacker takes an existing directory when dom0 names it: make it as the user
-    # would get it from the qubes.Filecopy service (~/QubesIncoming and <source>, mode 0700)
-    prepared = await run_command(
-        qvm_run_argv(
-            qvm_run,
-            dest,
-            ["mkdir", "-p", "-m", "0700", "--", f"{QUBE_USER_HOME}/{INCOMING_DIR_NAME}", incoming],
-            user=QUBE_USER,
-        ),
-        stdin=b"",
-        timeout=limits.run_timeout,
-        limit=4096,
+    mkdir = qvm_run_argv(
+        qvm_run,
+        dest,
+        ["mkdir", "-p", "-m", "0700", "--", f"{QUBE_USER_HOME}/{INCOMING_DIR_NAME}", incoming],
+        user=QUBE_USER,
     )
-    if prepared.exit_code != 0:
-        raise FailedError(
-            "the copy failed: the destination qube could not prepare its QubesIncoming directory",
-            reason="mkdir in the destination failed",
-        )
+
+    async def prepared() -> bool:
+        # qfile-unpacker takes an existing directory when dom0 names it: make it as the user
+        # would get it from the qubes.Filecopy service (~/QubesIncoming and <source>, 0700)
+        made = await run_command(mkdir, stdin=b"", timeout=limits.run_timeout, limit=4096)
+        return made.exit_code == 0
+
     caps = CopyLimits(limits.copy_bytes, limits.copy_files, limits.run_timeout)
     outcome = await relay_copy(
         qvm_run_argv(qvm_run, source, [QFILE_AGENT, "--", *paths]),
         qvm_run_argv(qvm_run, dest, [QFILE_UNPACKER, str(QUBE_USER_UID), incoming], user=QUBE_USER),
         caps,
+        ready=prepared(),
     )
     ctx.detail.update(files=outcome.files, bytes=outcome.content_bytes)
     message = failure_message(outcome, caps)
