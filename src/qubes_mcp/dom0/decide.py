@@ -13,7 +13,8 @@ because each step may only reveal what the previous steps proved the agent may s
    operation needs there (``insufficient-tier``; those qubes are known to the agent).
 4. The operation's invariants (``not-allowed``): property and feature allowlists, netvm may be
    disconnected but never retargeted, no template/standalone creation, no clone of templates or
-   network providers, cross-references stay in scope, the principal may create.
+   network providers, cross-references stay in scope and reach the tier their dependency
+   confers (``operations.REFERENCES``; a new qube's references too), the principal may create.
 5. Budgets for create paths (``budget-exceeded``) and name collisions inside the principal's
    own prefix (``conflict``).
 6. Consent: the table's default, the operator's per-operation list, and guarded qubes.
@@ -317,6 +318,11 @@ def _plan_birth(
             raise NotAllowedError("a network-providing qube cannot be cloned")
         klass, inherit_from, private = "AppVM", source, None
         estimate = max(source.footprint, source.private_size)
+    # step 4 before step 5: the network and every dependency of the new qube
+    netvm = _birth_netvm(principal, config, inherit_from, facts, args.get("network", "inherit"))
+    _check_birth_references(
+        principal, config, source_tier, _birth_references(op, source, netvm), facts
+    )
     name = args.get("name")
     if name is not None and facts.get(name) is not None:
         raise ConflictError(reason="name collision inside the principal's prefix")
@@ -336,10 +342,6 @@ def _plan_birth(
         # a restriction that a create could strip would launder the guarded qube's data into
         # an unguarded copy: what is born of a guarded qube is guarded too
         stamp.add(scope.guarded)
-    netvm = _birth_netvm(principal, config, inherit_from, facts, args.get("network", "inherit"))
-    _check_birth_references(
-        principal, config, source_tier, _birth_references(op, source, netvm), facts
-    )
     return Birth(
         name=name or "",
         source=source.name,
