@@ -148,6 +148,14 @@ def test_a_sender_that_lingers_after_the_answer_does_not_turn_a_landed_copy_into
     assert sh(stack, "ai-build", f"cat {INCOMING}/lingered.txt") == "landed\n"
 
 
+def test_a_sender_sending_after_the_answer_is_a_malformed_stream(stack: Stack) -> None:
+    stream = entry(b"late.txt", REG, b"x") + END
+    after = "import time; time.sleep(1); sys.stdout.buffer.write(b'late'); sys.stdout.flush()"
+    sender = hostile_sender(stack, stream, then=after)
+    out = relay(stack, sender, receiver(stack))
+    assert out.aborted == "protocol" and out.files == 1
+
+
 def test_a_receiver_that_says_done_without_reading_is_not_believed(stack: Stack) -> None:
     sh(stack, "ai-dev", "echo real > /home/user/liar.txt")
     liar = qvm_run_argv(

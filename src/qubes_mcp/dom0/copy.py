@@ -428,7 +428,7 @@ async def relay_copy(
             else:
                 await answered
                 # the receiver has answered: a sender that does not finish soon is not waited for
-                with contextlib.suppress(TimeoutError):
+                with contextlib.suppress(TimeoutError, CopyAbort):
                     await asyncio.wait_for(asyncio.shield(stream), _SENDER_GRACE)
                 if stream.done() and isinstance(stream.exception(), CopyAbort):
                     aborted = "protocol"  # it kept sending after the end of the transfer
