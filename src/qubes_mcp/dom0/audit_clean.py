@@ -43,7 +43,7 @@ DETAIL_KEYS: Final = frozenset(
         *("command_sha256", "command_bytes", "stdin_bytes", "stdout_bytes", "stderr_bytes"),
         *("exit_code", "files", "bytes"),
         # binary file reads and writes: the path (escaped, capped) and the bytes' digest
-        *("path", "data_sha256"),
+        *("path", "paths", "data_sha256"),
         # the decision and what followed
         *("tier", "tier_needed", "invariant", "consent", "consent_id", "rolled_back"),
         # a step of an applied plan names its plan and its place in it

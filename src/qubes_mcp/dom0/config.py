@@ -41,6 +41,8 @@ Example (every key shown; only ``[[principal]]`` is required)::
     burst = 100                    # … after a burst of this many; beyond: rate-limited
     refused_rate = 5               # refused requests per second per calling qube, and burst:
     refused_burst = 50             # beyond, every request of that qube is rate-limited
+    copy_bytes = "1GiB"            # file.copy: content bytes of one copy, at most
+    copy_files = 10000             # file.copy: files, links and directories of one copy
 
     [paths]
     qubesd_socket = "/var/run/qubesd.sock"
@@ -112,6 +114,9 @@ class Limits:
     burst: int = 100
     refused_rate: int = 5
     refused_burst: int = 50
+    #: one file.copy, relayed by dom0: content bytes and entries (files, links, directories)
+    copy_bytes: int = 1 << 30
+    copy_files: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -154,6 +159,8 @@ DEFAULT_LIMITS = {
     "burst": 100,
     "refused_rate": 5,
     "refused_burst": 50,
+    "copy_bytes": 1 << 30,
+    "copy_files": 10_000,
 }
 DEFAULT_PATHS = {
     "qubesd_socket": "/var/run/qubesd.sock",
@@ -176,7 +183,10 @@ _BOUNDS = {
     "burst": (1, 1_000_000),
     "refused_rate": (1, 100_000),
     "refused_burst": (1, 1_000_000),
+    "copy_files": (1, 1_000_000),
 }
+#: the largest copy_bytes an operator may configure (a relayed copy passes through dom0)
+COPY_BYTES_MAX = 1 << 40
 
 
 def _table(data: Mapping[str, Any], key: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -305,7 +315,10 @@ def parse_config(text: str, source: str = "<string>") -> GateConfig:
     for name in sorted(consent.operations - set(OPERATIONS_BY_NAME)):
         raise ConfigError(f"{source}: consent.operations: unknown operation {name!r}")
     lim = _table(data, "limits", DEFAULT_LIMITS)
-    limits = Limits(**{k: _int(f"limits.{k}", v) for k, v in lim.items()})
+    copy_bytes = parse_size("limits.copy_bytes", lim.pop("copy_bytes"))
+    if copy_bytes > COPY_BYTES_MAX:
+        raise ConfigError(f"{source}: limits.copy_bytes must be at most 1TiB")
+    limits = Limits(**{k: _int(f"limits.{k}", v) for k, v in lim.items()}, copy_bytes=copy_bytes)
     p = _table(data, "paths", DEFAULT_PATHS)
     for key, value in p.items():
         if not isinstance(value, str) or not value.startswith("/"):

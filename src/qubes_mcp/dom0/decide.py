@@ -13,7 +13,8 @@ because each step may only reveal what the previous steps proved the agent may s
    operation needs there (``insufficient-tier``; those qubes are known to the agent).
 4. The operation's invariants (``not-allowed``): property and feature allowlists, netvm may be
    disconnected but never retargeted, no template/standalone creation, no clone of templates or
-   network providers, cross-references stay in scope, the principal may create.
+   network providers, cross-references stay in scope and reach the tier their dependency
+   confers (``operations.REFERENCES``; a new qube's references too), the principal may create.
 5. Budgets for create paths (``budget-exceeded``) and name collisions inside the principal's
    own prefix (``conflict``).
 6. Consent: the table's default, the operator's per-operation list, and guarded qubes.
@@ -39,11 +40,19 @@ from qubes_mcp.dom0.errors import (
 )
 from qubes_mcp.dom0.facts import Facts, QubeFacts
 from qubes_mcp.dom0.names import is_valid_qube_name
-from qubes_mcp.dom0.operations import Operation, Target
+from qubes_mcp.dom0.operations import (
+    OPERATIONS_BY_NAME,
+    REFERENCES_BY_PROPERTY,
+    Operation,
+    Target,
+    reference_needs,
+)
 from qubes_mcp.dom0.tiers import Tier, effective_tier
 
-#: VM-valued properties an agent may write, each a cross-reference that must stay in scope
-VM_PROPERTIES = frozenset({"netvm", "default_dispvm", "template"})
+#: VM-valued properties an agent may write: the writable ones the reference table knows
+VM_PROPERTIES = frozenset(
+    next(f for f in OPERATIONS_BY_NAME["property.set"].fields if f.name == "property").choices
+) & frozenset(REFERENCES_BY_PROPERTY)
 #: feature names an agent may write: in-qube service toggles and qubesdb config for the qube
 WRITABLE_FEATURE_PREFIXES = ("service.", "vm-config.")
 LABELS = ("red", "orange", "yellow", "green", "gray", "blue", "purple", "black")
@@ -110,8 +119,32 @@ def _need(tier: Tier, needs: Tier, role: str) -> None:
         )
 
 
+def _check_reference(
+    principal: Principal,
+    config: GateConfig,
+    prop: str,
+    referencing: Tier,
+    ref: QubeFacts | None,
+) -> None:
+    """The reference rule for a property the agent sets: the referenced qube is in scope, and
+    its tier reaches what the dependency confers (``operations.REFERENCES``)."""
+    tier = _in_scope(principal, ref, config)
+    needs = reference_needs(prop, referencing)
+    if tier < needs:
+        raise InsufficientTierError(
+            f"{prop} may only name a qube of tier {needs.word} or more; it is {tier.word}",
+            reason=f"{prop} reference tier {tier.word} < {needs.word}",
+        )
+
+
 def _check_property(
-    principal: Principal, config: GateConfig, qube: QubeFacts, args: dict[str, Any], facts: Facts
+    principal: Principal,
+    config: GateConfig,
+    qube: QubeFacts,
+    args: dict[str, Any],
+    facts: Facts,
+    *,
+    tier: Tier,
 ) -> None:
     prop, value = args["property"], args["value"]
     if prop in VM_PROPERTIES:
@@ -124,8 +157,7 @@ def _check_property(
             raise NotAllowedError("the netvm of a network-providing qube is operator-only")
         if args["value"] is None:
             return  # disconnecting is always allowed
-        ref = facts.get(args["value"])
-        _in_scope(principal, ref, config)
+        _check_reference(principal, config, prop, tier, facts.get(args["value"]))
         current = qube.prop("netvm")
         if args["value"] != config.egress_qube or current not in ("", config.egress_qube):
             raise NotAllowedError(
@@ -137,7 +169,7 @@ def _check_property(
         if args["value"] is None:
             return
         ref = facts.get(args["value"])
-        _in_scope(principal, ref, config)
+        _check_reference(principal, config, prop, tier, ref)
         assert ref is not None
         if not ref.flag("template_for_dispvms"):
             raise NotAllowedError("default_dispvm must be a disposable template in your scope")
@@ -150,6 +182,7 @@ def _check_property(
         assert ref is not None
         if ref.klass != "TemplateVM" or qube.klass != "AppVM":
             raise NotAllowedError("template must be a template in your scope, on an app qube")
+        _check_reference(principal, config, prop, tier, ref)
         return
     if value is None:
         raise InvalidInputError("value cannot be null for this property")
@@ -199,6 +232,64 @@ def _birth_netvm(
     return config.egress_qube
 
 
+def _birth_references(op: Operation, source: QubeFacts, netvm: str | None) -> list[tuple[str, str]]:
+    """Every (property, qube) the new qube will depend on, as R4.3 builds it.
+
+    - from a template: ``template`` is that template;
+    - a disposable: ``template`` is the disposable template, and R4.3 copies every reference
+      set explicitly on it (``qubes/vm/dispvm.py``: properties marked ``clone``), its own
+      ``template`` among them — the disposable's root filesystem comes from there;
+    - a clone: the source's ``template`` (the gate copies no other reference);
+    - and the ``netvm`` the gate decided.
+    """
+    if op.name == "qube.create":
+        refs = [("template", source.name)]
+    elif op.name in ("disposable.create", "disposable.run"):
+        refs = [("template", source.name)]
+        for prop in REFERENCES_BY_PROPERTY:
+            p = source.props.get(prop)
+            if prop != "netvm" and p is not None and not p.is_default and p.value:
+                refs.append((prop, p.value))
+    else:  # qube.clone
+        refs = [("template", source.prop("template"))]
+    if netvm:
+        refs.append(("netvm", netvm))
+    return [(prop, name) for prop, name in refs if name]
+
+
+def _check_birth_references(
+    principal: Principal,
+    config: GateConfig,
+    tier: Tier,
+    refs: list[tuple[str, str]],
+    facts: Facts,
+) -> None:
+    """The reference rule at birth, for a new qube of ``tier``.
+
+    A reference to a qube of the scope must meet the rule, whoever made it (the agent under an
+    earlier tier, or the operator). A reference to a qube outside the scope is the operator's
+    own wiring — an agent can never name such a qube — and the source already depends on it
+    at the same tier, so the copy hands over nothing new: it is carried as it is (the netvm
+    has its own, stricter rule in ``_birth_netvm``).
+    """
+    for prop, name in refs:
+        ref = facts.get(name)  # creates read every enrolled qube of the scope
+        if ref is None:
+            continue
+        ref_tier = effective_tier(
+            principal.scope, ref.tags, ref.registered, config.default_tier, principal.ceiling
+        )
+        if ref_tier is None:
+            continue
+        needs = reference_needs(prop, tier)
+        if ref_tier < needs:
+            raise NotAllowedError(
+                f"the new qube would depend on {name} ({prop}), whose tier {ref_tier.word} "
+                f"is below {needs.word}",
+                reason=f"birth {prop} reference tier {ref_tier.word} < {needs.word}",
+            )
+
+
 def _plan_birth(
     *,
     principal: Principal,
@@ -229,6 +320,11 @@ def _plan_birth(
             raise NotAllowedError("a network-providing qube cannot be cloned")
         klass, inherit_from, private = "AppVM", source, None
         estimate = max(source.footprint, source.private_size)
+    # step 4 before step 5: the network and every dependency of the new qube
+    netvm = _birth_netvm(principal, config, inherit_from, facts, args.get("network", "inherit"))
+    _check_birth_references(
+        principal, config, source_tier, _birth_references(op, source, netvm), facts
+    )
     name = args.get("name")
     if name is not None and facts.get(name) is not None:
         raise ConflictError(reason="name collision inside the principal's prefix")
@@ -255,7 +351,7 @@ def _plan_birth(
         label=args.get("label") or source.prop("label") or "gray",
         tier=source_tier,
         stamp=frozenset(stamp),
-        netvm=_birth_netvm(principal, config, inherit_from, facts, args.get("network", "inherit")),
+        netvm=netvm,
         private_size=private,
         template_for_dispvms=bool(args.get("disposable_template")),
         estimate=estimate,
@@ -326,7 +422,9 @@ def decide(
     birth = None
     if op.name == "property.set":
         assert target_facts is not None
-        _check_property(principal, config, target_facts, work_args, facts)
+        _check_property(
+            principal, config, target_facts, work_args, facts, tier=tiers[target_facts.name]
+        )
     elif op.name == "feature.set":
         if not work_args["feature"].startswith(WRITABLE_FEATURE_PREFIXES):
             raise NotAllowedError("only service.* and vm-config.* features are writable by agents")

@@ -9,7 +9,19 @@ from typing import Any
 
 from qubes_mcp.dom0.admin import QubesdError
 from qubes_mcp.dom0.context import Context, Handler
-from qubes_mcp.dom0.errors import FailedError
+from qubes_mcp.dom0.copy import (
+    INCOMING_DIR_NAME,
+    QFILE_AGENT,
+    QFILE_UNPACKER,
+    QUBE_USER,
+    QUBE_USER_HOME,
+    QUBE_USER_UID,
+    CopyLimits,
+    failure_message,
+    failure_reason,
+    relay_copy,
+)
+from qubes_mcp.dom0.errors import FailedError, InvalidInputError
 from qubes_mcp.dom0.firewall import render_rules
 from qubes_mcp.dom0.reader import parse_vm_list_line, property_value
 from qubes_mcp.dom0.relay import RunResult, qvm_run_argv, run_command
@@ -104,23 +116,52 @@ async def qube_run(ctx: Context) -> dict[str, Any]:
 
 
 async def file_copy(ctx: Context) -> dict[str, Any]:
+    """Relay a copy through dom0 (see :mod:`qubes_mcp.dom0.copy`): no qube calls another.
+
+    Every outcome that is not "all files landed and the receiver confirmed every byte" is a
+    ``failed`` refusal (so the audit outcome says ``failed`` too); the detail records what
+    moved either way.
+    """
     a = ctx.args
-    ctx.detail.update(dest=a["destination"], files=len(a["paths"]))
-    result = await run_in(
-        ctx,
-        ctx.target,
-        ["qvm-copy-to-vm", a["destination"], *a["paths"]],
-        "",
-        ctx.config.limits.run_timeout,
+    source, dest, paths = ctx.target, a["destination"], list(a["paths"])
+    if any(not p.startswith("/") for p in paths):
+        raise InvalidInputError("paths: each path must be absolute", reason="relative copy path")
+    incoming = f"{QUBE_USER_HOME}/{INCOMING_DIR_NAME}/{source}"
+    ctx.detail.update(source=source, dest=dest, paths=paths, files=0, bytes=0)
+    limits = ctx.config.limits
+    qvm_run = ctx.config.paths.qvm_run
+    mkdir = qvm_run_argv(
+        qvm_run,
+        dest,
+        ["mkdir", "-p", "-m", "0700", "--", f"{QUBE_USER_HOME}/{INCOMING_DIR_NAME}", incoming],
+        user=QUBE_USER,
     )
+
+    async def prepared() -> bool:
+        # qfile-unpacker takes an existing directory when dom0 names it: make it as the user
+        # would get it from the qubes.Filecopy service (~/QubesIncoming and <source>, 0700)
+        made = await run_command(mkdir, stdin=b"", timeout=limits.run_timeout, limit=4096)
+        return made.exit_code == 0
+
+    caps = CopyLimits(limits.copy_bytes, limits.copy_files, limits.run_timeout)
+    outcome = await relay_copy(
+        qvm_run_argv(qvm_run, source, [QFILE_AGENT, "--", *paths]),
+        qvm_run_argv(qvm_run, dest, [QFILE_UNPACKER, str(QUBE_USER_UID), incoming], user=QUBE_USER),
+        caps,
+        ready=prepared(),
+    )
+    ctx.detail.update(files=outcome.files, bytes=outcome.content_bytes)
+    message = failure_message(outcome, caps)
+    if message is not None:
+        raise FailedError(message, reason=failure_reason(outcome))
     return {
-        "source": ctx.target,
-        "destination": a["destination"],
-        "paths": a["paths"],
-        "copied": result["exit_code"] == 0,
-        "exit_code": result["exit_code"],
-        "stderr": result["stderr"],
-        "landed_in": f"/home/user/QubesIncoming/{ctx.target}/",
+        "source": source,
+        "destination": dest,
+        "paths": paths,
+        "copied": True,
+        "files": outcome.files,
+        "bytes": outcome.content_bytes,
+        "landed_in": f"{incoming}/",
     }
 
 

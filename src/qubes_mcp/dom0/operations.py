@@ -558,3 +558,74 @@ OPERATIONS: tuple[Operation, ...] = (
 OPERATIONS_BY_NAME: dict[str, Operation] = {op.name: op for op in OPERATIONS}
 OPERATIONS_BY_SERVICE: dict[str, Operation] = {op.service: op for op in OPERATIONS}
 SERVICE_PREFIX = "qmcp."
+
+
+# --- references: a property that makes one qube depend on another ------------------------------
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A VM-valued property of R4.3 (``qubes.VMProperty`` in ``qubes/vm/*.py``): the qube that
+    has it (the *referencing* qube) depends on the qube it names (the *referenced* one).
+
+    ``confers`` is what the dependency hands to whoever controls the referencing qube, over
+    the referenced one. Through the referencing qube one gets at most what one has on it, so
+    the referenced qube needs ``min(tier on the referencing qube, confers)``
+    (:func:`reference_needs`); anything less would let the dependency carry authority the
+    operator did not give.
+    """
+
+    prop: str
+    confers: Tier
+    why: str
+
+
+REFERENCES: tuple[Reference, ...] = (
+    Reference(
+        "template",
+        Tier.EXEC,
+        "its root filesystem boots, as root, in the referencing qube: whoever runs commands "
+        "there reads and runs all of it, as exec on it would allow (changes are not kept)",
+    ),
+    Reference(
+        "default_dispvm",
+        Tier.EXEC,
+        "disposables started for the referencing qube run a copy of its private volume and "
+        "root filesystem with commands the referencing qube chooses",
+    ),
+    Reference(
+        "management_dispvm",
+        Tier.EXEC,
+        "the disposable that manages the referencing qube runs its data and root, and takes "
+        "the referencing qube's answers",
+    ),
+    Reference(
+        "netvm",
+        Tier.READ,
+        "it carries the referencing qube's traffic; no command, data or setting of it passes "
+        "(which network a qube may use is the egress rule's business, not a tier)",
+    ),
+    Reference(
+        "guivm",
+        Tier.FULL,
+        "it draws the referencing qube's windows and types into it: the operator's console",
+    ),
+    Reference(
+        "audiovm",
+        Tier.FULL,
+        "it plays and records for the referencing qube: the operator's devices",
+    ),
+    Reference(
+        "relayvm",
+        Tier.FULL,
+        "a remote qube's every call goes through it",
+    ),
+)
+REFERENCES_BY_PROPERTY: dict[str, Reference] = {r.prop: r for r in REFERENCES}
+
+
+def reference_needs(prop: str, referencing: Tier) -> Tier:
+    """The least tier the qube named by ``prop`` must have, for a referencing qube of tier
+    ``referencing``: what the dependency hands over, never more than one holds on the referencing
+    qube itself."""
+    return min(referencing, REFERENCES_BY_PROPERTY[prop].confers)

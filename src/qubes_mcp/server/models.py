@@ -125,8 +125,8 @@ class CopyResult(TypedDict):
     destination: str
     paths: list[str]
     copied: bool
-    exit_code: int | None
-    stderr: str
+    files: int  # files, links and directories that landed
+    bytes: int  # content bytes that landed
     landed_in: str
 
 

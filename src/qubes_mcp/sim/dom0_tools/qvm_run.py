@@ -17,6 +17,7 @@ import asyncio
 import os
 import sys
 from pathlib import Path
+from typing import BinaryIO, cast
 
 from qubes_mcp.sim.paths import SimPaths
 from qubes_mcp.sim.qrexec.client import RouterUnavailableError, call
@@ -61,6 +62,24 @@ def service_for(args: argparse.Namespace) -> tuple[str, bytes]:
     return "qubes.VMShell", args.cmd.encode() + b"; exit\n"
 
 
+class _Prefixed:
+    """``prefix``, then what arrives on file descriptor ``fd`` (read with ``qrexec.client.call``'s
+    read1). Raw ``os.read``: the reading thread may still be blocked in it when the call has
+    ended, and a buffered reader's lock would then abort the interpreter at exit."""
+
+    def __init__(self, prefix: bytes, fd: int) -> None:
+        self._prefix = prefix
+        self._fd = fd
+
+    def read1(self, size: int = -1) -> bytes:
+        if self._prefix:
+            chunk, self._prefix = self._prefix, b""
+            return chunk
+        return os.read(self._fd, size if size > 0 else 65536)
+
+    read = read1
+
+
 def install(paths: SimPaths) -> Path:
     """Write ROOT/usr/bin/qvm-run, bound to this emulator root and this Python."""
     script = paths.root / "usr" / "bin" / "qvm-run"
@@ -86,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     paths = SimPaths(Path(root))
     service, prefix = service_for(args)
-    stdin = sys.stdin.buffer.read() if args.pass_io else b""
+    # streamed, as the real qvm-run does: a program that answers what it reads (dom0 relaying
+    # a copy between two qubes) must get each chunk while the call runs, not at its end
+    stdin: bytes | _Prefixed = _Prefixed(prefix, sys.stdin.fileno()) if args.pass_io else prefix
 
     def out(data: bytes) -> None:
         if args.pass_io:
@@ -105,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 source=args.user,
                 target=args.vmname,
                 service_and_arg=service,
-                stdin=prefix + stdin,
+                stdin=stdin if isinstance(stdin, bytes) else cast(BinaryIO, stdin),
                 timeout=24 * 3600.0,
                 on_stdout=out,
                 on_stderr=err,

@@ -3,6 +3,11 @@
 Encoding (CAC ``qubesadmin/utils.py`` ``encode_for_vmexec``): words joined by ``+``; in each
 word, bytes outside ``[A-Za-z0-9_.]`` are written ``-XX`` (two upper-case hex digits) and ``-``
 itself as ``--``. Decoding is strict: anything else is refused before anything runs.
+
+An emulated qube shares the host's read-only ``/usr``, so the template's ``/usr/lib/qubes``
+helpers (``qfile-agent``, ``qfile-unpacker``) cannot be placed there: a command naming one of
+them by its real path runs the emulated program shipped in ``vm_files/bin`` instead
+(:func:`resolve_program`). Every other path is executed as given.
 """
 
 from __future__ import annotations
@@ -13,6 +18,10 @@ import sys
 from collections.abc import Sequence
 
 _PLAIN = re.compile(rb"[A-Za-z0-9_.]")
+#: where a real template keeps its qrexec helpers, and where the emulated ones are
+QUBES_LIBEXEC = b"/usr/lib/qubes/"
+EMULATED_LIBEXEC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bin")
+LIBEXEC_PROGRAMS = frozenset({b"qfile-agent", b"qfile-unpacker"})
 _HEX = b"0123456789ABCDEF"
 
 
@@ -65,6 +74,13 @@ def encode_args(args: Sequence[bytes]) -> str:
     return "+".join(words)
 
 
+def resolve_program(program: bytes) -> bytes:
+    """The file to execute for ``program``: an emulated ``/usr/lib/qubes`` helper, or itself."""
+    if program.startswith(QUBES_LIBEXEC) and program[len(QUBES_LIBEXEC) :] in LIBEXEC_PROGRAMS:
+        return os.path.join(os.fsencode(EMULATED_LIBEXEC), program[len(QUBES_LIBEXEC) :])
+    return program
+
+
 def main(argv: Sequence[str]) -> int:
     untrusted_arg = os.fsencode(argv[0]) if argv else b""
     try:
@@ -73,7 +89,7 @@ def main(argv: Sequence[str]) -> int:
         print(f"qubes.VMExec: {exc}", file=sys.stderr)
         return 1
     try:
-        os.execvp(args[0], args)  # noqa: S606 - exec is the service
+        os.execvp(resolve_program(args[0]), args)  # noqa: S606 - exec is the service
     except OSError as exc:
         print(f"qubes.VMExec: {os.fsdecode(args[0])}: {exc.strerror}", file=sys.stderr)
     return 127
