@@ -464,3 +464,30 @@ def test_preload_dispvm_max_needs_qrexec_and_the_rpc(q: Qubesd) -> None:
         "QubesValueError", "Invalid preload-dispvm-max value: not a digit"
     )
     assert q.call("test-vm1", *set_max, b"2") == ok()
+
+
+def test_stats_reports_the_sandbox_process_tree_when_its_pid_is_known(q: Qubesd) -> None:
+    """The hook for long-lived sandboxes: ``QubesApp.sandbox_pid`` gives the sandbox's pid,
+    and ``vm-stats`` then carries that process tree's resident memory, not the stub."""
+    import socket
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        q.app.sandbox_pid = lambda name: child.pid if name == "test-vm1" else None
+        assert q.call("test-vm1", "admin.vm.Start") == ok()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(str(q.paths.qubesd_sock))
+            sock.sendall(b"admin.vm.Stats+ dom0 name test-vm1\0")
+            sock.shutdown(socket.SHUT_WR)
+            data = b""
+            while b"vm-stats" not in data or not data.endswith(b"\0\0"):
+                data += sock.recv(4096)
+        fields = data.split(b"vm-stats\0", 1)[1].split(b"\0")
+        memory_kb = int(fields[fields.index(b"memory_kb") + 1])
+        assert memory_kb != 409600 and 1000 < memory_kb < 1_000_000
+    finally:
+        child.kill()
+        child.wait()
