@@ -366,6 +366,10 @@ def test_default_netvm_dom0_is_stored_then_fails(q: Qubesd) -> None:
     calls ``dom0.reload_connected_ips`` — AttributeError: an empty reply, value kept."""
     assert q.call("dom0", "admin.property.Set", "default_netvm", b"dom0") == b""
     assert q.call("dom0", "admin.property.Get", "default_netvm") == ok("default=False type=vm dom0")
+    # every later set fails the same way (net.py:640-641: dom0 is now the old value), and
+    # is applied all the same
+    assert q.call("dom0", "admin.property.Set", "default_netvm", b"") == b""
+    assert q.call("dom0", "admin.property.Get", "default_netvm") == ok("default=False type=vm ")
 
 
 # --- §2.5 values that propagate -------------------------------------------------------------
