@@ -495,3 +495,27 @@ def test_stats_reports_the_sandbox_process_tree_when_its_pid_is_known(q: Qubesd)
     finally:
         child.kill()
         child.wait()
+
+
+def test_stats_prefers_the_sandbox_cgroup(tmp_path: Path) -> None:
+    """A sandbox in a cgroup of its own is measured by that cgroup's accounting (v2 and
+    v1); one that shares the emulator's cgroup is not (the figures would be ours)."""
+    from qubes_mcp.sim.qubesd import stats
+
+    proc, root = tmp_path / "proc", tmp_path / "cgroup"
+    for pid, v2 in (("self", "/emu"), ("7", "/emu/qube-work"), ("8", "/emu")):
+        (proc / pid).mkdir(parents=True)
+        (proc / pid / "cgroup").write_text(f"0::{v2}\n")
+    (root / "emu/qube-work").mkdir(parents=True)
+    (root / "emu/qube-work/memory.current").write_text("2097152\n")
+    (root / "emu/qube-work/cpu.stat").write_text("usage_usec 1500\nuser_usec 1000\n")
+    assert stats.from_cgroup(7, 2, proc=proc, root=root) == stats.Sample(2048, 1_500_000, 2)
+    assert stats.from_cgroup(8, 2, proc=proc, root=root) is None
+    (proc / "9").mkdir()
+    (proc / "self" / "cgroup").write_text("4:memory:/emu\n2:cpuacct:/emu\n0::/\n")
+    (proc / "9" / "cgroup").write_text("4:memory:/emu/q\n2:cpuacct:/emu/q\n0::/\n")
+    (root / "memory/emu/q").mkdir(parents=True)
+    (root / "memory/emu/q/memory.usage_in_bytes").write_text("4096\n")
+    (root / "cpuacct/emu/q").mkdir(parents=True)
+    (root / "cpuacct/emu/q/cpuacct.usage").write_text("123456\n")
+    assert stats.from_cgroup(9, 1, proc=proc, root=root) == stats.Sample(4, 123456, 1)
