@@ -111,7 +111,7 @@ async def vm_volume_set_ephemeral(call: Call) -> None:
     newvalue = _payload_bool(call)
     call.permission(newvalue=newvalue)
     vol = call.dest.volumes[call.arg]
-    if lifecycle.is_kernel_volume(call.app, vol):
+    if storage.is_kernel_volume(call.app, vol):
         raise exc.QubesValueError("LinuxModules does not support setting ephemeral value")
     if newvalue and (vol.snap_on_start or vol.save_on_stop or not vol.rw):
         # Volume.ephemeral's setter (qubes/storage/__init__.py)

@@ -49,7 +49,7 @@ def volume_info(vm: Qube, vol: Volume) -> dict[str, object]:
         "save_on_stop": vol.save_on_stop,
         "snap_on_start": vol.snap_on_start,
         "revisions_to_keep": vol.revisions_to_keep,
-        "ephemeral": lifecycle.ephemeral(vm.app, vol),
+        "ephemeral": storage.ephemeral(vm.app, vol),
     }
 
 

@@ -64,24 +64,6 @@ def volume_source(vm: Qube, vol: Volume) -> Qube | None:
     return None
 
 
-def is_kernel_volume(app: QubesApp, vol: Volume) -> bool:
-    """A volume of a ``linux-kernel`` pool behaves as R4.3's ``LinuxModules``."""
-    return storage.driver(app, vol) == storage.KERNEL
-
-
-def ephemeral(app: QubesApp, vol: Volume) -> bool:
-    """``Volume.ephemeral``: the set value, else False for a snapshot, a saved or a
-    read-only volume, else the pool's ``ephemeral_volatile`` (LinuxModules: always False)."""
-    if is_kernel_volume(app, vol):
-        return False
-    if vol.ephemeral is not None:
-        return vol.ephemeral
-    if vol.snap_on_start or vol.save_on_stop or not vol.rw:
-        return False
-    pool = app.pools.get(vol.pool)
-    return bool(pool.ephemeral_volatile) if pool is not None else False
-
-
 def vid(vm: Qube, vol: Volume) -> str:
     return storage.vid(vm, vol)
 
