@@ -519,3 +519,15 @@ def test_stats_prefers_the_sandbox_cgroup(tmp_path: Path) -> None:
     (root / "cpuacct/emu/q").mkdir(parents=True)
     (root / "cpuacct/emu/q/cpuacct.usage").write_text("123456\n")
     assert stats.from_cgroup(9, 1, proc=proc, root=root) == stats.Sample(4, 123456, 1)
+
+
+def test_notes_keep_what_libqubes_pure_allows(q: Qubesd) -> None:
+    """admin.py:2134-2167 keeps a character if ``qubes_pure_code_point_safe_for_display``
+    (or tab/newline), else ``_``; libqubes-pure's test program: Greek, Cyrillic, CJK and
+    quotation marks are safe; NBSP, U+200D, U+FE0F, U+26A0, emoji and cuneiform are not
+    (api_admin.py:2276-2282 checks ``\\b\\xa0\\u200b\\u200c\\u200d`` becomes ``_____``)."""
+    safe = "β Ж 中 \U00020000 \u201cq\u201d\t\n"
+    unsafe = "\b\xa0\u200b\u200c\u200d\ufe0f\u26a0\U0001f642\U00012000"
+    text = safe + unsafe
+    assert q.call("test-vm1", "admin.vm.notes.Set", "", text.encode()) == ok()
+    assert q.call("test-vm1", "admin.vm.notes.Get") == ok(safe + "_" * len(unsafe))

@@ -342,9 +342,33 @@ async def vm_notes_get(call: Call) -> str:
     return call.dest.notes
 
 
+#: supplementary-plane ranges libqubes-pure allows: CJK ideographs (its test program)
+_CJK_SUPPLEMENTARY = (
+    (0x20000, 0x2A6DD),
+    (0x2A700, 0x2B734),
+    (0x2B740, 0x2B81D),
+    (0x2B820, 0x2CEA1),
+    (0x2CEB0, 0x2EBE0),
+    (0x30000, 0x3134A),
+)
+
+
 def _safe_for_display(char: str) -> bool:
-    """Stand-in for libqubes-pure's check: printable, not a control/format/private code."""
-    return char in "\t\n" or unicodedata.category(char)[0] not in ("C", "Z") or char == " "
+    """Stand-in for libqubes-pure's allowlist (``qubes_pure_code_point_safe_for_display``,
+    a generated table) from what its test program states: ASCII but controls, letters of
+    the scripts (Greek, Cyrillic, CJK, quotation marks) yes; controls, spaces other than
+    U+0020, format and private-use characters, emoji and other pictographs (``So``),
+    variation selectors, and the supplementary planes outside CJK (cuneiform, emoji) no.
+    Tab and newline are admitted by admin.vm.notes.Set itself."""
+    if char in "\t\n ":
+        return True
+    code = ord(char)
+    if code >= 0x10000:
+        return any(lo <= code <= hi for lo, hi in _CJK_SUPPLEMENTARY)
+    category = unicodedata.category(char)
+    if 0xFE00 <= code <= 0xFE0F:  # variation selectors (emoji presentation)
+        return False
+    return category[0] not in ("C", "Z") and category != "So"
 
 
 @method("admin.vm.notes.Set")
