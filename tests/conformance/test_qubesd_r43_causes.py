@@ -105,7 +105,7 @@ def test_errors_embed_the_qube_repr(q: Qubesd) -> None:
     assert reply.endswith(" template=test-template>] is of type AppVM and not TemplateVM\0")
 
 
-# --- §2.9 classes the emulator does not create ----------------------------------------------
+# --- §2.9 the classes R4.3 lists: AdminVM refused, RemoteVM created -------------------------
 
 
 def test_create_adminvm_is_refused_by_the_qid_setter(q: Qubesd) -> None:
@@ -114,6 +114,64 @@ def test_create_adminvm_is_refused_by_the_qid_setter(q: Qubesd) -> None:
     assert q.call("dom0", "admin.vm.Create.AdminVM", "", b"name=new label=red") == err(
         "QubesPropertyValueError", "property 'qid' on AdminVM instance cannot be set"
     )
+
+
+def test_create_remotevm_makes_a_remote_qube(q: Qubesd) -> None:
+    """R4.3 creates a RemoteVM (admin.py:1222-1315: not a QubesVM, so nothing on disk); it
+    never raises QubesNotImplementedError (exc.py defines it, nothing raises it).
+    remotevm.py: always Running, ``start``/``kill``/``suspend`` refuse, ``shutdown`` takes
+    no arguments and there is no ``pause``; no volumes, firewall or notes (empty replies);
+    ``relayvm`` adds a ``relayvm-`` tag (ext/relay.py) and is in GetSystemInfo
+    (internal.py:143-152); a RemoteVM is no ``LocalVM`` for other qubes' VM properties
+    (vm/__init__.py:653, 703-710); it can be removed while "Running" (app.py:560-568)."""
+    import json
+
+    assert q.call("dom0", "admin.vm.Create.RemoteVM", "", b"name=far label=blue") == ok()
+    assert "far class=RemoteVM state=Running uuid=" in q.call("dom0", "admin.vm.List").decode()
+    assert _lines(q.call("far", "admin.vm.property.List")) == [
+        "icon",
+        "include_in_backups",
+        "klass",
+        "label",
+        "name",
+        "qid",
+        "remote_name",
+        "transport_rpc",
+        "uuid",
+        "relayvm",
+    ]
+    assert q.call("far", "admin.vm.property.Get", "icon") == ok(
+        "default=True type=str remotevm-blue"
+    )
+    assert q.call("far", "admin.vm.Start") == err(
+        "QubesVMNotHaltedError", "Cannot start a RemoteVM."
+    )
+    assert q.call("far", "admin.vm.Kill") == err("QubesVMError", "Cannot kill a RemoteVM.")
+    assert q.call("far", "admin.vm.Suspend") == err("QubesVMError", "Cannot suspend a RemoteVM.")
+    for method in ("admin.vm.Shutdown", "admin.vm.Pause", "admin.vm.volume.List"):
+        assert q.call("far", method) == b"", method
+    assert q.call("far", "admin.vm.firewall.Get") == b""
+    assert q.call("far", "admin.vm.notes.Get") == b""
+    assert q.call("far", "admin.vm.CurrentState") == ok(
+        "mem=0 mem_static_max=0 cputime=0 power_state=Running"
+    )
+    assert q.call("far", "admin.vm.property.Set", "relayvm", b"test-vm1") == ok()
+    assert "relayvm-test-vm1" in _lines(q.call("far", "admin.vm.tag.List"))
+    assert q.call("far", "admin.vm.property.Set", "transport_rpc", b"qubesair.SSHProxy") == ok()
+    info = json.loads(q.raw(b"internal.GetSystemInfo+ dom0 name dom0\0", internal=True)[2:])
+    far = info["domains"]["far"]
+    assert (far["type"], far["relayvm"], far["transport_rpc"]) == (
+        "RemoteVM",
+        "test-vm1",
+        "qubesair.SSHProxy",
+    )
+    assert q.call("test-vm1", "admin.vm.property.Set", "default_dispvm", b"far") == err(
+        "QubesPropertyValueError",
+        "wrong VM class: domains['far'] is of type RemoteVM and not LocalVM",
+    )
+    assert q.call("far", "admin.vm.property.Reset", "relayvm") == ok()
+    assert q.call("far", "admin.vm.Remove") == ok()
+    assert "far" not in q.call("dom0", "admin.vm.List").decode()
 
 
 # --- §2.3 the varlibqubes pool --------------------------------------------------------------

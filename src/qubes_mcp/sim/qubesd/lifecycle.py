@@ -119,10 +119,10 @@ def create_vm(
         name = f"disp{props['dispid']}"
         props["name"] = name
     vm = Qube(app, klass, props)
-    vm.volumes = _volumes_for(app, klass)
+    vm.volumes = {} if klass == "RemoteVM" else _volumes_for(app, klass)
     if klass == "DispVM" and template is not None:
         dispvm.take_volumes(vm.volumes, template)
-    if not app.get("check_updates_vm", True):
+    if klass != "RemoteVM" and not app.get("check_updates_vm", True):
         # QubesVM.__init__, before events are enabled: no event for it
         vm.features["check-updates"] = ""
     for prop in ("guivm", "audiovm"):
@@ -170,8 +170,9 @@ def _dependencies(app: QubesApp, vm: Qube) -> list[str]:
 
 
 def remove_vm(app: QubesApp, vm: Qube) -> None:
-    """``del app.domains[vm]``: halted check, ``domain-pre-delete`` veto, then delete."""
-    if not vm.is_halted():
+    """``del app.domains[vm]``: halted check (QubesVM only: a RemoteVM is always "Running"),
+    ``domain-pre-delete`` veto, then delete."""
+    if vm.klass != "RemoteVM" and not vm.is_halted():
         raise exc.QubesVMNotHaltedError(vm.name)
     app.fire(None, "domain-pre-delete", pre=True, vm=vm)
     deps = _dependencies(app, vm)

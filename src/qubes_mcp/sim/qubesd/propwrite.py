@@ -152,6 +152,14 @@ def _resolve(app: QubesApp, holder: Qube | QubesApp, prop: pdefs.PropDef, value:
             f"Can't set {prop.name} to non-existing qube {value}",
         )
     vmclass = prop.vmclass
+    if vmclass is None and vm.klass == "RemoteVM":
+        # VMProperty's default vmclass is LocalVM, which a RemoteVM is not
+        raise exc.QubesPropertyValueError(
+            repr(holder),
+            prop.name,
+            value,
+            f"wrong VM class: domains[{vm.name!r}] is of type RemoteVM and not LocalVM",
+        )
     if vmclass is not None and vm.klass not in vmclass:
         raise exc.QubesPropertyValueError(
             repr(holder),
