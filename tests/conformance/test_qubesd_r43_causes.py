@@ -105,7 +105,7 @@ def test_errors_embed_the_qube_repr(q: Qubesd) -> None:
     assert reply.endswith(" template=test-template>] is of type AppVM and not TemplateVM\0")
 
 
-# --- §2.9 classes the emulator does not create ----------------------------------------------
+# --- §2.9 the classes R4.3 lists: AdminVM refused, RemoteVM created -------------------------
 
 
 def test_create_adminvm_is_refused_by_the_qid_setter(q: Qubesd) -> None:
@@ -114,6 +114,64 @@ def test_create_adminvm_is_refused_by_the_qid_setter(q: Qubesd) -> None:
     assert q.call("dom0", "admin.vm.Create.AdminVM", "", b"name=new label=red") == err(
         "QubesPropertyValueError", "property 'qid' on AdminVM instance cannot be set"
     )
+
+
+def test_create_remotevm_makes_a_remote_qube(q: Qubesd) -> None:
+    """R4.3 creates a RemoteVM (admin.py:1222-1315: not a QubesVM, so nothing on disk); it
+    never raises QubesNotImplementedError (exc.py defines it, nothing raises it).
+    remotevm.py: always Running, ``start``/``kill``/``suspend`` refuse, ``shutdown`` takes
+    no arguments and there is no ``pause``; no volumes, firewall or notes (empty replies);
+    ``relayvm`` adds a ``relayvm-`` tag (ext/relay.py) and is in GetSystemInfo
+    (internal.py:143-152); a RemoteVM is no ``LocalVM`` for other qubes' VM properties
+    (vm/__init__.py:653, 703-710); it can be removed while "Running" (app.py:560-568)."""
+    import json
+
+    assert q.call("dom0", "admin.vm.Create.RemoteVM", "", b"name=far label=blue") == ok()
+    assert "far class=RemoteVM state=Running uuid=" in q.call("dom0", "admin.vm.List").decode()
+    assert _lines(q.call("far", "admin.vm.property.List")) == [
+        "icon",
+        "include_in_backups",
+        "klass",
+        "label",
+        "name",
+        "qid",
+        "remote_name",
+        "transport_rpc",
+        "uuid",
+        "relayvm",
+    ]
+    assert q.call("far", "admin.vm.property.Get", "icon") == ok(
+        "default=True type=str remotevm-blue"
+    )
+    assert q.call("far", "admin.vm.Start") == err(
+        "QubesVMNotHaltedError", "Cannot start a RemoteVM."
+    )
+    assert q.call("far", "admin.vm.Kill") == err("QubesVMError", "Cannot kill a RemoteVM.")
+    assert q.call("far", "admin.vm.Suspend") == err("QubesVMError", "Cannot suspend a RemoteVM.")
+    for method in ("admin.vm.Shutdown", "admin.vm.Pause", "admin.vm.volume.List"):
+        assert q.call("far", method) == b"", method
+    assert q.call("far", "admin.vm.firewall.Get") == b""
+    assert q.call("far", "admin.vm.notes.Get") == b""
+    assert q.call("far", "admin.vm.CurrentState") == ok(
+        "mem=0 mem_static_max=0 cputime=0 power_state=Running"
+    )
+    assert q.call("far", "admin.vm.property.Set", "relayvm", b"test-vm1") == ok()
+    assert "relayvm-test-vm1" in _lines(q.call("far", "admin.vm.tag.List"))
+    assert q.call("far", "admin.vm.property.Set", "transport_rpc", b"qubesair.SSHProxy") == ok()
+    info = json.loads(q.raw(b"internal.GetSystemInfo+ dom0 name dom0\0", internal=True)[2:])
+    far = info["domains"]["far"]
+    assert (far["type"], far["relayvm"], far["transport_rpc"]) == (
+        "RemoteVM",
+        "test-vm1",
+        "qubesair.SSHProxy",
+    )
+    assert q.call("test-vm1", "admin.vm.property.Set", "default_dispvm", b"far") == err(
+        "QubesPropertyValueError",
+        "wrong VM class: domains['far'] is of type RemoteVM and not LocalVM",
+    )
+    assert q.call("far", "admin.vm.property.Reset", "relayvm") == ok()
+    assert q.call("far", "admin.vm.Remove") == ok()
+    assert "far" not in q.call("dom0", "admin.vm.List").decode()
 
 
 # --- §2.3 the varlibqubes pool --------------------------------------------------------------
@@ -366,6 +424,10 @@ def test_default_netvm_dom0_is_stored_then_fails(q: Qubesd) -> None:
     calls ``dom0.reload_connected_ips`` — AttributeError: an empty reply, value kept."""
     assert q.call("dom0", "admin.property.Set", "default_netvm", b"dom0") == b""
     assert q.call("dom0", "admin.property.Get", "default_netvm") == ok("default=False type=vm dom0")
+    # every later set fails the same way (net.py:640-641: dom0 is now the old value), and
+    # is applied all the same
+    assert q.call("dom0", "admin.property.Set", "default_netvm", b"") == b""
+    assert q.call("dom0", "admin.property.Get", "default_netvm") == ok("default=False type=vm ")
 
 
 # --- §2.5 values that propagate -------------------------------------------------------------
@@ -464,3 +526,66 @@ def test_preload_dispvm_max_needs_qrexec_and_the_rpc(q: Qubesd) -> None:
         "QubesValueError", "Invalid preload-dispvm-max value: not a digit"
     )
     assert q.call("test-vm1", *set_max, b"2") == ok()
+
+
+def test_stats_reports_the_sandbox_process_tree_when_its_pid_is_known(q: Qubesd) -> None:
+    """The hook for long-lived sandboxes: ``QubesApp.sandbox_pid`` gives the sandbox's pid,
+    and ``vm-stats`` then carries that process tree's resident memory, not the stub."""
+    import socket
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        q.app.sandbox_pid = lambda name: child.pid if name == "test-vm1" else None
+        assert q.call("test-vm1", "admin.vm.Start") == ok()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(str(q.paths.qubesd_sock))
+            sock.sendall(b"admin.vm.Stats+ dom0 name test-vm1\0")
+            sock.shutdown(socket.SHUT_WR)
+            data = b""
+            while b"vm-stats" not in data or not data.endswith(b"\0\0"):
+                data += sock.recv(4096)
+        fields = data.split(b"vm-stats\0", 1)[1].split(b"\0")
+        memory_kb = int(fields[fields.index(b"memory_kb") + 1])
+        assert memory_kb != 409600 and 1000 < memory_kb < 1_000_000
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_stats_prefers_the_sandbox_cgroup(tmp_path: Path) -> None:
+    """A sandbox in a cgroup of its own is measured by that cgroup's accounting (v2 and
+    v1); one that shares the emulator's cgroup is not (the figures would be ours)."""
+    from qubes_mcp.sim.qubesd import stats
+
+    proc, root = tmp_path / "proc", tmp_path / "cgroup"
+    for pid, v2 in (("self", "/emu"), ("7", "/emu/qube-work"), ("8", "/emu")):
+        (proc / pid).mkdir(parents=True)
+        (proc / pid / "cgroup").write_text(f"0::{v2}\n")
+    (root / "emu/qube-work").mkdir(parents=True)
+    (root / "emu/qube-work/memory.current").write_text("2097152\n")
+    (root / "emu/qube-work/cpu.stat").write_text("usage_usec 1500\nuser_usec 1000\n")
+    assert stats.from_cgroup(7, 2, proc=proc, root=root) == stats.Sample(2048, 1_500_000, 2)
+    assert stats.from_cgroup(8, 2, proc=proc, root=root) is None
+    (proc / "9").mkdir()
+    (proc / "self" / "cgroup").write_text("4:memory:/emu\n2:cpuacct:/emu\n0::/\n")
+    (proc / "9" / "cgroup").write_text("4:memory:/emu/q\n2:cpuacct:/emu/q\n0::/\n")
+    (root / "memory/emu/q").mkdir(parents=True)
+    (root / "memory/emu/q/memory.usage_in_bytes").write_text("4096\n")
+    (root / "cpuacct/emu/q").mkdir(parents=True)
+    (root / "cpuacct/emu/q/cpuacct.usage").write_text("123456\n")
+    assert stats.from_cgroup(9, 1, proc=proc, root=root) == stats.Sample(4, 123456, 1)
+
+
+def test_notes_keep_what_libqubes_pure_allows(q: Qubesd) -> None:
+    """admin.py:2134-2167 keeps a character if ``qubes_pure_code_point_safe_for_display``
+    (or tab/newline), else ``_``; libqubes-pure's test program: Greek, Cyrillic, CJK and
+    quotation marks are safe; NBSP, U+200D, U+FE0F, U+26A0, emoji and cuneiform are not
+    (api_admin.py:2276-2282 checks ``\\b\\xa0\\u200b\\u200c\\u200d`` becomes ``_____``)."""
+    safe = "β Ж 中 \U00020000 \u201cq\u201d\t\n"
+    unsafe = "\b\xa0\u200b\u200c\u200d\ufe0f\u26a0\U0001f642\U00012000"
+    text = safe + unsafe
+    assert q.call("test-vm1", "admin.vm.notes.Set", "", text.encode()) == ok()
+    assert q.call("test-vm1", "admin.vm.notes.Get") == ok(safe + "_" * len(unsafe))

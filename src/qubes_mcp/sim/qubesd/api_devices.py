@@ -11,11 +11,13 @@ import time
 
 from qubes_mcp.sim import exc
 from qubes_mcp.sim.device_wire import DeviceRef
+from qubes_mcp.sim.qubesd import remotevm
 from qubes_mcp.sim.qubesd.api import Call, method
 
 
 def _firewall_dest(call: Call) -> None:
     call.enforce(not call.arg)
+    remotevm.refuse(call.dest, "firewall")
     if call.dest.klass == "AdminVM":
         # R4.3: AdminVM has no ``firewall`` attribute (AttributeError, zero bytes)
         raise AttributeError("'AdminVM' object has no attribute 'firewall'")
@@ -71,6 +73,7 @@ async def vm_device_assigned(call: Call) -> str:
 async def vm_device_attach(call: Call) -> None:
     denied = str(call.dest.get("devices_denied", ""))
     call.permission(device=call.arg)
+    remotevm.refuse(call.dest, "devices")
     events = call.app.devices.attach(
         call.dest.name, call.arg, call.untrusted_payload, devices_denied=denied
     )
@@ -81,6 +84,7 @@ async def vm_device_attach(call: Call) -> None:
 @method("admin.vm.device.block.Detach", no_payload=True)
 async def vm_device_detach(call: Call) -> None:
     call.permission(device=call.arg)
+    remotevm.refuse(call.dest, "devices")
     events = call.app.devices.detach(call.dest.name, call.arg)
     call.app.fire_device_events(events)
     call.save()
@@ -89,6 +93,7 @@ async def vm_device_detach(call: Call) -> None:
 @method("admin.vm.device.block.Assign")
 async def vm_device_assign(call: Call) -> None:
     call.permission(device=call.arg)
+    remotevm.refuse(call.dest, "devices")
     events = call.app.devices.assign(call.dest.name, call.arg, call.untrusted_payload)
     call.app.fire_device_events(events)
     call.save()
@@ -97,6 +102,7 @@ async def vm_device_assign(call: Call) -> None:
 @method("admin.vm.device.block.Unassign", no_payload=True)
 async def vm_device_unassign(call: Call) -> None:
     call.permission(device=call.arg)
+    remotevm.refuse(call.dest, "devices")
     events = call.app.devices.unassign(call.dest.name, call.arg)
     call.app.fire_device_events(events)
     call.save()
@@ -105,6 +111,7 @@ async def vm_device_unassign(call: Call) -> None:
 @method("admin.vm.device.block.Set.assignment")
 async def vm_device_set_assignment(call: Call) -> None:
     call.permission(device=call.arg)
+    remotevm.refuse(call.dest, "devices")
     events = call.app.devices.set_assignment(call.dest.name, call.arg, call.untrusted_payload)
     call.app.fire_device_events(events)
     call.save()
@@ -137,6 +144,7 @@ def _pci_ref(call: Call) -> DeviceRef:
 async def vm_device_pci_attach(call: Call) -> None:
     ref = _pci_ref(call)
     call.permission(device=call.arg)
+    remotevm.refuse(call.dest, "devices")
     if call.dest.is_halted():
         raise exc.QubesVMNotRunningError(
             call.dest.name, "VM not running, cannot attach device, do you mean `assign`?"
@@ -148,6 +156,7 @@ async def vm_device_pci_attach(call: Call) -> None:
 async def vm_device_pci_detach(call: Call) -> None:
     ref = _pci_ref(call)
     call.permission(device=call.arg)
+    remotevm.refuse(call.dest, "devices")
     raise exc.DeviceNotAssigned(f"pci device {ref.port_id} not attached to {call.dest.name}")
 
 
@@ -155,6 +164,7 @@ async def vm_device_pci_detach(call: Call) -> None:
 async def vm_device_pci_unassign(call: Call) -> None:
     ref = _pci_ref(call)
     call.permission(device=call.arg)
+    remotevm.refuse(call.dest, "devices")
     shown = f"{ref.backend}:{ref.port_id}:{ref.device_id}"
     raise exc.DeviceNotAssigned(f"pci device {shown} not assigned to {call.dest.name}")
 
@@ -165,5 +175,6 @@ async def vm_device_pci_set_assignment(call: Call) -> None:
         raise exc.PermissionDenied()
     ref = _pci_ref(call)
     call.permission(device=call.arg)
+    remotevm.refuse(call.dest, "devices")
     shown = f"{ref.backend}:{ref.port_id}:{ref.device_id}"
     raise exc.QubesValueError(f"Device {shown} not assigned to {call.dest.name}")

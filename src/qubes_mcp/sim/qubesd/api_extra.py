@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 
 from qubes_mcp.sim import exc
-from qubes_mcp.sim.qubesd import lifecycle, storage
+from qubes_mcp.sim.qubesd import lifecycle, remotevm, storage
 from qubes_mcp.sim.qubesd import props as pdefs
 from qubes_mcp.sim.qubesd.api import Call, method, validate_size
 
@@ -31,6 +31,7 @@ POOL_DRIVERS = (
 async def vm_suspend(call: Call) -> None:
     call.enforce(not call.arg)
     call.permission()
+    remotevm.refuse(call.dest, "suspend")
     vm = call.dest
     if vm.klass == "AdminVM":
         raise exc.QubesVMError(vm.name, "Cannot suspend Dom0 fake domain!")
@@ -43,6 +44,7 @@ async def vm_suspend(call: Call) -> None:
 async def vm_resume(call: Call) -> None:
     call.enforce(not call.arg)
     call.permission()
+    remotevm.refuse(call.dest, "resume")
     vm = call.dest
     if vm.klass == "AdminVM":
         raise AttributeError("AdminVM has no resume()")
@@ -111,7 +113,7 @@ async def vm_volume_set_ephemeral(call: Call) -> None:
     newvalue = _payload_bool(call)
     call.permission(newvalue=newvalue)
     vol = call.dest.volumes[call.arg]
-    if lifecycle.is_kernel_volume(call.app, vol):
+    if storage.is_kernel_volume(call.app, vol):
         raise exc.QubesValueError("LinuxModules does not support setting ephemeral value")
     if newvalue and (vol.snap_on_start or vol.save_on_stop or not vol.rw):
         # Volume.ephemeral's setter (qubes/storage/__init__.py)
@@ -175,6 +177,7 @@ def split_interfaces(text: str) -> list[str]:
 async def vm_device_denied_list(call: Call) -> str:
     call.enforce(not call.arg)
     call.permission()
+    remotevm.refuse(call.dest, "devices_denied")
     return "\n".join(split_interfaces(str(call.dest.get("devices_denied", ""))))
 
 
@@ -184,6 +187,7 @@ async def vm_device_denied_add(call: Call) -> None:
     if len(set(to_add)) != len(to_add):
         raise exc.QubesValueError("Duplicated device interfaces in payload.")
     call.permission(interfaces=to_add)
+    remotevm.refuse(call.dest, "devices_denied")
     prev = str(call.dest.get("devices_denied", ""))
     call.app.set_prop(call.dest, "devices_denied", prev + "".join(to_add))
     if prev != call.dest.get("devices_denied", ""):
@@ -198,6 +202,7 @@ async def vm_device_denied_remove(call: Call) -> None:
     if len(set(to_remove)) != len(to_remove):
         raise exc.QubesValueError("Duplicated device interfaces in payload.")
     call.permission(interfaces=to_remove)
+    remotevm.refuse(call.dest, "devices_denied")
     new_denied = "".join(i for i in denied if i not in to_remove)
     if new_denied != call.dest.get("devices_denied", ""):
         call.app.set_prop(call.dest, "devices_denied", new_denied)

@@ -16,7 +16,7 @@ import asyncio
 import time
 
 from qubes_mcp.sim import exc
-from qubes_mcp.sim.qubesd import stats
+from qubes_mcp.sim.qubesd import remotevm, stats
 from qubes_mcp.sim.qubesd.api import Call, method
 from qubes_mcp.sim.qubesd.vm import Qube
 
@@ -27,6 +27,7 @@ async def vm_console(call: Call) -> str:
     call.permission()
     if not call.dest.is_running():
         raise exc.QubesVMNotRunningError(call.dest.name)
+    remotevm.refuse(call.dest, "libvirt_domain")
     return ""  # no <console tty=…> in an emulated qube's domain
 
 
@@ -47,6 +48,8 @@ async def vm_stats(call: Call) -> None:
             current: dict[str, stats.Sample] = {}
             for vm in list(call.app.domains.values()):
                 if (only is not None and vm is not only) or not vm.is_running():
+                    continue
+                if vm.klass == "RemoteVM":  # not a libvirt domain: no figures
                     continue
                 sample = stats.sample(call.app, vm)
                 current[vm.name] = sample

@@ -11,7 +11,7 @@ import shutil
 import string
 
 from qubes_mcp.sim import exc
-from qubes_mcp.sim.qubesd import lifecycle, storage
+from qubes_mcp.sim.qubesd import lifecycle, remotevm, storage
 from qubes_mcp.sim.qubesd.api import Call, method, validate_size
 from qubes_mcp.sim.qubesd.app import MAX_DEFAULT_LABEL
 from qubes_mcp.sim.qubesd.vm import Label, Qube, Volume
@@ -49,13 +49,14 @@ def volume_info(vm: Qube, vol: Volume) -> dict[str, object]:
         "save_on_stop": vol.save_on_stop,
         "snap_on_start": vol.snap_on_start,
         "revisions_to_keep": vol.revisions_to_keep,
-        "ephemeral": lifecycle.ephemeral(vm.app, vol),
+        "ephemeral": storage.ephemeral(vm.app, vol),
     }
 
 
 @method("admin.vm.volume.List", no_payload=True)
 async def vm_volume_list(call: Call) -> str:
     call.enforce(not call.arg)
+    remotevm.refuse(call.dest, "volumes")
     names = call.filtered(list(call.dest.volumes)) if call.dest.klass != "AdminVM" else []
     return "".join(f"{n}\n" for n in names)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import unicodedata
 
 from qubes_mcp.sim import exc
-from qubes_mcp.sim.qubesd import dispvm, lifecycle, names
+from qubes_mcp.sim.qubesd import dispvm, lifecycle, names, remotevm
 from qubes_mcp.sim.qubesd.api import Call, method
 from qubes_mcp.sim.qubesd.vm import Qube
 
@@ -18,7 +18,7 @@ from qubes_mcp.sim.qubesd.vm import Qube
 #: order of every installed dom0, not the order of ``setup.py``.
 VM_CLASSES = ("AdminVM", "AppVM", "DispVM", "RemoteVM", "StandaloneVM", "TemplateVM")
 #: Classes the emulator can instantiate (RemoteVM is listed but not modelled).
-CREATABLE = ("AppVM", "TemplateVM", "StandaloneVM", "DispVM")
+CREATABLE = ("AppVM", "TemplateVM", "StandaloneVM", "DispVM", "RemoteVM")
 DEVICE_CLASSES = ("block", "pci")
 MAX_NOTES = 256000
 
@@ -146,6 +146,7 @@ async def vm_feature_set(call: Call) -> None:
 async def vm_start(call: Call) -> None:
     call.enforce(not call.arg)
     call.permission()
+    remotevm.refuse(call.dest, "start")
     await lifecycle.start(call.app, call.dest)
 
 
@@ -155,6 +156,7 @@ async def vm_shutdown(call: Call) -> None:
     call.enforce(all(a in ("force", "wait") for a in args))
     force = "force" in args
     call.permission(force=force, wait="wait" in args)
+    remotevm.refuse(call.dest, "shutdown")
     await lifecycle.shutdown(call.app, call.dest, force=force)
     call.save()
 
@@ -163,6 +165,7 @@ async def vm_shutdown(call: Call) -> None:
 async def vm_pause(call: Call) -> None:
     call.enforce(not call.arg)
     call.permission()
+    remotevm.refuse(call.dest, "pause")
     await lifecycle.pause(call.app, call.dest)
 
 
@@ -170,6 +173,7 @@ async def vm_pause(call: Call) -> None:
 async def vm_unpause(call: Call) -> None:
     call.enforce(not call.arg)
     call.permission()
+    remotevm.refuse(call.dest, "unpause")
     await lifecycle.unpause(call.app, call.dest)
 
 
@@ -177,6 +181,7 @@ async def vm_unpause(call: Call) -> None:
 async def vm_kill(call: Call) -> None:
     call.enforce(not call.arg)
     call.permission()
+    remotevm.refuse(call.dest, "kill")
     await lifecycle.kill(call.app, call.dest)
     call.save()
 
@@ -187,6 +192,8 @@ async def vm_current_state(call: Call) -> str:
     call.permission()
     vm = call.dest
     mem = 0
+    if vm.klass == "RemoteVM":  # remotevm.py: get_mem/get_mem_static_max/get_cputime are 0
+        return "mem=0 mem_static_max=0 cputime=0 power_state=Running"
     if vm.klass == "AdminVM" or vm.is_running():
         mem = int(vm.get("memory", 4096)) * 1024
     return f"mem={mem} mem_static_max={mem} cputime=0 power_state={vm.power}"
@@ -273,8 +280,6 @@ async def _create(call: Call, allow_pool: bool) -> None:
             "dom0", "qid", None, "property 'qid' on AdminVM instance cannot be set"
         )
     if klass not in CREATABLE:
-        # R4.3 creates a RemoteVM (a qube on another host, reached through a relay qube);
-        # the emulator has no such class (docs/fidelity.md)
         raise exc.QubesNotImplementedError(f"{klass} is not supported by the emulator")
     label = call.app.label_by_name(kwargs["label"])
     vm = lifecycle.create_vm(call.app, klass, kwargs["name"], label, template)
@@ -284,7 +289,8 @@ async def _create(call: Call, allow_pool: bool) -> None:
     except exc.QubesException:
         lifecycle.remove_vm(call.app, vm)
         raise
-    lifecycle.create_on_disk(call.app, vm)
+    if vm.klass != "RemoteVM":  # only a QubesVM has anything on disk
+        lifecycle.create_on_disk(call.app, vm)
     call.save()
 
 
@@ -339,18 +345,44 @@ async def vm_remove(call: Call) -> None:
 async def vm_notes_get(call: Call) -> str:
     call.enforce(call.dest.name != "dom0")
     call.permission()
+    remotevm.refuse(call.dest, "get_notes" if call.method.endswith("Get") else "set_notes")
     return call.dest.notes
 
 
+#: supplementary-plane ranges libqubes-pure allows: CJK ideographs (its test program)
+_CJK_SUPPLEMENTARY = (
+    (0x20000, 0x2A6DD),
+    (0x2A700, 0x2B734),
+    (0x2B740, 0x2B81D),
+    (0x2B820, 0x2CEA1),
+    (0x2CEB0, 0x2EBE0),
+    (0x30000, 0x3134A),
+)
+
+
 def _safe_for_display(char: str) -> bool:
-    """Stand-in for libqubes-pure's check: printable, not a control/format/private code."""
-    return char in "\t\n" or unicodedata.category(char)[0] not in ("C", "Z") or char == " "
+    """Stand-in for libqubes-pure's allowlist (``qubes_pure_code_point_safe_for_display``,
+    a generated table) from what its test program states: ASCII but controls, letters of
+    the scripts (Greek, Cyrillic, CJK, quotation marks) yes; controls, spaces other than
+    U+0020, format and private-use characters, emoji and other pictographs (``So``),
+    variation selectors, and the supplementary planes outside CJK (cuneiform, emoji) no.
+    Tab and newline are admitted by admin.vm.notes.Set itself."""
+    if char in "\t\n ":
+        return True
+    code = ord(char)
+    if code >= 0x10000:
+        return any(lo <= code <= hi for lo, hi in _CJK_SUPPLEMENTARY)
+    category = unicodedata.category(char)
+    if 0xFE00 <= code <= 0xFE0F:  # variation selectors (emoji presentation)
+        return False
+    return category[0] not in ("C", "Z") and category != "So"
 
 
 @method("admin.vm.notes.Set")
 async def vm_notes_set(call: Call) -> None:
     call.enforce(call.dest.name != "dom0")
     call.permission()
+    remotevm.refuse(call.dest, "get_notes" if call.method.endswith("Get") else "set_notes")
     if len(call.untrusted_payload) > MAX_NOTES:
         raise exc.ProtocolError(
             f"Maximum note size is {MAX_NOTES} bytes ({len(call.untrusted_payload)} bytes received)"

@@ -215,7 +215,14 @@ class QubesApp(PropertyHolder):
             self._system_info = None
         elif event.startswith(("property-set:", "property-reset:")):
             name = event.split(":", 1)[1]
-            if name in ("template_for_dispvms", "default_dispvm", "label", "guivm"):
+            if name in (
+                "template_for_dispvms",
+                "default_dispvm",
+                "label",
+                "guivm",
+                "relayvm",
+                "transport_rpc",
+            ):
                 self._system_info = None
         elif event in ("domain-feature-set:internal", "domain-feature-delete:internal"):
             self._system_info = None
@@ -251,6 +258,8 @@ class QubesApp(PropertyHolder):
             self._sync_vm_tag(subject, "guivm")
         elif event in ("property-set:audiovm", "property-reset:audiovm"):
             self._sync_vm_tag(subject, "audiovm")
+        elif event in ("property-set:relayvm", "property-reset:relayvm"):
+            self._sync_vm_tag(subject, "relayvm")  # ext/relay.py (RemoteVM only)
         elif event in ("property-set:provides_network", "property-reset:provides_network"):
             if subject.get("provides_network"):
                 self.set_feature(subject, "servicevm", "1")
@@ -350,6 +359,11 @@ class QubesApp(PropertyHolder):
         return self._system_info
 
 
+def _relay(vm: Qube) -> str | None:
+    relay = vm.get("relayvm", None)
+    return relay.name if isinstance(relay, Qube) else None
+
+
 def _info(vm: Qube) -> dict[str, Any]:
     # R4.3 reads domain.label.icon unguarded: a qube whose label was reset breaks the
     # whole GetSystemInfo (AttributeError, an empty reply), and with it qrexec policy
@@ -368,8 +382,8 @@ def _info(vm: Qube) -> dict[str, Any]:
         "icon": label.icon,
         "label": label.color,
         "guivm": guivm.name if guivm is not None else None,
-        "relayvm": None,
-        "transport_rpc": None,
+        "relayvm": _relay(vm),
+        "transport_rpc": vm.get("transport_rpc", None) or None,
         "power_state": vm.power,
         "uuid": vm.uuid,
     }

@@ -64,24 +64,6 @@ def volume_source(vm: Qube, vol: Volume) -> Qube | None:
     return None
 
 
-def is_kernel_volume(app: QubesApp, vol: Volume) -> bool:
-    """A volume of a ``linux-kernel`` pool behaves as R4.3's ``LinuxModules``."""
-    return storage.driver(app, vol) == storage.KERNEL
-
-
-def ephemeral(app: QubesApp, vol: Volume) -> bool:
-    """``Volume.ephemeral``: the set value, else False for a snapshot, a saved or a
-    read-only volume, else the pool's ``ephemeral_volatile`` (LinuxModules: always False)."""
-    if is_kernel_volume(app, vol):
-        return False
-    if vol.ephemeral is not None:
-        return vol.ephemeral
-    if vol.snap_on_start or vol.save_on_stop or not vol.rw:
-        return False
-    pool = app.pools.get(vol.pool)
-    return bool(pool.ephemeral_volatile) if pool is not None else False
-
-
 def vid(vm: Qube, vol: Volume) -> str:
     return storage.vid(vm, vol)
 
@@ -137,10 +119,10 @@ def create_vm(
         name = f"disp{props['dispid']}"
         props["name"] = name
     vm = Qube(app, klass, props)
-    vm.volumes = _volumes_for(app, klass)
+    vm.volumes = {} if klass == "RemoteVM" else _volumes_for(app, klass)
     if klass == "DispVM" and template is not None:
         dispvm.take_volumes(vm.volumes, template)
-    if not app.get("check_updates_vm", True):
+    if klass != "RemoteVM" and not app.get("check_updates_vm", True):
         # QubesVM.__init__, before events are enabled: no event for it
         vm.features["check-updates"] = ""
     for prop in ("guivm", "audiovm"):
@@ -188,8 +170,9 @@ def _dependencies(app: QubesApp, vm: Qube) -> list[str]:
 
 
 def remove_vm(app: QubesApp, vm: Qube) -> None:
-    """``del app.domains[vm]``: halted check, ``domain-pre-delete`` veto, then delete."""
-    if not vm.is_halted():
+    """``del app.domains[vm]``: halted check (QubesVM only: a RemoteVM is always "Running"),
+    ``domain-pre-delete`` veto, then delete."""
+    if vm.klass != "RemoteVM" and not vm.is_halted():
         raise exc.QubesVMNotHaltedError(vm.name)
     app.fire(None, "domain-pre-delete", pre=True, vm=vm)
     deps = _dependencies(app, vm)

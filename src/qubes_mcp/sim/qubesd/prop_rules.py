@@ -283,7 +283,12 @@ def _icon(vm: Any) -> object:
         raise AttributeError("icon")
     if vm.klass == "AppVM" and vm.get("template_for_dispvms"):
         return "templatevm-" + label.name
-    prefix = {"TemplateVM": "templatevm-", "DispVM": "dispvm-", "StandaloneVM": "standalonevm-"}
+    prefix = {
+        "TemplateVM": "templatevm-",
+        "DispVM": "dispvm-",
+        "StandaloneVM": "standalonevm-",
+        "RemoteVM": "remotevm-",
+    }
     if vm.klass == "TemplateVM":
         return prefix["TemplateVM"] + label.name
     if vm.features.get("servicevm"):

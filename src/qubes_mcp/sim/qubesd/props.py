@@ -149,6 +149,19 @@ CLASS_PROPS: dict[str, tuple[PropDef, ...]] = {
         PropDef("default_dispvm", "vm", 4, default=lambda vm: vm.get("template")),
         PropDef("template", "vm", 4, has_default=False, setter=_dispvm_template, allow_none=False),
     ),
+    # qubes/vm/remotevm.py: BaseVM's four, the two stateless ones, and the relay's
+    "RemoteVM": (
+        PropDef("name", write_once=True, has_default=False, clone=False),
+        PropDef("qid", "int", write_once=True, has_default=False, clone=False),
+        PropDef("uuid", "uuid", write_once=True, has_default=False, clone=False),
+        PropDef("label", "label", has_default=False),
+        PropDef("klass", default=lambda vm: vm.klass, forbidden=True),
+        PropDef("icon", default=_icon, forbidden=True),
+        PropDef("include_in_backups", "bool", default=const(False)),
+        PropDef("remote_name", default=const(None)),
+        PropDef("transport_rpc", default=const(None)),
+        PropDef("relayvm", "vm", 4, default=const(None)),
+    ),
     "AdminVM": (
         PropDef("devices_denied", default=const(""), setter=_denied_list),
         PropDef("icon", default=_icon, forbidden=True),

@@ -119,7 +119,9 @@ def default_netvm_set(app: QubesApp, kw: dict[str, object]) -> None:
         newvalue = vm.get("netvm", None)
         if newvalue is oldvalue:
             continue
-        if isinstance(newvalue, Qube) and newvalue.klass == "AdminVM":
+        # net.py:640-647 reloads the old and the new netvm's connected IPs; dom0 has no
+        # such method (also when dom0 is the old default, after a half-applied set)
+        if any(isinstance(v, Qube) and v.klass == "AdminVM" for v in (newvalue, oldvalue)):
             raise AttributeError("'AdminVM' object has no attribute 'reload_connected_ips'")
         app.emit(
             vm, "property-set:netvm", {"name": "netvm", "newvalue": newvalue, "oldvalue": oldvalue}
@@ -150,6 +152,14 @@ def _resolve(app: QubesApp, holder: Qube | QubesApp, prop: pdefs.PropDef, value:
             f"Can't set {prop.name} to non-existing qube {value}",
         )
     vmclass = prop.vmclass
+    if vmclass is None and vm.klass == "RemoteVM":
+        # VMProperty's default vmclass is LocalVM, which a RemoteVM is not
+        raise exc.QubesPropertyValueError(
+            repr(holder),
+            prop.name,
+            value,
+            f"wrong VM class: domains[{vm.name!r}] is of type RemoteVM and not LocalVM",
+        )
     if vmclass is not None and vm.klass not in vmclass:
         raise exc.QubesPropertyValueError(
             repr(holder),

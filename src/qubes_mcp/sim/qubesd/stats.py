@@ -2,10 +2,12 @@
 
 A running emulated qube is a sandbox whose processes live in this host's process table.
 When the emulator knows the sandbox's pid (``QubesApp.sandbox_pid``, set by the part that
-starts sandboxes), the figures are real: the resident memory and the cpu time of that
-process and all its descendants, read from ``/proc``. Otherwise — the sandbox is not
-long-lived, or the qube is dom0 — they are a stub: the qube's ``memory`` property and no
-cpu time, so clients still see every running qube.
+starts sandboxes), the figures are real: if the sandbox runs in a cgroup of its own (the
+cgroup freezer's, say), that cgroup's memory and cpu accounting (v2 ``memory.current`` and
+``cpu.stat``, or v1 ``memory.usage_in_bytes`` and ``cpuacct.usage``); else the resident
+memory and cpu time of that process and all its descendants, read from ``/proc``.
+Otherwise — the sandbox is not long-lived, or the qube is dom0 — they are a stub: the
+qube's ``memory`` property and no cpu time, so clients still see every running qube.
 """
 
 from __future__ import annotations
@@ -72,11 +74,61 @@ def from_processes(root: int, vcpus: int) -> Sample | None:
     return Sample(rss * _PAGE // 1024, ticks * 1_000_000_000 // _TICKS, vcpus)
 
 
+def _cgroups(pid: int | str, proc: Path) -> dict[str, str]:
+    """Controller (``""`` for the v2 hierarchy) -> cgroup path, from ``/proc/PID/cgroup``."""
+    try:
+        text = (proc / str(pid) / "cgroup").read_text()
+    except OSError:
+        return {}
+    found: dict[str, str] = {}
+    for line in text.splitlines():
+        _, controllers, path = line.split(":", 2)
+        for controller in controllers.split(",") if controllers else [""]:
+            found[controller] = path
+    return found
+
+
+def _read_int(path: Path, key: str | None = None) -> int | None:
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    if key is None:
+        return int(text.split()[0])
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == key:
+            return int(value)
+    return None
+
+
+def from_cgroup(
+    pid: int, vcpus: int, *, proc: Path = _PROC, root: Path = Path("/sys/fs/cgroup")
+) -> Sample | None:
+    """Figures of the sandbox's own cgroup; None when it shares the emulator's (then the
+    numbers would be the whole emulator's) or the accounting files are not there."""
+    theirs, ours = _cgroups(pid, proc), _cgroups("self", proc)
+    v2 = theirs.get("")
+    if v2 is not None and v2 not in ("/", ours.get("")):
+        for base in (root / v2.lstrip("/"), root / "unified" / v2.lstrip("/")):
+            memory = _read_int(base / "memory.current")
+            usec = _read_int(base / "cpu.stat", "usage_usec")
+            if memory is not None and usec is not None:
+                return Sample(memory // 1024, usec * 1000, vcpus)
+    mem_path, cpu_path = theirs.get("memory"), theirs.get("cpuacct")
+    if mem_path and cpu_path and (mem_path, cpu_path) != (ours.get("memory"), ours.get("cpuacct")):
+        memory = _read_int(root / "memory" / mem_path.lstrip("/") / "memory.usage_in_bytes")
+        nsec = _read_int(root / "cpuacct" / cpu_path.lstrip("/") / "cpuacct.usage")
+        if memory is not None and nsec is not None:
+            return Sample(memory // 1024, nsec, vcpus)
+    return None
+
+
 def sample(app: QubesApp, vm: Qube) -> Sample:
     vcpus = int(vm.get("vcpus", 1)) if vm.has_prop("vcpus") else 1
     pid = app.sandbox_pid(vm.name) if app.sandbox_pid is not None else None
     if pid is not None:
-        real = from_processes(pid, vcpus)
+        real = from_cgroup(pid, vcpus) or from_processes(pid, vcpus)
         if real is not None:
             return real
     return Sample(int(vm.get("memory", 4096)) * 1024, 0, vcpus)

@@ -33,6 +33,24 @@ def driver(app: QubesApp, vol: Volume) -> str:
     return pool.driver if pool is not None else FILE
 
 
+def is_kernel_volume(app: QubesApp, vol: Volume) -> bool:
+    """A volume of a ``linux-kernel`` pool behaves as R4.3's ``LinuxModules``."""
+    return driver(app, vol) == KERNEL
+
+
+def ephemeral(app: QubesApp, vol: Volume) -> bool:
+    """``Volume.ephemeral``: the set value, else False for a snapshot, a saved or a
+    read-only volume, else the pool's ``ephemeral_volatile`` (LinuxModules: always False)."""
+    if is_kernel_volume(app, vol):
+        return False
+    if vol.ephemeral is not None:
+        return vol.ephemeral
+    if vol.snap_on_start or vol.save_on_stop or not vol.rw:
+        return False
+    pool = app.pools.get(vol.pool)
+    return bool(pool.ephemeral_volatile) if pool is not None else False
+
+
 def vid(vm: Qube, vol: Volume) -> str:
     """``<appvms|vm-templates>/NAME/VOLUME`` (``_vid_prefix``); a volume of a
     ``linux-kernel`` pool has the kernel version as vid (``LinuxModules.vid``)."""

@@ -71,7 +71,8 @@ class Qube(PropertyHolder):
         self.volumes: dict[str, Volume] = {}
         self.notes = ""
         self.firewall = Firewall.default()
-        self.power = "Running" if klass == "AdminVM" else "Halted"
+        # AdminVM and RemoteVM report Running always (is_running() is a constant)
+        self.power = "Running" if klass in ("AdminVM", "RemoteVM") else "Halted"
         self.start_time: str | None = None
         self.xid = 0 if klass == "AdminVM" else -1
 
