@@ -257,7 +257,9 @@ async def _create(call: Call, allow_pool: bool) -> None:
         elif pool is not None and vol.name != "kernel":
             vol.pool = pool
     call.app.add_tag(vm, "created-by-" + call.src.name)
-    lifecycle.create_on_disk(call.app, vm)
+    # a DispVM's private volume starts as its disposable template's, whichever way it is made
+    source = vm.get("template", None) if klass == "DispVM" else None
+    lifecycle.create_on_disk(call.app, vm, source=source)
     call.save()
 
 
