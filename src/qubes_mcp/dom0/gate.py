@@ -265,6 +265,8 @@ class Gate:
             call.detail["consent"] = "plan"
         elif verdict.consent:
             call.detail["consent"] = "asked"
+            if op.state_changing:  # journal the wait: recovery records a question never answered
+                await self._audit(call, decision="allowed", outcome="pending")
             call.detail["consent_id"] = await self.consent.ask(
                 principal=principal.qube,
                 op=op.name,
@@ -333,6 +335,7 @@ class Gate:
         call.detail["plan_id"] = plan.id
         if plan.needs_consent:
             call.detail["consent"] = "asked"
+            await self._audit(call, decision="allowed", outcome="pending")
             call.detail["consent_id"] = await self.consent.ask(
                 principal=principal.qube,
                 op="plan.apply",
