@@ -31,9 +31,7 @@ MAX_LINE_BYTES: Final = 32 * 1024
 _HASH_TAG: Final = b"qubes-mcp-audit-v1\0"
 
 DECISIONS: Final = frozenset({"allowed", "refused"})
-OUTCOMES: Final = frozenset(
-    {"ok", "failed", "rolled-back", "pending", "not-run", "interrupted"}
-)
+OUTCOMES: Final = frozenset({"ok", "failed", "rolled-back", "pending", "not-run", "interrupted"})
 
 _FIELDS: Final = frozenset(
     [

@@ -47,13 +47,12 @@ def _fail(message: str) -> int:
 def cmd_gate(args: argparse.Namespace) -> int:
     import logging
 
+    from qubes_mcp.dom0.broken_config import load_for_gate
     from qubes_mcp.dom0.daemon import run_gate
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        config = _config(args)
-    except GateError as exc:
-        return _fail(str(exc))
+    # a broken configuration does not stop the gate: it refuses everything (decision 0011)
+    config = load_for_gate(_config_path(args))
     return run_gate(config, Path(args.ready_file) if args.ready_file else None)
 
 

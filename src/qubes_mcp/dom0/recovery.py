@@ -1,0 +1,201 @@
+"""Start-up recovery: every request the previous gate never finished gets undone and recorded.
+
+When the gate starts, the requests whose last audit line is ``pending`` (dom0/journal.py) are
+reconciled, before any new request is served, with the create lock held:
+
+- **a birth** (``qube.create``, ``qube.clone``, ``disposable.create``, ``disposable.run``): the
+  qube is identified from the journal and the birth marker, never from anything the agent
+  controls. The journal gives the request id, and through it the marker
+  ``qubes-mcp-birth-<id>`` (a tag only the gate writes) and, for a disposable, the name
+  ``disp-mcp-<id>`` (chosen by the gate before the qube existed). For a create or clone the
+  journal also names the qube (its second target), which the gate checked was free, under its
+  create lock, before creating it.
+
+  - marker present, qube not in the scope: a half-born qube, never visible to an agent — it
+    is removed (no consent: it never entered a scope).
+  - marker present and in the scope: the birth had completed (the marker is its very last
+    step); the marker is removed and the qube kept.
+  - no marker, in the scope: complete, nothing to do.
+  - no marker, not in any scope, no tag of any scope: the gate died between creating it and
+    marking it (one qubesd call) — it is removed. An operator who created a qube of exactly
+    that name in the principal's prefix while the gate was down would lose it; that is the
+    only ambiguity, and it needs the operator's own action.
+  - a ``disposable.run`` disposable is removed whatever its state (the request promised a
+    single use).
+
+- **a consent never answered** (``consent=asked``): recorded as such; nothing was done.
+- **any other request**: recorded; what it did is what qubesd now shows.
+
+Each request gets one outcome line, ``interrupted``, whose ``reason`` says what recovery did
+(``removed NAME``, ``kept NAME (birth complete)``, ``nothing to do``, ``could not remove
+NAME``, ``consent never answered``). If the audit log cannot take that line, recovery stops
+(the pending lines stay open for the next attempt) — it never acts further without recording.
+If qubesd cannot be reached, recovery is retried in the background until it succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from qubes_mcp.dom0.admin import AdminClient, QubesdError
+from qubes_mcp.dom0.audit import AuditLog
+from qubes_mcp.dom0.audit_record import AuditRecord
+from qubes_mcp.dom0.config import GateConfig
+from qubes_mcp.dom0.create import BIRTH_TAG_PREFIX, DISPOSABLE_PREFIX, birth_tag, disposable_name
+from qubes_mcp.dom0.errors import GateError
+from qubes_mcp.dom0.journal import open_requests_in_tail
+from qubes_mcp.dom0.reader import property_value
+
+log = logging.getLogger("qubes_mcp.gate")
+
+BIRTH_OPS = frozenset({"qube.create", "qube.clone", "disposable.create", "disposable.run"})
+#: seconds between attempts while qubesd is unreachable
+RETRY_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    request_id: str
+    op: str
+    reason: str
+
+
+def _born_name(record: AuditRecord) -> str | None:
+    """The qube this birth request created (or was about to), from the journal only."""
+    if record.op in ("disposable.create", "disposable.run"):
+        return disposable_name(record.request_id)
+    return record.targets[1] if len(record.targets) > 1 else None
+
+
+class Recovery:
+    def __init__(self, config: GateConfig, admin: AdminClient, audit: AuditLog) -> None:
+        self.config = config
+        self.admin = admin
+        self.audit = audit
+
+    def _controlled(self, tag: str) -> bool:
+        return tag.startswith(BIRTH_TAG_PREFIX) or any(
+            p.scope.is_controlled(tag) for p in self.config.principals.values()
+        )
+
+    async def _tags(self, name: str) -> set[str] | None:
+        try:
+            return set(await self.admin.lines(name, "admin.vm.tag.List"))
+        except QubesdError as exc:
+            if exc.exc_class == "QubesVMNotFoundError":
+                return None
+            raise
+
+    async def _remove(self, name: str) -> str:
+        try:
+            state = (await self.admin.call(name, "admin.vm.CurrentState")).strip()
+            if "power_state=Halted" not in state:
+                await self.admin.call(name, "admin.vm.Kill")
+        except QubesdError:
+            pass  # not running, or gone meanwhile: the removal below says which
+        try:
+            await self.admin.call(name, "admin.vm.Remove")
+        except QubesdError as exc:
+            if exc.exc_class == "QubesVMNotFoundError":
+                return f"nothing to do ({name} is gone)"
+            log.error("qubes-mcp recovery: could not remove %s: %s", name, exc.exc_class)
+            return f"could not remove {name}"
+        return f"removed {name}"
+
+    async def _birth(self, record: AuditRecord) -> str:
+        name = _born_name(record)
+        if name is None:
+            return "nothing to do"
+        tags = await self._tags(name)
+        if tags is None:
+            return f"nothing to do ({name} was not created)"
+        principal = self.config.principals.get(record.principal)
+        in_scope = principal is not None and principal.scope.is_enrolled(tags)
+        marker = birth_tag(record.request_id)
+        if record.op == "disposable.run":
+            klass = await self.admin.call(name, "admin.vm.property.Get", "klass")
+            if property_value(klass) != "DispVM" or not name.startswith(DISPOSABLE_PREFIX):
+                return f"nothing to do ({name} is not this request's disposable)"
+            return await self._remove(name)
+        if marker in tags:
+            if in_scope:
+                await self.admin.call(name, "admin.vm.tag.Remove", marker)
+                return f"kept {name} (birth complete)"
+            return await self._remove(name)
+        if in_scope:
+            return f"nothing to do ({name} complete)"
+        if any(self._controlled(t) for t in tags):
+            return f"nothing to do ({name} is not this request's)"
+        return await self._remove(name)
+
+    async def _one(self, record: AuditRecord) -> Reconciled:
+        detail: dict[str, object] = {}
+        if record.detail.get("consent") == "asked":
+            reason = "consent never answered"
+            detail["consent"] = "unanswered"
+            if "consent_id" in record.detail:
+                detail["consent_id"] = record.detail["consent_id"]
+        elif record.op in BIRTH_OPS:
+            reason = await self._birth(record)
+            if reason.startswith("removed "):
+                detail["rolled_back"] = True
+            elif reason.startswith("could not remove "):
+                detail["rolled_back"] = False
+        else:
+            reason = "nothing to do"
+        detail["reason"] = reason
+        await asyncio.to_thread(
+            self.audit.append,
+            principal=record.principal,
+            op=record.op,
+            decision="allowed",
+            outcome="interrupted",
+            targets=list(record.targets),
+            request_id=record.request_id,
+            detail=detail,
+        )
+        log.warning(
+            "qubes-mcp recovery: %s %s from %s was interrupted: %s",
+            record.op,
+            record.request_id,
+            record.principal,
+            reason,
+        )
+        return Reconciled(record.request_id, record.op, reason)
+
+    async def reconcile(self) -> list[Reconciled]:
+        """One pass over the open requests in the journal's tail.
+
+        Raises:
+            GateError: qubesd or the audit log is unavailable; what was reconciled so far is
+                recorded, the rest stays open for the next pass.
+        """
+        path = Path(self.audit.path)
+        records = await asyncio.to_thread(open_requests_in_tail, path)
+        return [await self._one(record) for record in records]
+
+
+async def recover_until_done(
+    recovery: Recovery, lock: asyncio.Lock, first_attempt: asyncio.Event
+) -> None:
+    """Reconcile, holding ``lock`` (the gate's create lock); retry while something is down.
+
+    ``first_attempt`` is set once the first pass has finished or failed, so the daemon can
+    report ready with the journal reconciled in the ordinary case.
+    """
+    while True:
+        try:
+            async with lock:
+                done = await recovery.reconcile()
+            if done:
+                log.warning("qubes-mcp recovery: %d interrupted request(s) reconciled", len(done))
+            first_attempt.set()
+            return
+        except (GateError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or type(exc).__name__
+            log.error("qubes-mcp recovery: cannot reconcile yet (%s); retrying", reason)
+        first_attempt.set()
+        await asyncio.sleep(RETRY_SECONDS)
