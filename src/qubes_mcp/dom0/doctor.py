@@ -127,22 +127,12 @@ async def _birth_leftover_findings(config: GateConfig) -> list[Finding]:
         tags = set(await client.lines(name, "admin.vm.tag.List"))
         for marker in sorted(t for t in tags if t.startswith(BIRTH_TAG_PREFIX)):
             request = marker.removeprefix(BIRTH_TAG_PREFIX)
-            if any(p.scope.is_enrolled(tags) for p in config.principals.values()):
-                found.append(
-                    Finding(
-                        "warning",
-                        f"{name} is in a scope but still carries {marker}: its birth "
-                        f"(request {request}) finished without removing the marker; restart "
-                        f"the gate (recovery removes it) or `qvm-tags {name} del {marker}`",
-                    )
-                )
-                continue
             found.append(
                 Finding(
                     "error",
-                    f"{name} is a half-born qube the gate never finished creating (request "
-                    f"{request}, see the audit log); no agent can see it, but it holds its "
-                    f"name: restart the gate (recovery removes it) or `qvm-remove {name}`",
+                    f"{name} is a qube the gate never finished creating (request {request}, "
+                    "see the audit log); it holds its name and may not be what was decided: "
+                    f"restart the gate (recovery removes it) or `qvm-remove {name}`",
                 )
             )
     return found

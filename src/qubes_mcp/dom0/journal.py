@@ -34,26 +34,40 @@ from .audit_record import AuditRecord, RecordError, parse_line
 
 #: how much of the end of the log start-up recovery reads (see the module docstring)
 TAIL_SCAN_BYTES: Final = 4 << 20
+#: the dom0 record with which recovery closes a request that left a qube it could not remove
+#: (its ``request_id`` is that request's; the request's one outcome line came before it)
+SWEEP_OP: Final = "recovery.remove"
 
 
 class OpenRequests:
-    """Requests whose last line so far is ``pending``, fed records in log order."""
+    """Requests whose last line so far is ``pending``, fed records in log order; and the
+    requests whose outcome says a qube they created could not be removed again."""
 
     def __init__(self) -> None:
         self._open: dict[str, AuditRecord] = {}
+        self._unrolled: dict[str, AuditRecord] = {}
 
     def feed(self, record: AuditRecord) -> None:
         if not record.request_id:
             return
+        if record.op == SWEEP_OP:  # recovery dealt with what this request left
+            self._unrolled.pop(record.request_id, None)
+            return
         if record.outcome == "pending":
             self._open.pop(record.request_id, None)  # keep log order: latest pending last
             self._open[record.request_id] = record
-        else:
-            self._open.pop(record.request_id, None)
+            return
+        self._open.pop(record.request_id, None)
+        if record.detail.get("rolled_back") is False:
+            self._unrolled[record.request_id] = record
 
     def open(self) -> list[AuditRecord]:
         """The last ``pending`` record of every request without an outcome, oldest first."""
         return list(self._open.values())
+
+    def unrolled(self) -> list[AuditRecord]:
+        """Outcome records of requests that left a qube they could not remove, oldest first."""
+        return list(self._unrolled.values())
 
 
 def _tail_chunks(path: Path, budget: int) -> list[bytes]:
@@ -78,8 +92,8 @@ def _tail_chunks(path: Path, budget: int) -> list[bytes]:
     return chunks
 
 
-def open_requests_in_tail(path: Path, budget: int = TAIL_SCAN_BYTES) -> list[AuditRecord]:
-    """Requests without an outcome among the last ``budget`` bytes of the log at ``path``."""
+def scan_tail(path: Path, budget: int = TAIL_SCAN_BYTES) -> OpenRequests:
+    """The journal of the last ``budget`` bytes of the log at ``path``."""
     journal = OpenRequests()
     for chunk in _tail_chunks(path, budget):
         for untrusted_line in chunk.split(b"\n"):
@@ -89,4 +103,4 @@ def open_requests_in_tail(path: Path, budget: int = TAIL_SCAN_BYTES) -> list[Aud
                 journal.feed(parse_line(untrusted_line))
             except RecordError:
                 continue
-    return journal.open()
+    return journal

@@ -11,20 +11,24 @@ reconciled, before any new request is served, with the create lock held:
   journal also names the qube (its second target), which the gate checked was free, under its
   create lock, before creating it.
 
-  - marker present, qube not in the scope: a half-born qube, never visible to an agent — it
-    is removed (no consent: it never entered a scope).
-  - marker present and in the scope: the birth had completed (the marker is its very last
-    step); the marker is removed and the qube kept.
-  - no marker, in the scope: complete, nothing to do.
-  - no marker, not in any scope, no tag of any scope: the gate died between creating it and
+  - a disposable (``disp-mcp-<id>``, a DispVM) is removed whatever its state: nothing else
+    can have its name, the agent never got it, and a disposable is single-use. (Its tags do
+    not tell a finished birth from one cut off before the marker: it inherits its template's.)
+  - a create or clone with the marker: the birth never finished (the marker is its last
+    step) — the qube is removed, without consent: it never was, or was for a moment, in scope
+    with no reply to anyone.
+  - without the marker, in the principal's scope: the birth was complete and only the
+    outcome line is missing — the qube is kept.
+  - without the marker, with no tag of any scope: the gate died between creating it and
     marking it (one qubesd call) — it is removed. An operator who created a qube of exactly
-    that name in the principal's prefix while the gate was down would lose it; that is the
+    that name, in the principal's prefix, while the gate was down would lose it; that is the
     only ambiguity, and it needs the operator's own action.
-  - a ``disposable.run`` disposable is removed whatever its state (the request promised a
-    single use).
 
 - **a consent never answered** (``consent=asked``): recorded as such; nothing was done.
 - **any other request**: recorded; what it did is what qubesd now shows.
+- **a birth that ended ``failed`` with ``rolled_back: false``** (its rollback could not reach
+  qubesd): its qube, identified by the same rules, is removed now, recorded as a
+  ``recovery.remove`` line by dom0 (the request already has its one outcome).
 
 Each request gets one outcome line, ``interrupted``, whose ``reason`` says what recovery did
 (``removed NAME``, ``kept NAME (birth complete)``, ``nothing to do``, ``could not remove
@@ -44,9 +48,9 @@ from qubes_mcp.dom0.admin import AdminClient, QubesdError
 from qubes_mcp.dom0.audit import AuditLog
 from qubes_mcp.dom0.audit_record import AuditRecord
 from qubes_mcp.dom0.config import GateConfig
-from qubes_mcp.dom0.create import BIRTH_TAG_PREFIX, DISPOSABLE_PREFIX, birth_tag, disposable_name
+from qubes_mcp.dom0.create import BIRTH_TAG_PREFIX, birth_tag, disposable_name
 from qubes_mcp.dom0.errors import GateError
-from qubes_mcp.dom0.journal import open_requests_in_tail
+from qubes_mcp.dom0.journal import SWEEP_OP, scan_tail
 from qubes_mcp.dom0.reader import property_value
 
 log = logging.getLogger("qubes_mcp.gate")
@@ -105,6 +109,23 @@ class Recovery:
             return f"could not remove {name}"
         return f"removed {name}"
 
+    async def _keep(self, record: AuditRecord, name: str, tags: set[str]) -> str | None:
+        """Why the qube ``name`` that birth ``record`` names is not to be removed, or None."""
+        if record.op in ("disposable.create", "disposable.run"):
+            # named for this request: nothing else has this name; a disposable is single-use
+            klass = await self.admin.call(name, "admin.vm.property.Get", "klass")
+            if property_value(klass) != "DispVM":
+                return f"nothing to do ({name} is not this request's disposable)"
+            return None
+        if birth_tag(record.request_id) in tags:  # the marker: the birth never finished
+            return None
+        principal = self.config.principals.get(record.principal)
+        if principal is not None and principal.scope.is_enrolled(tags):
+            return f"kept {name} (birth complete)"  # only the outcome line was missing
+        if any(self._controlled(t) for t in tags):
+            return f"nothing to do ({name} is not this request's)"
+        return None  # created, not yet marked
+
     async def _birth(self, record: AuditRecord) -> str:
         name = _born_name(record)
         if name is None:
@@ -112,24 +133,7 @@ class Recovery:
         tags = await self._tags(name)
         if tags is None:
             return f"nothing to do ({name} was not created)"
-        principal = self.config.principals.get(record.principal)
-        in_scope = principal is not None and principal.scope.is_enrolled(tags)
-        marker = birth_tag(record.request_id)
-        if record.op == "disposable.run":
-            klass = await self.admin.call(name, "admin.vm.property.Get", "klass")
-            if property_value(klass) != "DispVM" or not name.startswith(DISPOSABLE_PREFIX):
-                return f"nothing to do ({name} is not this request's disposable)"
-            return await self._remove(name)
-        if marker in tags:
-            if in_scope:
-                await self.admin.call(name, "admin.vm.tag.Remove", marker)
-                return f"kept {name} (birth complete)"
-            return await self._remove(name)
-        if in_scope:
-            return f"nothing to do ({name} complete)"
-        if any(self._controlled(t) for t in tags):
-            return f"nothing to do ({name} is not this request's)"
-        return await self._remove(name)
+        return await self._keep(record, name, tags) or await self._remove(name)
 
     async def _one(self, record: AuditRecord) -> Reconciled:
         detail: dict[str, object] = {}
@@ -173,9 +177,38 @@ class Recovery:
             GateError: qubesd or the audit log is unavailable; what was reconciled so far is
                 recorded, the rest stays open for the next pass.
         """
-        path = Path(self.audit.path)
-        records = await asyncio.to_thread(open_requests_in_tail, path)
-        return [await self._one(record) for record in records]
+        journal = await asyncio.to_thread(scan_tail, Path(self.audit.path))
+        done = [await self._one(record) for record in journal.open()]
+        for record in journal.unrolled():
+            swept = await self._sweep(record)
+            if swept is not None:
+                done.append(swept)
+        return done
+
+    async def _sweep(self, record: AuditRecord) -> Reconciled | None:
+        """A birth that failed and could not remove its qube (qubesd was down, say): remove it
+        now, by the same rules. Recorded once, as a dom0 action carrying the request's id (the
+        request already has its one outcome), so that it is never looked at again."""
+        name = _born_name(record) if record.op in BIRTH_OPS else None
+        if name is None:
+            return None
+        tags = await self._tags(name)
+        if tags is None:
+            reason = f"nothing to do ({name} is gone)"
+        else:
+            reason = await self._keep(record, name, tags) or await self._remove(name)
+        await asyncio.to_thread(
+            self.audit.append,
+            principal="dom0",
+            op=SWEEP_OP,
+            decision="allowed",
+            outcome="failed" if reason.startswith("could not") else "ok",
+            targets=[name],
+            request_id=record.request_id,
+            detail={"reason": f"{reason}, left by {record.op}"},
+        )
+        log.warning("qubes-mcp recovery: %s (left by request %s)", reason, record.request_id)
+        return Reconciled(record.request_id, SWEEP_OP, reason)
 
 
 async def recover_until_done(
