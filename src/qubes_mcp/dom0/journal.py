@@ -7,14 +7,14 @@ whose *last* line is ``pending`` was cut off: the gate stopped while it was acti
 
 Two readers use this:
 
-- start-up recovery (dom0/recovery.py) reads only the **tail** of the log —
-  :data:`TAIL_SCAN_BYTES` from the end, reaching into the newest rotated file if the current
-  one is shorter — so a start costs the same on a log of any size. A request can only be
-  open if the gate stopped while handling it, and every earlier start closed what was open
-  then, so the open lines are near the end: the bound covers any request the gate was still
-  handling within the last ~8,000 records (≈ 4 MiB at the typical 500-byte line). A
-  ``pending`` line older than that is not reconciled automatically; ``audit verify`` (which
-  walks everything) reports it, and ``doctor`` reports any qube it left behind.
+- start-up recovery (dom0/recovery.py) reads only the **tail** of the log,
+  :data:`TAIL_SCAN_BYTES` from the end (across the current and rotated files), so a start
+  costs the same on a log of any size. A request can only be open if the gate stopped while
+  handling it, and every earlier start closed what was open then, so open lines are near the
+  end: the bound covers any request the gate was still handling within the last ~8,000
+  records (≈ 4 MiB at the typical 500-byte line). A ``pending`` line older than that is not
+  reconciled automatically; ``audit verify`` (which walks everything) reports it, and
+  ``doctor`` reports any qube it left behind.
 - ``audit verify`` feeds every record it walks into an :class:`OpenRequests`.
 
 The tail scan trusts nothing it reads more than the chain walk would: every line goes through
@@ -71,9 +71,9 @@ class OpenRequests:
 
 
 def _tail_chunks(path: Path, budget: int) -> list[bytes]:
-    """Up to ``budget`` bytes from the end of the log: the newest rotated file's tail, then the
-    current file (oldest first)."""
-    files = [p for _seq, p in archives(path)][-1:] + ([path] if path.exists() else [])
+    """Up to ``budget`` bytes from the end of the log, across the current file and as many
+    rotated files as the budget reaches (returned oldest first)."""
+    files = [p for _seq, p in archives(path)] + ([path] if path.exists() else [])
     chunks: list[bytes] = []
     for file in reversed(files):
         if budget <= 0:
