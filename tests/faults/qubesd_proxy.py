@@ -9,6 +9,8 @@ which is asked about each call in order and answers what to do with it:
   (the gate dies with call N done and not known to it — every prefix of a call sequence).
 - ``"drop"``: close the connection unforwarded, then take qubesd "down" (the socket goes away
   until :meth:`up`): qubesd stopped, or restarting, in the middle of a birth.
+- ``"bounce"``: close the connection unforwarded and stay up: qubesd restarted, losing the
+  call in flight; the next call reaches the new qubesd.
 - ``"hold"``: forward it only once :attr:`release` is set: qubesd hung.
 
 :attr:`QubesdProxy.before` runs before any call is forwarded: the operator (or another
@@ -138,8 +140,9 @@ class QubesdProxy:
         self.calls.append(call)
         action = self.fault(index, call) if self.fault is not None else None
         try:
-            if action == "drop":
-                await self._close()
+            if action in ("drop", "bounce"):
+                if action == "drop":
+                    await self._close()
                 return
             if action == "hold":
                 await asyncio.to_thread(self.release.wait, 60)
