@@ -69,6 +69,8 @@ class Reconciled:
 
 def _born_name(record: AuditRecord) -> str | None:
     """The qube this birth request created (or was about to), from the journal only."""
+    if not record.request_id.isalnum():  # not an id the gate made: nothing of ours to find
+        return None
     if record.op in ("disposable.create", "disposable.run"):
         return disposable_name(record.request_id)
     return record.targets[1] if len(record.targets) > 1 else None
@@ -230,5 +232,7 @@ async def recover_until_done(
         except (GateError, OSError) as exc:
             reason = getattr(exc, "reason", None) or type(exc).__name__
             log.error("qubes-mcp recovery: cannot reconcile yet (%s); retrying", reason)
+        except Exception:  # a bug must not keep the gate from serving; say so, retry
+            log.exception("qubes-mcp recovery: unexpected failure; retrying")
         first_attempt.set()
         await asyncio.sleep(RETRY_SECONDS)
