@@ -311,3 +311,34 @@ def test_no_agent_sees_a_birth_before_it_is_complete(fs: FaultStack, path: str) 
 def disposable_name_of(fs: FaultStack, before: set[str]) -> str | None:
     born = _born(fs, before)
     return born[0] if born else None
+
+
+def test_recovery_waits_for_qubesd_and_the_gate_serves_meanwhile(fs: FaultStack) -> None:
+    """The gate died mid-birth and qubesd is down when it restarts: the gate still starts
+    (agents get `unavailable`, not silence), and recovery finishes once qubesd is back."""
+    before = set(fs.qubes())
+    fs.proxy.fault = lambda index, call: (
+        "kill" if call.method == "admin.vm.property.Set" and call.dest == "ai-f-later" else None
+    )
+    try:
+        assert fs.request("ai-debian", "qmcp.Create", {"name": "ai-f-later"}) is None
+    finally:
+        fs.proxy.fault = None
+    fs.gate.wait(10)
+    fs.proxy.down()
+    try:
+        fs.start_gate()
+        reply = fs.request("@adminvm", "qmcp.List")
+        assert reply is not None and reply["error"]["code"] == "unavailable", reply
+        assert "ai-f-later" in fs.qubes()  # not yet reconciled
+    finally:
+        fs.proxy.up()
+    deadline = time.monotonic() + 30
+    while not (done := [r for r in _outcomes(fs, "qube.create") if "ai-f-later" in r["targets"]]):
+        assert time.monotonic() < deadline, "recovery did not run once qubesd was back"
+        time.sleep(0.2)
+    [last] = done
+    assert last["outcome"] == "interrupted" and last["detail"]["reason"] == "removed ai-f-later"
+    assert "ai-f-later" not in fs.qubes()
+    assert_recovered(fs, decided_netvm={})
+    assert _born(fs, before) == []
