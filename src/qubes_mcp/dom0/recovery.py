@@ -76,7 +76,16 @@ def _born_name(record: AuditRecord) -> str | None:
     return record.targets[1] if len(record.targets) > 1 else None
 
 
+#: how qubesd says "no such qube" (R4.3 answers an invalid name with QubesValueError)
+_MISSING = ("QubesVMNotFoundError", "QubesValueError")
+
+
 class Recovery:
+    """One gate's reconciliation of its journal against the fleet (see the module docstring).
+
+    ``admin`` should have a short timeout: recovery holds the create lock while it runs.
+    """
+
     def __init__(self, config: GateConfig, admin: AdminClient, audit: AuditLog) -> None:
         self.config = config
         self.admin = admin
@@ -91,7 +100,7 @@ class Recovery:
         try:
             return set(await self.admin.lines(name, "admin.vm.tag.List"))
         except QubesdError as exc:
-            if exc.exc_class == "QubesVMNotFoundError":
+            if exc.exc_class in _MISSING:
                 return None
             raise
 
@@ -105,7 +114,7 @@ class Recovery:
         try:
             await self.admin.call(name, "admin.vm.Remove")
         except QubesdError as exc:
-            if exc.exc_class == "QubesVMNotFoundError":
+            if exc.exc_class in _MISSING:
                 return f"nothing to do ({name} is gone)"
             log.error("qubes-mcp recovery: could not remove %s: %s", name, exc.exc_class)
             return f"could not remove {name}"
