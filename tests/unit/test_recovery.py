@@ -131,3 +131,31 @@ def test_a_consent_never_answered_is_recorded_and_nothing_is_touched(tmp_path: P
     assert fake.removed == []
     # a second start finds nothing open
     assert asyncio.run(Recovery(config(), cast(AdminClient, fake), log).reconcile()) == []
+
+
+def test_a_birth_whose_rollback_failed_is_swept_once_while_the_gate_serves(
+    tmp_path: Path,
+) -> None:
+    log = AuditLog(tmp_path / "audit.log")
+    for outcome, detail in (("pending", {}), ("failed", {"rolled_back": False})):
+        log.append(
+            principal="mcp-control",
+            op="qube.create",
+            decision="allowed",
+            outcome=outcome,
+            targets=["ai-debian", "ai-new"],
+            request_id=RID,
+            detail=detail,
+        )
+    fake = FakeQubesd({"ai-new": ("AppVM", {MARK})})
+    recovery = Recovery(config(), cast(AdminClient, fake), log)
+    lock = asyncio.Lock()
+    assert [r.reason for r in asyncio.run(recovery.sweep(lock))] == ["removed ai-new"]
+    last = json.loads(log.path.read_text().splitlines()[-1])
+    assert (last["principal"], last["op"], last["request_id"]) == ("dom0", "recovery.remove", RID)
+    assert last["detail"]["reason"] == "removed ai-new, left by qube.create"
+    # recorded once: a qube of that name made later (by anyone) is never its business again
+    fake.qubes["ai-new"] = ("AppVM", set())
+    assert asyncio.run(recovery.sweep(lock)) == []
+    assert asyncio.run(Recovery(config(), cast(AdminClient, fake), log).reconcile()) == []
+    assert "ai-new" in fake.qubes

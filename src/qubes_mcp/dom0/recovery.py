@@ -34,15 +34,19 @@ Each request gets one outcome line, ``interrupted``, whose ``reason`` says what 
 (``removed NAME``, ``kept NAME (birth complete)``, ``nothing to do``, ``could not remove
 NAME``, ``consent never answered``). If the audit log cannot take that line, recovery stops
 (the pending lines stay open for the next attempt) — it never acts further without recording.
-If qubesd cannot be reached, recovery is retried in the background until it succeeds.
+If qubesd cannot be reached, recovery is retried in the background until it succeeds. While
+the gate serves, births whose rollback failed are swept every minute (the same rules).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from qubes_mcp.dom0.admin import AdminClient, QubesdError
 from qubes_mcp.dom0.audit import AuditLog
@@ -58,6 +62,8 @@ log = logging.getLogger("qubes_mcp.gate")
 BIRTH_OPS = frozenset({"qube.create", "qube.clone", "disposable.create", "disposable.run"})
 #: seconds between attempts while qubesd is unreachable
 RETRY_SECONDS = 5.0
+#: seconds between sweeps, while the gate serves, for births whose rollback failed
+SWEEP_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,8 @@ class Recovery:
         self.config = config
         self.admin = admin
         self.audit = audit
+        #: (inode, size) of the log when a sweep last found nothing to do
+        self._quiet: tuple[int, int] | None = None
 
     def _controlled(self, tag: str) -> bool:
         return tag.startswith(BIRTH_TAG_PREFIX) or any(
@@ -190,11 +198,27 @@ class Recovery:
         """
         journal = await asyncio.to_thread(scan_tail, Path(self.audit.path))
         done = [await self._one(record) for record in journal.open()]
-        for record in journal.unrolled():
-            swept = await self._sweep(record)
-            if swept is not None:
-                done.append(swept)
-        return done
+        return done + await self.sweep(contextlib.nullcontext())
+
+    async def sweep(self, lock: contextlib.AbstractAsyncContextManager[Any]) -> list[Reconciled]:
+        """Only the births whose rollback failed. Safe while the gate serves: those requests
+        are closed; the log is read without ``lock`` (the create lock), which is held only to
+        act. Skipped while the log has not changed since a sweep that found nothing."""
+        path = Path(self.audit.path)
+        try:
+            st = os.stat(path)
+            stamp: tuple[int, int] | None = (st.st_ino, st.st_size)
+        except FileNotFoundError:
+            stamp = None
+        if stamp is not None and stamp == self._quiet:
+            return []
+        journal = await asyncio.to_thread(scan_tail, path)
+        if not journal.unrolled():
+            self._quiet = stamp
+            return []
+        self._quiet = None
+        async with lock:
+            return [s for r in journal.unrolled() if (s := await self._sweep(r)) is not None]
 
     async def _sweep(self, record: AuditRecord) -> Reconciled | None:
         """A birth that failed and could not remove its qube (qubesd was down, say): remove it
@@ -226,22 +250,28 @@ async def recover_until_done(
     recovery: Recovery, lock: asyncio.Lock, first_attempt: asyncio.Event
 ) -> None:
     """Reconcile, holding ``lock`` (the gate's create lock); retry while something is down.
+    Then, for as long as the gate serves, sweep births whose rollback failed (qubesd was down
+    when they needed it) every :data:`SWEEP_SECONDS`, so a leftover does not hold its name
+    until the next restart.
 
     ``first_attempt`` is set once the first pass has finished or failed, so the daemon can
     report ready with the journal reconciled in the ordinary case.
     """
+    reconciled = False
     while True:
         try:
-            async with lock:
-                done = await recovery.reconcile()
+            if reconciled:
+                done = await recovery.sweep(lock)
+            else:
+                async with lock:
+                    done = await recovery.reconcile()
             if done:
-                log.warning("qubes-mcp recovery: %d interrupted request(s) reconciled", len(done))
-            first_attempt.set()
-            return
+                log.warning("qubes-mcp recovery: %d request(s) reconciled", len(done))
+            reconciled = True
         except (GateError, OSError) as exc:
             reason = getattr(exc, "reason", None) or type(exc).__name__
             log.error("qubes-mcp recovery: cannot reconcile yet (%s); retrying", reason)
         except Exception:  # a bug must not keep the gate from serving; say so, retry
             log.exception("qubes-mcp recovery: unexpected failure; retrying")
         first_attempt.set()
-        await asyncio.sleep(RETRY_SECONDS)
+        await asyncio.sleep(SWEEP_SECONDS if reconciled else RETRY_SECONDS)
