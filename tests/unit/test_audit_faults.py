@@ -285,7 +285,7 @@ def test_the_admin_commands_verify_recover_and_checkpoint(tmp_path: Path) -> Non
     assert done.returncode == 0, done.stdout + done.stderr
     verify = admin("audit", "verify", "--log", str(path))
     assert verify.returncode == 0, verify.stdout
-    head = verify.stdout.split("checkpoint: ", 1)[1].strip()
+    head = verify.stdout.split("checkpoint: ", 1)[1].split()[0]
     done = admin("audit", "checkpoint", "--log", str(path), "--through", head)
     assert done.returncode == 0, done.stdout + done.stderr
     assert parse_anchor(exported_path(path).read_bytes()).seq == int(head.split(":")[0])

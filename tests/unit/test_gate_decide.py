@@ -344,6 +344,20 @@ def test_clone_of_a_network_provider_is_not_allowed() -> None:
     refusal(NotAllowedError, "qube.clone", "ai-egress", extra=[egress_full], name="ai-n")
 
 
+@pytest.mark.parametrize("op", ["disposable.create", "disposable.run"])
+def test_a_disposable_of_a_network_provider_is_not_allowed(op: str) -> None:
+    """R4.3 copies provides_network into the disposable: it would be born a provider."""
+    args = {"command": ["true"]} if op == "disposable.run" else {}
+
+    def dvm(**provides: str) -> Any:
+        tags = ("ai-managed", "ai-exec")
+        return qube("ai-dvm", *tags, template_for_dispvms="True", netvm="ai-egress", **provides)
+
+    error = refusal(NotAllowedError, op, "ai-dvm", extra=[dvm(provides_network="True")], **args)
+    assert "network-providing" in str(error)
+    assert run(op, "ai-dvm", extra=[dvm(provides_network="False")], **args).birth is not None
+
+
 def test_principal_that_may_not_create_is_refused() -> None:
     cfg = config(CONFIG_TEXT_LOW_CEILING.replace("may_create = true", "may_create = false", 1))
     operation = OPERATIONS_BY_NAME["disposable.create"]

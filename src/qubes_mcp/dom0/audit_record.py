@@ -31,7 +31,7 @@ MAX_LINE_BYTES: Final = 32 * 1024
 _HASH_TAG: Final = b"qubes-mcp-audit-v1\0"
 
 DECISIONS: Final = frozenset({"allowed", "refused"})
-OUTCOMES: Final = frozenset({"ok", "failed", "rolled-back", "pending", "not-run"})
+OUTCOMES: Final = frozenset({"ok", "failed", "rolled-back", "pending", "not-run", "interrupted"})
 
 _FIELDS: Final = frozenset(
     [
@@ -71,7 +71,8 @@ class AuditRecord:
         targets: qube names the request named (escaped and capped).
         decision: ``allowed`` or ``refused``.
         code: the stable error code of a refusal or failure, else ``""``.
-        outcome: ``ok``, ``failed``, ``rolled-back``, ``pending`` or ``not-run``.
+        outcome: ``ok``, ``failed``, ``rolled-back``, ``pending``, ``not-run`` or
+            ``interrupted`` (written by start-up recovery for a request the gate never finished).
         request_id: the gate's id for the request (ties a ``pending`` line to its outcome).
         detail: allowlisted structural facts (see :data:`DETAIL_KEYS`).
         v: record format version.

@@ -13,6 +13,10 @@ Then the ends:
 
 It stops at the first problem and names the file and line. It takes the writers' lock
 shared, so a verify sees a consistent log (appends wait for it; it is an operator action).
+
+It also reports the requests whose last line is ``pending`` (dom0/journal.py): in flight
+while the gate runs, or cut off by a stop that start-up recovery has not yet closed. They do
+not make the log broken — the chain is intact — but the operator is told.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ from .audit_files import (
     read_anchor,
 )
 from .audit_record import MAX_LINE_BYTES, Anchor, AuditRecord, RecordError, parse_line
+from .journal import OpenRequests
+
+#: at most this many requests without an outcome are listed by ``audit verify``
+UNFINISHED_SHOWN = 20
 
 #: ``VerifyResult.kind`` values, one per distinct way a log can be broken
 KINDS = (
@@ -65,6 +73,7 @@ class VerifyResult:
         files: the files walked, oldest first.
         kind: one of :data:`KINDS` when not ok, else ``""``.
         anchor: the anchor as read, if it could be.
+        unfinished: the last ``pending`` record of every request without an outcome line.
     """
 
     ok: bool
@@ -73,6 +82,7 @@ class VerifyResult:
     files: list[Path] = field(default_factory=list)
     kind: str = ""
     anchor: Anchor | None = None
+    unfinished: tuple[AuditRecord, ...] = ()
 
 
 class _BrokenError(Exception):
@@ -93,6 +103,7 @@ class _Walk:
     anchored_hash: str | None = None  # hash of the record whose seq the anchor names
     torn: str = ""
     torn_at: str = ""  # the file, line and size of a torn last line, without advice
+    journal: OpenRequests = field(default_factory=OpenRequests)
 
     def take(self, record: AuditRecord, where: str) -> None:
         last, anchor = self.last, self.anchor
@@ -135,6 +146,7 @@ class _Walk:
         self.entries += 1
         self.last = record
         self.where = where
+        self.journal.feed(record)
 
     def finish(self) -> None:
         anchor, last = self.anchor, self.last
@@ -217,7 +229,7 @@ def verify_log(path: Path, *, checkpoint: tuple[int, str] | None = None) -> Veri
         return _broken("unreadable", f"cannot read the audit log: {err}", walk, files, anchor)
     if walk.torn:
         return _broken("torn", walk.torn, walk, files, anchor)
-    return VerifyResult(True, walk.entries, None, files, "", anchor)
+    return VerifyResult(True, walk.entries, None, files, "", anchor, tuple(walk.journal.open()))
 
 
 def _broken(
@@ -311,6 +323,7 @@ def audit_verify_main(path: Path, out: TextIO, *, checkpoint: tuple[int, str] | 
         # Written down off-box, this line lets a later `verify --checkpoint` catch even a
         # rewrite of the whole log and its anchor.
         print(f"checkpoint: {anchor.seq}:{anchor.hash}", file=out)
+        _print_unfinished(result.unfinished, out)
         return 0
     print(
         f"audit log {'unavailable' if result.kind in {'missing', 'unreadable'} else 'BROKEN'}"
@@ -318,3 +331,22 @@ def audit_verify_main(path: Path, out: TextIO, *, checkpoint: tuple[int, str] | 
         file=out,
     )
     return 2 if result.kind in {"missing", "unreadable"} else 1
+
+
+def _print_unfinished(unfinished: tuple[AuditRecord, ...], out: TextIO) -> None:
+    if not unfinished:
+        return
+    print(
+        f"note: {len(unfinished)} request(s) have a pending line and no outcome: in flight, "
+        "or the gate stopped while handling them (its start-up recovery records what it did):",
+        file=out,
+    )
+    for record in unfinished[:UNFINISHED_SHOWN]:
+        consent = " (waiting for consent)" if record.detail.get("consent") == "asked" else ""
+        print(
+            f"  seq {record.seq} {record.ts} {record.principal} {record.op} "
+            f"{' '.join(record.targets)} request {record.request_id}{consent}",
+            file=out,
+        )
+    if len(unfinished) > UNFINISHED_SHOWN:
+        print(f"  … and {len(unfinished) - UNFINISHED_SHOWN} more", file=out)

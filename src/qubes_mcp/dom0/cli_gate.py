@@ -58,13 +58,12 @@ def _fail_gate(exc: GateError) -> int:
 def cmd_gate(args: argparse.Namespace) -> int:
     import logging
 
+    from qubes_mcp.dom0.broken_config import load_for_gate
     from qubes_mcp.dom0.daemon import run_gate
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        config = _config(args)
-    except GateError as exc:
-        return _fail(str(exc))
+    # a broken configuration does not stop the gate: it refuses everything (decision 0011)
+    config = load_for_gate(_config_path(args))
     return run_gate(config, Path(args.ready_file) if args.ready_file else None)
 
 
@@ -91,23 +90,40 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gate_state(args: argparse.Namespace) -> str:
+    """What the running gate says about itself (via the operator socket)."""
+    try:
+        answer = _operator(args, {"cmd": "status"})
+    except (GateError, OSError, ValueError):
+        return "not reachable"
+    if answer.get("mode") == "refuse-all":
+        return f"refusing every request: the configuration does not load: {answer['config_error']}"
+    return str(answer.get("mode", "running"))
+
+
+def _gate_status(args: argparse.Namespace) -> dict[str, Any]:
+    """The running gate's request path and log (``Gate.status``); empty when not reachable."""
+    try:
+        answer = _operator(args, {"cmd": "status"})
+    except (GateError, OSError, ValueError):
+        return {}
+    status = answer.get("status", {})
+    return status if isinstance(status, dict) else {}
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from qubes_mcp.dom0.install import status
 
     try:
         report = status(Path(args.root))
     except GateError as exc:
-        return _fail(str(exc))
+        print(f"config: error: {exc}")
+        print(f"gate: {_gate_state(args)}")
+        return 1
     for key, value in report.items():
         print(f"{key}: {value}")
-    try:
-        gate = _operator(args, {"cmd": "status"}).get("status", {})
-    except (GateError, OSError, ValueError):
-        gate = None
-    if gate is None:
-        print("gate: not reachable")
-        return 0
-    for key, value in gate.items():
+    print(f"gate: {_gate_state(args)}")
+    for key, value in _gate_status(args).items():
         print(f"gate {key}: {value}")
     return 0
 
@@ -148,9 +164,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _operator(args: argparse.Namespace, command: dict[str, Any]) -> dict[str, Any]:
+    from qubes_mcp.dom0.broken_config import fallback_paths
     from qubes_mcp.dom0.daemon import operator_call
 
-    return asyncio.run(operator_call(_config(args).paths.operator_socket, command))
+    try:
+        socket = _config(args).paths.operator_socket
+    except GateError:  # a gate in refuse-all mode still answers where the config says
+        socket = fallback_paths(_config_path(args)).operator_socket
+    return asyncio.run(operator_call(socket, command))
 
 
 def format_request(item: dict[str, Any], *, whole: bool = False) -> list[str]:
@@ -170,9 +191,15 @@ def format_request(item: dict[str, Any], *, whole: bool = False) -> list[str]:
 
 def cmd_pending(args: argparse.Namespace) -> int:
     try:
-        pending = _operator(args, {"cmd": "pending"})["pending"]
+        answer = _operator(args, {"cmd": "pending"})
     except (GateError, OSError) as exc:
         return _fail(f"the gate is not reachable ({type(exc).__name__})")
+    if "config_error" in answer:
+        return _fail(
+            "the gate is running but refuses every request: the configuration does not load: "
+            f"{answer['config_error']}"
+        )
+    pending = answer["pending"]
     if args.json:
         print(json.dumps(pending, indent=2))
         return 0

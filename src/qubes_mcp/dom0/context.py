@@ -47,6 +47,9 @@ class Context:
     facts: Facts
     #: structural audit details (keys from audit_clean.DETAIL_KEYS only)
     detail: dict[str, object] = field(default_factory=dict)
+    #: the gate's id for this request, as journaled in its ``pending`` audit line; a birth
+    #: marks the new qube with it so that start-up recovery can find it (create.py)
+    request_id: str = ""
 
     @property
     def args(self) -> dict[str, Any]:

@@ -21,17 +21,22 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from qubes_mcp.dom0.admin import AdminClient
 from qubes_mcp.dom0.audit import AuditLog
+from qubes_mcp.dom0.broken_config import BrokenConfig, RefuseAllDaemon
 from qubes_mcp.dom0.config import GateConfig
 from qubes_mcp.dom0.consent import ConsentBroker, desktop_notifier
-from qubes_mcp.dom0.errors import InvalidInputError, NotFoundError
+from qubes_mcp.dom0.errors import GateError, InvalidInputError, NotFoundError
 from qubes_mcp.dom0.gate import Gate, Request
+from qubes_mcp.dom0.recovery import Recovery, recover_until_done
 
 log = logging.getLogger("qubes_mcp.gate")
 _DESCRIPTOR_MAX = 1024
 _OPERATOR_LINE_MAX = 4096
 #: an answer on the operator socket (``show`` carries a whole request, ``pending`` many views)
 _OPERATOR_REPLY_MAX = 64 << 20
+#: recovery's qubesd calls: short, so a hung qubesd cannot hold the create lock for long
+RECOVERY_CALL_SECONDS = 10.0
 
 
 def parse_descriptor(raw: bytes) -> tuple[str, str, str | None]:
@@ -141,7 +146,7 @@ class GateDaemon:
     def _operator(self, command: dict[str, Any]) -> dict[str, Any]:
         cmd = command["cmd"]
         if cmd == "status":
-            return {"status": self.gate.status()}
+            return {"mode": "serving", "status": self.gate.status()}
         if cmd == "pending":
             return {"pending": [r.public() for r in self.consent.pending()]}
         if cmd in ("approve", "deny"):
@@ -192,21 +197,50 @@ async def operator_call(socket_path: Path, command: dict[str, Any]) -> dict[str,
         writer.close()
 
 
-def run_gate(config: GateConfig, ready_file: Path | None = None) -> int:
-    """Foreground entry point (``qubes-mcp-admin gate``): serve until SIGINT/SIGTERM."""
+def run_gate(config: GateConfig | BrokenConfig, ready_file: Path | None = None) -> int:
+    """Foreground entry point (``qubes-mcp-admin gate``): serve until SIGINT/SIGTERM.
+
+    With a configuration that did not load (``load_for_gate``), serve in refuse-all mode
+    instead of exiting. Otherwise reconcile what the previous run left unfinished
+    (dom0/recovery.py) before serving — or, while qubesd is unreachable, in the background.
+    """
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        daemon = GateDaemon(config)
+        daemon: GateDaemon | RefuseAllDaemon
+        recovering: asyncio.Task[None] | None = None
+        if isinstance(config, BrokenConfig):
+            daemon = RefuseAllDaemon(config)
+        else:
+            daemon = GateDaemon(config)
+            first = asyncio.Event()
+            recovery = Recovery(
+                config,
+                AdminClient(config.paths.qubesd_socket, timeout=RECOVERY_CALL_SECONDS),
+                daemon.gate.audit,
+            )
+            recovering = asyncio.create_task(
+                recover_until_done(recovery, daemon.gate.create_lock, first)
+            )
+            await first.wait()
+            # then the registry (decision 0010): forget registrations of qubes that are gone,
+            # and watch qubesd's deletions, before the first request; if qubesd is down, the
+            # first request tries again
+            try:
+                await daemon.gate.reconcile_registry()
+            except (GateError, OSError) as exc:
+                log.error("qubes-mcp gate: registry not reconciled yet: %s", type(exc).__name__)
         await daemon.start()
         if ready_file is not None:
             ready_file.write_text(f"{os.getpid()}\n")
         try:
             await stop.wait()
         finally:
+            if recovering is not None:
+                recovering.cancel()
             await daemon.close()
             if ready_file is not None:
                 ready_file.unlink(missing_ok=True)

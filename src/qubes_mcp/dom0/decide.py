@@ -311,6 +311,10 @@ def _plan_birth(
     elif op.name in ("disposable.create", "disposable.run"):
         if source.klass != "AppVM" or not source.flag("template_for_dispvms"):
             raise NotAllowedError("a disposable needs a disposable template")
+        if source.flag("provides_network"):
+            # R4.3 copies provides_network (a clone property) into every disposable: it would
+            # be born a network provider, which no create path may make (docs/decisions/0008)
+            raise NotAllowedError("a network-providing qube cannot be a disposable's template")
         klass, inherit_from, private = "DispVM", source, None
         estimate = max(source.private_size, config.budget.default_private)
     else:  # qube.clone

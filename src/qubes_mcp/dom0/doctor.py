@@ -131,6 +131,35 @@ async def _fleet_findings(config: GateConfig) -> list[Finding]:
     return found
 
 
+async def _birth_leftover_findings(config: GateConfig) -> list[Finding]:
+    """Qubes that still carry a birth marker (create.py): a birth the gate never finished.
+
+    The marker is the last thing a birth removes, and start-up recovery removes what a stopped
+    gate left; one that remains means recovery could not act (qubesd was down, the audit log
+    refused) or the request is older than its journal window (dom0/journal.py).
+    """
+    from qubes_mcp.dom0.create import BIRTH_TAG_PREFIX
+
+    client = AdminClient(config.paths.qubesd_socket)
+    found: list[Finding] = []
+    for line in await client.lines("dom0", "admin.vm.List"):
+        name = line.partition(" ")[0]
+        if name == "dom0":
+            continue
+        tags = set(await client.lines(name, "admin.vm.tag.List"))
+        for marker in sorted(t for t in tags if t.startswith(BIRTH_TAG_PREFIX)):
+            request = marker.removeprefix(BIRTH_TAG_PREFIX)
+            found.append(
+                Finding(
+                    "error",
+                    f"{name} is a qube the gate never finished creating (request {request}, "
+                    "see the audit log); it holds its name and may not be what was decided: "
+                    f"restart the gate (recovery removes it) or `qvm-remove {name}`",
+                )
+            )
+    return found
+
+
 async def doctor(root: Path, config_path: Path) -> list[Finding]:
     try:
         config = load_config(config_path)
@@ -139,6 +168,7 @@ async def doctor(root: Path, config_path: Path) -> list[Finding]:
     findings = _install_findings(root)
     try:
         findings += await _fleet_findings(config)
+        findings += await _birth_leftover_findings(config)
     except GateError as exc:
         findings.append(Finding("error", f"cannot read the fleet from qubesd ({exc.reason})"))
     return findings

@@ -21,6 +21,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,13 @@ from qubes_mcp.dom0.consent import ConsentBroker
 from qubes_mcp.dom0.context import Context, Handler
 from qubes_mcp.dom0.decide import Verdict, decide, names_to_read
 from qubes_mcp.dom0.describe import StepContext, describe, describe_plan
-from qubes_mcp.dom0.enrolment import RegistryFile, reconcile, registry_path
+from qubes_mcp.dom0.enrolment import (
+    Registry,
+    RegistryFile,
+    commit_change,
+    reconcile,
+    registry_path,
+)
 from qubes_mcp.dom0.errors import FailedError, GateError, NotFoundError, UnavailableError
 from qubes_mcp.dom0.facts import Facts
 from qubes_mcp.dom0.names import is_valid_qube_name
@@ -49,6 +56,18 @@ from qubes_mcp.dom0.reader import FleetReader
 from qubes_mcp.dom0.schema import check_payload
 
 log = logging.getLogger("qubes_mcp.gate")
+
+
+def _forget(name: str, scopes: list[str]) -> Callable[[Registry], Registry]:
+    """A registry change: ``name`` unregistered from every scope in ``scopes``."""
+
+    def change(registry: Registry) -> Registry:
+        for scope in scopes:
+            registry = registry.unenrolled(scope, name)
+        return registry
+
+    return change
+
 
 #: every operation but the two plan operations, which the pipeline itself runs (Gate._propose,
 #: Gate._apply); tests/unit/test_gate_wiring.py keeps this and the table in step
@@ -143,6 +162,10 @@ class Gate:
         self._flushers: set[asyncio.Task[None]] = set()
         self._resume_lock = asyncio.Lock()
 
+    async def reconcile_registry(self) -> None:
+        """At start, before serving: what :meth:`_ensure_reconciled` does for a first request."""
+        await self._ensure_reconciled()
+
     async def _ensure_reconciled(self) -> None:
         """Once per process, before the first decision: drop registrations of qubes that are
         gone or were re-created (new uuid), then keep doing so on qubesd's domain-delete."""
@@ -161,10 +184,11 @@ class Gate:
                 async for ev in self.admin.events("dom0"):
                     about = ev.subject or ev.kwargs.get("vm", "")
                     registry = self.registry.current()
-                    if ev.name == "domain-delete" and any(
-                        registry.entry(s, about) for s in registry.scopes()
-                    ):
-                        await reconcile(self.config, self.admin)
+                    scopes = [s for s in registry.scopes() if registry.entry(s, about)]
+                    if ev.name == "domain-delete" and scopes:
+                        # the event names the qube that is gone: forget it, without asking
+                        # qubesd anything more (a re-created name gets a new uuid anyway)
+                        await commit_change(self.config, _forget(about, scopes))
             except asyncio.CancelledError:
                 raise
             except (GateError, OSError, asyncio.IncompleteReadError) as exc:
@@ -402,6 +426,8 @@ class Gate:
             call.detail["consent"] = "plan"
         elif verdict.consent:
             call.detail["consent"] = "asked"
+            if op.state_changing:  # journal the wait: recovery records a question never answered
+                await self._audit(call, decision="allowed", outcome="pending")
             call.detail["consent_id"] = await self.consent.ask(
                 principal=principal.qube,
                 op=op.name,
@@ -422,7 +448,9 @@ class Gate:
         if op.state_changing:
             await self._audit(call, decision="allowed", outcome="pending")
         call.acting = True
-        ctx = Context(self.config, principal, self.admin, reader, verdict, facts, call.detail)
+        ctx = Context(
+            self.config, principal, self.admin, reader, verdict, facts, call.detail, call.request_id
+        )
         return await HANDLERS[op.name](ctx)
 
     async def _current_rules(self, op: Operation, target: str | None) -> list[str] | None:
@@ -499,6 +527,7 @@ class Gate:
         call.detail["plan_id"] = plan.id
         if plan.needs_consent:
             call.detail["consent"] = "asked"
+            await self._audit(call, decision="allowed", outcome="pending")
             call.detail["consent_id"] = await self.consent.ask(
                 principal=principal.qube,
                 op="plan.apply",

@@ -290,7 +290,10 @@ async def _create(call: Call, allow_pool: bool) -> None:
         lifecycle.remove_vm(call.app, vm)
         raise
     if vm.klass != "RemoteVM":  # only a QubesVM has anything on disk
-        lifecycle.create_on_disk(call.app, vm)
+        # a DispVM's private volume starts as its disposable template's, whichever way it is
+        # made
+        source = vm.get("template", None) if klass == "DispVM" else None
+        lifecycle.create_on_disk(call.app, vm, source=source)
     call.save()
 
 
