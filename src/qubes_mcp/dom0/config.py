@@ -36,7 +36,10 @@ Example (every key shown; only ``[[principal]]`` is required)::
     output_bytes = 1048576         # per stream of a command's output
     run_timeout = 600              # seconds, upper bound for one command
     event_window = 120             # seconds, upper bound for one events call
-    concurrent_requests = 16
+    concurrent_requests = 16      # requests of one calling qube acting at once
+    open_requests = 64             # requests of one calling qube open at once (being received,
+                                   # queued or acting); beyond: refused with "busy"
+    request_read_timeout = 5       # seconds to receive a whole request (descriptor to EOF)
 
     [paths]
     qubesd_socket = "/var/run/qubesd.sock"
@@ -101,7 +104,12 @@ class Limits:
     output_bytes: int
     run_timeout: int
     event_window: int
+    #: per calling qube: requests acting at once (the rest of its open requests queue)
     concurrent_requests: int
+    #: per calling qube: requests open at once, received, queued or acting (daemon.py)
+    open_requests: int
+    #: seconds from connection to the request's end of input; later is a refusal
+    request_read_timeout: int
 
 
 @dataclass(frozen=True)
@@ -139,6 +147,8 @@ DEFAULT_LIMITS = {
     "run_timeout": 600,
     "event_window": 120,
     "concurrent_requests": 16,
+    "open_requests": 64,
+    "request_read_timeout": 5,
 }
 DEFAULT_PATHS = {
     "qubesd_socket": "/var/run/qubesd.sock",
@@ -156,6 +166,8 @@ _BOUNDS = {
     "run_timeout": (1, 24 * 3600),
     "event_window": (1, 3600),
     "concurrent_requests": (1, 256),
+    "open_requests": (1, 1024),
+    "request_read_timeout": (1, 60),
 }
 
 
@@ -286,6 +298,8 @@ def parse_config(text: str, source: str = "<string>") -> GateConfig:
         raise ConfigError(f"{source}: consent.operations: unknown operation {name!r}")
     lim = _table(data, "limits", DEFAULT_LIMITS)
     limits = Limits(**{k: _int(f"limits.{k}", v) for k, v in lim.items()})
+    if limits.open_requests < limits.concurrent_requests:
+        raise ConfigError(f"{source}: limits.open_requests is below limits.concurrent_requests")
     p = _table(data, "paths", DEFAULT_PATHS)
     for key, value in p.items():
         if not isinstance(value, str) or not value.startswith("/"):

@@ -17,19 +17,33 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import signal
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from qubes_mcp.dom0.admission import Admission
 from qubes_mcp.dom0.audit import AuditLog
 from qubes_mcp.dom0.config import GateConfig
 from qubes_mcp.dom0.consent import ConsentBroker, desktop_notifier
-from qubes_mcp.dom0.errors import InvalidInputError, NotFoundError
-from qubes_mcp.dom0.gate import Gate, Request
+from qubes_mcp.dom0.errors import (
+    BusyError,
+    InvalidInputError,
+    NotFoundError,
+    UnavailableError,
+    WithdrawnError,
+)
+from qubes_mcp.dom0.gate import Gate, Request, unless_withdrawn
+from qubes_mcp.dom0.hangup import HangupWatcher
 
 log = logging.getLogger("qubes_mcp.gate")
 _DESCRIPTOR_MAX = 1024
 _OPERATOR_LINE_MAX = 4096
+#: qrexec writes the descriptor as it connects: a connection silent for this long is dropped
+DESCRIPTOR_TIMEOUT = 2.0
+#: on SIGTERM, requests in flight get this long to finish before they are stopped
+SHUTDOWN_GRACE = 5.0
 
 
 def parse_descriptor(raw: bytes) -> tuple[str, str, str | None]:
@@ -46,18 +60,24 @@ def parse_descriptor(raw: bytes) -> tuple[str, str, str | None]:
     return service, source, target
 
 
-async def _read_request(reader: asyncio.StreamReader, cap: int) -> Request:
+async def _read_descriptor(reader: asyncio.StreamReader) -> tuple[str, str, str | None]:
     try:
         descriptor = await reader.readuntil(b"\0")
     except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
         raise NotFoundError(reason="no qrexec descriptor") from None
-    service, source, target = parse_descriptor(descriptor[:-1])
+    return parse_descriptor(descriptor[:-1])
+
+
+async def _read_payload(reader: asyncio.StreamReader, cap: int) -> bytes:
+    """The caller's input up to its EOF; more than ``cap`` bytes is a refusal (the rest is
+    left unread: qrexec stops relaying input once the service closes, and still delivers the
+    reply, ``libqrexec/remote.c``)."""
     untrusted_payload = await reader.read(cap + 1)
     while len(untrusted_payload) <= cap and (more := await reader.read(cap + 1)):
         untrusted_payload += more
     if len(untrusted_payload) > cap:
         raise InvalidInputError(f"request is larger than {cap} bytes")
-    return Request(service, source, target, untrusted_payload)
+    return untrusted_payload
 
 
 def _secure_socket_dir(path: Path, mode: int) -> None:
@@ -67,7 +87,14 @@ def _secure_socket_dir(path: Path, mode: int) -> None:
 
 
 class GateDaemon:
-    """Owns the sockets, the concurrency bound and the per-request deadline."""
+    """Owns the sockets, each calling qube's share of the gate, and the time bounds.
+
+    A request's life here: an anonymous place until its descriptor arrives (admission.py),
+    then a place in its qube's share while its input is received (``request_read_timeout``
+    from the connection), then a wait for one of its qube's acting slots, then the gate. The
+    caller's hang-up withdraws it wherever it still waits (hangup.py). Every refusal on the
+    way is answered, and audited by the gate like any other.
+    """
 
     def __init__(
         self,
@@ -84,44 +111,121 @@ class GateDaemon:
         self.gate = Gate(
             config, audit or AuditLog(config.paths.audit_log, create=False), self.consent
         )
-        #: requests being read (bounded memory, whoever sends them)
-        self._reading = asyncio.Semaphore(4 * config.limits.concurrent_requests)
-        #: requests being handled, per calling qube: one principal waiting on the operator
-        #: with many requests cannot starve another principal
-        self._slots: dict[str, asyncio.Semaphore] = {}
+        self.admission = Admission(
+            config.principals,
+            open_max=config.limits.open_requests,
+            acting_max=config.limits.concurrent_requests,
+        )
+        self.hangups = HangupWatcher()
+        #: requests refused at the door because their qube's share was full (per source)
+        self.busy: Counter[str] = Counter()
         self._servers: list[asyncio.AbstractServer] = []
+        self._requests: set[asyncio.Task[None]] = set()
 
     async def _serve_request(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._requests.add(task)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.limits.request_read_timeout
+        reply: dict[str, Any] | None = None
         try:
-            async with self._reading:
+            with self.admission.anonymous(writer.transport):
                 try:
-                    request = await asyncio.wait_for(
-                        _read_request(reader, self.config.limits.request_bytes), 30
-                    )
-                except (InvalidInputError, NotFoundError) as exc:
-                    reply: dict[str, Any] = exc.to_reply()
-                    request = None
-                except TimeoutError:
-                    reply = InvalidInputError("request was not completed in time").to_reply()
-                    request = None
-            if request is not None:
-                slots = self._slots.setdefault(
-                    request.source, asyncio.Semaphore(self.config.limits.concurrent_requests)
-                )
-                async with slots:
-                    reply = await self.gate.handle(request)
-            writer.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
-            await writer.drain()
+                    async with asyncio.timeout(DESCRIPTOR_TIMEOUT):
+                        service, source, target = await _read_descriptor(reader)
+                except NotFoundError as exc:
+                    reply = exc.to_reply()  # not a qrexec call: one fixed refusal
+                except (TimeoutError, ConnectionError):
+                    return  # never said who it is (or was dropped to make room)
+            if reply is None:
+                try:
+                    with self.admission.share(source).hold():
+                        reply = await self._serve_identified(
+                            reader,
+                            writer,
+                            deadline=deadline,
+                            service=service,
+                            source=source,
+                            target=target,
+                        )
+                except BusyError as exc:
+                    self._refused_busy(service, source)
+                    reply = exc.to_reply()
+            if reply is not None:
+                writer.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
+                await writer.drain()
         except (ConnectionError, OSError):
             pass  # the caller went away; the gate already finished (and audited) its work
+        except asyncio.CancelledError:
+            # stopping: the gate refused (and recorded) what had not acted; say so if we can
+            with contextlib.suppress(Exception):
+                writer.write(json.dumps(UnavailableError().to_reply()).encode() + b"\n")
+            raise
         finally:
             writer.close()
+            self._requests.discard(task)
+
+    async def _serve_identified(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        deadline: float,
+        service: str,
+        source: str,
+        target: str | None,
+    ) -> dict[str, Any] | None:
+        """Receive the input within the deadline, wait for an acting slot, hand it to the gate.
+
+        Returns None when nobody is left to answer (the caller hung up)."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                untrusted_payload = await _read_payload(reader, self.config.limits.request_bytes)
+        except InvalidInputError as exc:
+            return await self.gate.refuse_unread(service, source, target, exc)
+        except TimeoutError:
+            late = InvalidInputError("request was not completed in time")
+            return await self.gate.refuse_unread(service, source, target, late)
+        except ConnectionError:
+            await self.gate.refuse_unread(service, source, target, WithdrawnError())
+            return None
+        sock = writer.get_extra_info("socket")
+        with self.hangups.watch(sock.fileno()) as hangup:
+            request = Request(service, source, target, untrusted_payload, hangup)
+            slots = self.admission.share(source).acting
+            try:
+                await unless_withdrawn(request, slots.acquire(), undo=lambda _: slots.release())
+            except WithdrawnError as exc:
+                await self.gate.refuse_unread(service, source, target, exc)
+                return None
+            try:
+                return await self.gate.handle(request)
+            finally:
+                slots.release()
+
+    def _refused_busy(self, service: str, source: str) -> None:
+        """A request over its qube's share: refused at once, unread, and not audited one by
+        one (its share is what bounds the audit writes a qube can cause); counted and logged
+        at most once per burst."""
+        self.busy[source] += 1
+        if self.busy[source] in (1, 10, 100) or self.busy[source] % 1000 == 0:
+            log.warning(
+                "qubes-mcp gate: %s is over its share (%d open requests): %d refused busy so far",
+                source,
+                self.admission.share(source).open_max,
+                self.busy[source],
+            )
+        log.debug("qubes-mcp gate: %s from %s refused: busy", service, source)
 
     async def _serve_operator(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._requests.add(task)
         try:
             line = await asyncio.wait_for(reader.readline(), 30)
             try:
@@ -135,6 +239,7 @@ class GateDaemon:
             pass
         finally:
             writer.close()
+            self._requests.discard(task)
 
     def _operator(self, command: dict[str, Any]) -> dict[str, Any]:
         cmd = command["cmd"]
@@ -165,10 +270,30 @@ class GateDaemon:
         log.info("qubes-mcp gate serving on %s", paths.gate_socket)
 
     async def close(self) -> None:
+        """Stop accepting; give requests in flight :data:`SHUTDOWN_GRACE` to finish, then stop
+        the rest: one that has not acted is refused ``unavailable`` and audited (gate.py), one
+        that has keeps its ``pending`` line for start-up recovery. One log line in all."""
         for server in self._servers:
             server.close()
+        in_flight = set(self._requests)
+        stopped = 0
+        if in_flight:
+            _, pending = await asyncio.wait(in_flight, timeout=SHUTDOWN_GRACE)
+            for task in pending:
+                task.cancel()
+            stopped = len(pending)
+            if pending:
+                await asyncio.wait(pending)
+            log.info(
+                "qubes-mcp gate: stopping; %d request(s) in flight, %d finished, %d stopped",
+                len(in_flight),
+                len(in_flight) - stopped,
+                stopped,
+            )
+        for server in self._servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
+        await self.hangups.close()
         self.gate.audit.close()
 
 
@@ -184,6 +309,19 @@ async def operator_call(socket_path: Path, command: dict[str, Any]) -> dict[str,
         writer.close()
 
 
+def _raise_open_files_limit(connections: int) -> None:
+    """Room for every connection the shares admit, plus what requests in flight open
+    (qubesd connections, command pipes): the soft limit is raised towards the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 4 * connections + 256
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < wanted:
+            log.warning("qubes-mcp gate: open files limited to %d (%d wanted)", new, wanted)
+
+
 def run_gate(config: GateConfig, ready_file: Path | None = None) -> int:
     """Foreground entry point (``qubes-mcp-admin gate``): serve until SIGINT/SIGTERM."""
 
@@ -193,6 +331,7 @@ def run_gate(config: GateConfig, ready_file: Path | None = None) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         daemon = GateDaemon(config)
+        _raise_open_files_limit(daemon.admission.bound)
         await daemon.start()
         if ready_file is not None:
             ready_file.write_text(f"{os.getpid()}\n")

@@ -89,6 +89,28 @@ class UnavailableError(GateError):
     default_message = "qubes-mcp gate is unavailable"
 
 
+class BusyError(GateError):
+    """The calling qube already has as many requests open as its share allows (daemon.py).
+
+    Each calling qube has its own share of the gate (requests being received, queued and
+    acting), so this refusal only ever says something about the caller's own requests.
+    """
+
+    code = "busy"
+    default_message = "too many requests from this qube at once; try again shortly"
+
+
+class WithdrawnError(GateError):
+    """The caller hung up (its qrexec connection closed) before the request acted.
+
+    Nobody reads this refusal: it exists so that the request is audited as withdrawn and
+    nothing is done. Not in :data:`CODES` because no agent ever receives it.
+    """
+
+    code = "withdrawn"
+    default_message = "the request was withdrawn"
+
+
 class ConfigError(UnavailableError):
     """The operator's configuration is missing or malformed: the gate refuses everything.
 
@@ -117,5 +139,6 @@ CODES: tuple[str, ...] = tuple(
         InvalidStateError,
         FailedError,
         UnavailableError,
+        BusyError,
     )
 )

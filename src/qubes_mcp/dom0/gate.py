@@ -11,12 +11,14 @@ request is refused and nothing is done.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from qubes_mcp.dom0 import create, handlers_read, handlers_write
 from qubes_mcp.dom0.admin import AdminClient
@@ -25,7 +27,13 @@ from qubes_mcp.dom0.config import GateConfig, Principal
 from qubes_mcp.dom0.consent import ConsentBroker
 from qubes_mcp.dom0.context import Context, Handler
 from qubes_mcp.dom0.decide import Verdict, decide, names_to_read
-from qubes_mcp.dom0.errors import FailedError, GateError, NotFoundError
+from qubes_mcp.dom0.errors import (
+    FailedError,
+    GateError,
+    NotFoundError,
+    UnavailableError,
+    WithdrawnError,
+)
 from qubes_mcp.dom0.facts import Facts
 from qubes_mcp.dom0.firewall import render_rule
 from qubes_mcp.dom0.names import is_valid_qube_name
@@ -40,6 +48,7 @@ from qubes_mcp.dom0.reader import FleetReader
 from qubes_mcp.dom0.schema import check_payload
 
 log = logging.getLogger("qubes_mcp.gate")
+T = TypeVar("T")
 
 #: every operation but the two plan operations, which the pipeline itself runs (Gate._propose,
 #: Gate._apply); tests/unit/test_gate_wiring.py keeps this and the table in step
@@ -79,6 +88,47 @@ class Request:
     source: str
     target: str | None  # None when addressed to @adminvm / dom0
     untrusted_payload: bytes
+    #: set by the daemon when the caller hangs up (its qrexec connection closed): the request
+    #: is withdrawn wherever it still waits, and never starts to act
+    hangup: asyncio.Event | None = None
+
+
+def _withdrawn(request: Request) -> bool:
+    return request.hangup is not None and request.hangup.is_set()
+
+
+async def unless_withdrawn(
+    request: Request, waiting: Awaitable[T], *, undo: Callable[[T], object] | None = None
+) -> T:
+    """Wait for ``waiting`` (the operator, a lock, a slot) unless the caller hangs up first:
+    then the wait is cancelled and the request refused as withdrawn. ``undo`` gives back what
+    ``waiting`` obtained when it is not going to be used (a lock acquired just as the caller
+    hung up, or as this task was cancelled)."""
+    if request.hangup is None:
+        return await waiting
+    work = asyncio.ensure_future(waiting)
+    gone = asyncio.ensure_future(request.hangup.wait())
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        _abandon(work, undo)
+        raise
+    finally:
+        gone.cancel()
+    if not work.done():
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await work
+        _abandon(work, undo)  # it may have finished before the cancellation reached it
+        raise WithdrawnError(reason="the caller hung up while the request waited")
+    return work.result()
+
+
+def _abandon(work: asyncio.Future[T], undo: Callable[[T], object] | None) -> None:
+    if not work.done():
+        work.cancel()
+    elif undo is not None and not work.cancelled() and work.exception() is None:
+        undo(work.result())
 
 
 def describe(op: Operation, verdict: Verdict, facts: Facts) -> str:
@@ -157,6 +207,20 @@ class Gate:
         """Answer one request with one JSON object. Never raises."""
         return await self._handle(request)
 
+    async def refuse_unread(
+        self, service: str, source: str, target: str | None, exc: GateError
+    ) -> dict[str, Any]:
+        """Refuse a request the daemon could not hand over whole (too large, never completed,
+        over its qube's share, withdrawn while queued): audited like any refusal, with the
+        operation its service names, so every request that reached the gate leaves a line."""
+        call = _Call(
+            Request(service, source, target, b""),
+            OPERATIONS_BY_SERVICE.get(service),
+            self.config.principals.get(source),
+        )
+        call.targets = [target] if target else []
+        return await self._refuse(call, exc)
+
     async def _handle(
         self,
         request: Request,
@@ -176,6 +240,14 @@ class Gate:
             result = await self._run(call)
         except GateError as exc:
             return await self._refuse(call, exc)
+        except asyncio.CancelledError:
+            # the daemon is stopping: a request that has not acted is refused and recorded
+            # (one that has is left to start-up recovery, with its "pending" line)
+            if not call.acting:
+                await asyncio.shield(
+                    self._refuse(call, UnavailableError(reason="the gate stopped"))
+                )
+            raise
         except Exception as exc:  # fail closed on anything unexpected; keep only the class
             log.exception("qubes-mcp gate: unexpected %s", type(exc).__name__)
             call.detail["error_class"] = type(exc).__name__
@@ -226,8 +298,13 @@ class Gate:
         if op.name == "plan.apply":
             return await self._apply(call, principal, args)
         if op.creates:
-            async with self.create_lock:
+            await unless_withdrawn(
+                call.request, self.create_lock.acquire(), undo=lambda _: self.create_lock.release()
+            )
+            try:
                 return await self._decide_and_act(call, op, principal, args)
+            finally:
+                self.create_lock.release()
         return await self._decide_and_act(call, op, principal, args)
 
     def _names(self, op: Operation, target: str | None, args: dict[str, Any]) -> list[str]:
@@ -265,15 +342,20 @@ class Gate:
             call.detail["consent"] = "plan"
         elif verdict.consent:
             call.detail["consent"] = "asked"
-            call.detail["consent_id"] = await self.consent.ask(
-                principal=principal.qube,
-                op=op.name,
-                target=target or "dom0",
-                args=verdict.args,
-                description=describe(op, verdict, facts),
-                reasons=verdict.consent_reasons,
+            call.detail["consent_id"] = await unless_withdrawn(
+                call.request,
+                self.consent.ask(
+                    principal=principal.qube,
+                    op=op.name,
+                    target=target or "dom0",
+                    args=verdict.args,
+                    description=describe(op, verdict, facts),
+                    reasons=verdict.consent_reasons,
+                ),
             )
             call.detail["consent"] = "approved"
+        if _withdrawn(call.request):  # the last moment before acting
+            raise WithdrawnError(reason="the caller hung up before the request acted")
         if op.state_changing:
             await self._audit(call, decision="allowed", outcome="pending")
         call.acting = True
@@ -331,26 +413,35 @@ class Gate:
         call.detail["plan_id"] = plan.id
         if plan.needs_consent:
             call.detail["consent"] = "asked"
-            call.detail["consent_id"] = await self.consent.ask(
-                principal=principal.qube,
-                op="plan.apply",
-                target="dom0",
-                args={"plan": plan.id, "digest": plan.digest},
-                description=plan.describe(),
-                reasons=tuple(
-                    f"step {s.index + 1}: {s.op.name} needs consent"
-                    for s in plan.steps
-                    if s.consent
+            call.detail["consent_id"] = await unless_withdrawn(
+                call.request,
+                self.consent.ask(
+                    principal=principal.qube,
+                    op="plan.apply",
+                    target="dom0",
+                    args={"plan": plan.id, "digest": plan.digest},
+                    description=plan.describe(),
+                    reasons=tuple(
+                        f"step {s.index + 1}: {s.op.name} needs consent"
+                        for s in plan.steps
+                        if s.consent
+                    ),
                 ),
             )
             call.detail["consent"] = "approved"
+        if _withdrawn(call.request):
+            raise WithdrawnError(reason="the caller hung up before the plan started")
         await self._audit(call, decision="allowed", outcome="pending")
         call.acting = True
         done: list[dict[str, Any]] = []
         for step in plan.steps:
             reply = await self._handle(
                 Request(
-                    step.op.service, principal.qube, step.target, json.dumps(step.args).encode()
+                    step.op.service,
+                    principal.qube,
+                    step.target,
+                    json.dumps(step.args).encode(),
+                    call.request.hangup,  # a step not yet started is withdrawn with its plan
                 ),
                 preapproved=plan.needs_consent,
                 detail={"plan_id": plan.id, "step": step.index},
