@@ -160,10 +160,11 @@ class GateDaemon:
         except (ConnectionError, OSError):
             pass  # the caller went away; the gate already finished (and audited) its work
         except asyncio.CancelledError:
-            # stopping: the gate refused (and recorded) what had not acted; say so if we can
+            # close() stopped it: the gate refused (and recorded) what had not acted; tell
+            # the caller. The task then ends normally: a handler task that ends cancelled
+            # makes asyncio's stream server log a traceback for every one of them.
             with contextlib.suppress(Exception):
                 writer.write(json.dumps(UnavailableError().to_reply()).encode() + b"\n")
-            raise
         finally:
             writer.close()
             self._requests.discard(task)
