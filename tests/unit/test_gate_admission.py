@@ -13,7 +13,7 @@ import socket
 import pytest
 
 from qubes_mcp.dom0 import admission
-from qubes_mcp.dom0.admission import ANONYMOUS_MAX, OTHER_OPEN_MAX, Admission
+from qubes_mcp.dom0.admission import ANONYMOUS_HARD_MAX, OTHER_OPEN_MAX, Admission
 from qubes_mcp.dom0.errors import CODES, BusyError
 from qubes_mcp.dom0.hangup import HangupWatcher, hung_up
 
@@ -63,13 +63,14 @@ def test_sources_that_are_not_principals_share_one_small_share() -> None:
 
 def test_the_bound_is_the_anonymous_pool_plus_every_share() -> None:
     shares = Admission(["a", "b", "c"], open_max=10, acting_max=2)
-    assert shares.bound == ANONYMOUS_MAX + 3 * 10 + OTHER_OPEN_MAX
+    assert shares.bound == ANONYMOUS_HARD_MAX + 3 * 10 + OTHER_OPEN_MAX
 
 
 def test_a_full_anonymous_pool_drops_its_oldest_connection(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(admission, "ANONYMOUS_MAX", 3)
+    monkeypatch.setattr(admission, "NAME_GRACE", 0.0)
     shares = Admission(["a"], open_max=4, acting_max=1)
     transports = [FakeTransport() for _ in range(5)]
     with contextlib.ExitStack() as held:
@@ -77,6 +78,25 @@ def test_a_full_anonymous_pool_drops_its_oldest_connection(
             held.enter_context(shares.anonymous(t))  # type: ignore[arg-type]
         assert [t.aborted for t in transports] == [True, True, False, False, False]
         assert shares.evicted == 2
+
+
+def test_a_connection_within_its_grace_is_not_dropped_for_a_newcomer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A burst accepted at once cannot push out a real request before its first read: the
+    newcomers wait over the soft bound, and only beyond the hard bound is the newest dropped."""
+    monkeypatch.setattr(admission, "ANONYMOUS_MAX", 2)
+    monkeypatch.setattr(admission, "ANONYMOUS_HARD_MAX", 4)
+    monkeypatch.setattr(admission, "NAME_GRACE", 60.0)
+    shares = Admission(["a"], open_max=4, acting_max=1)
+    transports = [FakeTransport() for _ in range(4)]
+    with contextlib.ExitStack() as held:
+        for t in transports:
+            held.enter_context(shares.anonymous(t))  # type: ignore[arg-type]
+        newest = FakeTransport()
+        with pytest.raises(ConnectionAbortedError), shares.anonymous(newest):  # type: ignore[arg-type]
+            pass
+        assert not any(t.aborted for t in transports) and newest.aborted
 
 
 def test_a_connection_that_named_itself_leaves_the_anonymous_pool(

@@ -40,6 +40,8 @@ from qubes_mcp.dom0.hangup import HangupWatcher
 log = logging.getLogger("qubes_mcp.gate")
 _DESCRIPTOR_MAX = 1024
 _OPERATOR_LINE_MAX = 4096
+#: connections the kernel queues before the gate accepts them (a burst waits, not fails)
+_BACKLOG = 1024
 #: qrexec writes the descriptor as it connects: a connection silent for this long is dropped
 DESCRIPTOR_TIMEOUT = 2.0
 #: on SIGTERM, requests in flight get this long to finish before they are stopped
@@ -137,6 +139,8 @@ class GateDaemon:
                     async with asyncio.timeout(DESCRIPTOR_TIMEOUT):
                         service, source, target = await _read_descriptor(reader)
                 except NotFoundError as exc:
+                    if writer.transport.is_closing():
+                        return  # dropped to make room (admission.py): nobody to answer
                     reply = exc.to_reply()  # not a qrexec call: one fixed refusal
                 except (TimeoutError, ConnectionError):
                     return  # never said who it is (or was dropped to make room)
@@ -258,7 +262,10 @@ class GateDaemon:
         _secure_socket_dir(paths.gate_socket, 0o755)
         self._servers.append(
             await asyncio.start_unix_server(
-                self._serve_request, path=str(paths.gate_socket), limit=_DESCRIPTOR_MAX
+                self._serve_request,
+                path=str(paths.gate_socket),
+                limit=_DESCRIPTOR_MAX,
+                backlog=_BACKLOG,
             )
         )
         # qrexec (root) connects to the gate socket; nobody else needs to
