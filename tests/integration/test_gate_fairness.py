@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from qubes_mcp.dom0.daemon import BUSY_WINDOW
 from qubes_mcp.sim.stack import Stack, start_stack
 from tests.gate_e2e import audit_lines, dom0_admin
 from tests.gate_socket import connect, descriptor, read_reply, request
@@ -118,6 +119,33 @@ def test_one_principal_flooding_cannot_slow_another(stack: Stack) -> None:
                 sock.recv(1)
     finally:
         for sock in held + opened:
+            sock.close()
+
+
+def test_requests_over_the_share_are_recorded_in_one_summary_line(stack: Stack) -> None:
+    path = gate_sock(stack)
+    held = [
+        connect(path, descriptor("qmcp.Info", FLOOD, "ai-dev") + b'{"partial') for _ in range(64)
+    ]
+    try:
+        time.sleep(0.5)
+        before = len(lines_for(stack, principal=FLOOD, op="qube.start", code="busy"))
+        start = time.monotonic()
+        for _ in range(30):
+            reply, _ = request(path, "qmcp.Start", FLOOD, "ai-dev")
+            assert reply == BUSY
+        windows = (time.monotonic() - start) // BUSY_WINDOW + 1
+
+        def counted() -> int:
+            new = lines_for(stack, principal=FLOOD, op="qube.start", code="busy")[before:]
+            assert all((n["decision"], n["outcome"]) == ("refused", "not-run") for n in new)
+            return sum(int(n["detail"]["reason"].split(" ")[0]) for n in new)
+
+        wait_for(lambda: counted() == 30, timeout=10, what="30 refusals summarised")
+        lines = lines_for(stack, principal=FLOOD, op="qube.start", code="busy")[before:]
+        assert len(lines) <= windows  # one line per window, not one per request
+    finally:
+        for sock in held:
             sock.close()
 
 

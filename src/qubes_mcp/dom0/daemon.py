@@ -36,6 +36,7 @@ from qubes_mcp.dom0.errors import (
 )
 from qubes_mcp.dom0.gate import Gate, Request, unless_withdrawn
 from qubes_mcp.dom0.hangup import HangupWatcher
+from qubes_mcp.dom0.operations import OPERATIONS_BY_SERVICE
 
 log = logging.getLogger("qubes_mcp.gate")
 _DESCRIPTOR_MAX = 1024
@@ -46,6 +47,8 @@ _BACKLOG = 1024
 DESCRIPTOR_TIMEOUT = 2.0
 #: on SIGTERM, requests in flight get this long to finish before they are stopped
 SHUTDOWN_GRACE = 5.0
+#: state-changing requests refused busy are recorded as one line per qube and service per window
+BUSY_WINDOW = 1.0
 
 
 def parse_descriptor(raw: bytes) -> tuple[str, str, str | None]:
@@ -121,6 +124,8 @@ class GateDaemon:
         self.hangups = HangupWatcher()
         #: requests refused at the door because their qube's share was full (per source)
         self.busy: Counter[str] = Counter()
+        self._busy_unrecorded: Counter[tuple[str, str]] = Counter()
+        self._busy_summary: asyncio.Task[None] | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._requests: set[asyncio.Task[None]] = set()
 
@@ -212,9 +217,9 @@ class GateDaemon:
                 slots.release()
 
     def _refused_busy(self, service: str, source: str) -> None:
-        """A request over its qube's share: refused at once, unread, and not audited one by
-        one (its share is what bounds the audit writes a qube can cause); counted and logged
-        at most once per burst."""
+        """A request over its qube's share: refused at once, unread. State-changing ones are
+        recorded as one summary line per qube and service per :data:`BUSY_WINDOW` (a line each
+        would let a flood write without bound: the share is full, nothing else bounds it)."""
         self.busy[source] += 1
         if self.busy[source] in (1, 10, 100) or self.busy[source] % 1000 == 0:
             log.warning(
@@ -223,7 +228,19 @@ class GateDaemon:
                 self.admission.share(source).open_max,
                 self.busy[source],
             )
-        log.debug("qubes-mcp gate: %s from %s refused: busy", service, source)
+        op = OPERATIONS_BY_SERVICE.get(service)
+        if op is not None and not op.state_changing:
+            return  # reads are not audited, refused or not
+        self._busy_unrecorded[(source, service)] += 1
+        if self._busy_summary is None or self._busy_summary.done():
+            self._busy_summary = asyncio.create_task(self._record_busy(BUSY_WINDOW))
+
+    async def _record_busy(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        while self._busy_unrecorded:
+            (source, service), count = self._busy_unrecorded.popitem()
+            summary = BusyError(reason=f"{count} request(s) over the qube's share, summarised")
+            await self.gate.refuse_unread(service, source, None, summary)
 
     async def _serve_operator(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -301,6 +318,11 @@ class GateDaemon:
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
+        if self._busy_summary is not None:
+            self._busy_summary.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._busy_summary
+        await self._record_busy(0)  # what is still to be summarised
         await self.hangups.close()
         self.gate.audit.close()
 
