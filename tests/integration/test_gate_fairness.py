@@ -304,6 +304,22 @@ def test_a_queued_request_is_withdrawn_when_its_caller_hangs_up(stack: Stack) ->
             sock.close()
 
 
+def test_a_request_whose_caller_is_gone_before_it_is_handled_never_acts(stack: Stack) -> None:
+    """The caller sends a whole request and is gone before the gate gets to it: the gate
+    decides it, and refuses it at the last moment before acting."""
+    before = dom0_admin(stack, "ai-web", "admin.vm.CurrentState")
+    sock = connect(gate_sock(stack), descriptor("qmcp.Start", VICTIM, "ai-web"))
+    sock.close()
+    line = wait_for(
+        lambda: lines_for(stack, principal=VICTIM, op="qube.start", targets=["ai-web"]),
+        timeout=10,
+        what="the withdrawal line",
+    )[-1]
+    assert (line["decision"], line["outcome"], line["code"]) == ("refused", "not-run", "withdrawn")
+    assert dom0_admin(stack, "ai-web", "admin.vm.CurrentState") == before
+    assert "power_state=Halted" in before
+
+
 def test_the_audit_chain_verifies(stack: Stack) -> None:
     result = stack.admin("audit", "verify")
     assert result.returncode == 0, result.stdout + result.stderr
