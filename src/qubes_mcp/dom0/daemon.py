@@ -47,6 +47,8 @@ _BACKLOG = 1024
 DESCRIPTOR_TIMEOUT = 2.0
 #: on SIGTERM, requests in flight get this long to finish before they are stopped
 SHUTDOWN_GRACE = 5.0
+#: seconds a caller has to take its reply (command output can be megabytes)
+REPLY_TIMEOUT = 60.0
 #: state-changing requests refused busy are recorded as one line per qube and service per window
 BUSY_WINDOW = 1.0
 
@@ -83,6 +85,16 @@ async def _read_payload(reader: asyncio.StreamReader, cap: int) -> bytes:
     if len(untrusted_payload) > cap:
         raise InvalidInputError(f"request is larger than {cap} bytes")
     return untrusted_payload
+
+
+async def _answer(writer: asyncio.StreamWriter, reply: dict[str, Any] | None) -> None:
+    """One JSON line, unless nobody is left to read it; a caller that does not take it within
+    :data:`REPLY_TIMEOUT` loses it (TimeoutError)."""
+    if reply is None:
+        return
+    writer.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
+    async with asyncio.timeout(REPLY_TIMEOUT):
+        await writer.drain()
 
 
 def _secure_socket_dir(path: Path, mode: int) -> None:
@@ -160,13 +172,15 @@ class GateDaemon:
                             source=source,
                             target=target,
                         )
+                        # still in the share: a caller that does not read its reply holds
+                        # a place of its own qube's, for a bounded time
+                        await _answer(writer, reply)
+                        return
                 except BusyError as exc:
                     self._refused_busy(service, source)
                     reply = exc.to_reply()
-            if reply is not None:
-                writer.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
-                await writer.drain()
-        except (ConnectionError, OSError):
+            await _answer(writer, reply)
+        except (ConnectionError, OSError, TimeoutError):
             pass  # the caller went away; the gate already finished (and audited) its work
         except asyncio.CancelledError:
             # close() stopped it: the gate refused (and recorded) what had not acted; tell
