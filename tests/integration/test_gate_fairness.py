@@ -78,6 +78,16 @@ def wait_for(condition: Any, timeout: float = 30, what: str = "") -> Any:
     raise AssertionError(f"timed out waiting for {what or condition}")
 
 
+def hold_the_flooders_share(path: Path) -> list[socket.socket]:
+    """Fill the flooder's share with requests held open without EOF; returns once the gate
+    refuses the next one ``busy`` (it has taken them all in)."""
+    held = [
+        connect(path, descriptor("qmcp.Info", FLOOD, "ai-dev") + b'{"partial') for _ in range(64)
+    ]
+    wait_for(lambda: request(path, "qmcp.List", FLOOD)[0] == BUSY, timeout=30, what="a full share")
+    return held
+
+
 def lines_for(stack: Stack, **match: object) -> list[dict[str, Any]]:
     return [
         line
@@ -93,12 +103,9 @@ def test_one_principal_flooding_cannot_slow_another(stack: Stack) -> None:
     """64 requests held open without EOF, 500 connections that never send a byte and 200 more
     requests over the flooder's share: the other principal's Info and List stay within 2 s."""
     path = gate_sock(stack)
-    held = [
-        connect(path, descriptor("qmcp.Info", FLOOD, "ai-dev") + b'{"partial') for _ in range(64)
-    ]
+    held = hold_the_flooders_share(path)
     opened: list[socket.socket] = []
     try:
-        time.sleep(0.5)  # the gate has taken all 64 into the flooder's share
         over = [connect(path, descriptor("qmcp.Info", FLOOD, "ai-dev")) for _ in range(200)]
         opened += over
         opened += [connect(path) for _ in range(500)]
@@ -124,11 +131,8 @@ def test_one_principal_flooding_cannot_slow_another(stack: Stack) -> None:
 
 def test_requests_over_the_share_are_recorded_in_one_summary_line(stack: Stack) -> None:
     path = gate_sock(stack)
-    held = [
-        connect(path, descriptor("qmcp.Info", FLOOD, "ai-dev") + b'{"partial') for _ in range(64)
-    ]
+    held = hold_the_flooders_share(path)
     try:
-        time.sleep(0.5)
         before = len(lines_for(stack, principal=FLOOD, op="qube.start", code="busy"))
         start = time.monotonic()
         for _ in range(30):
