@@ -153,7 +153,7 @@ class GateDaemon:
         try:
             with self.admission.anonymous(writer.transport):
                 try:
-                    async with asyncio.timeout(DESCRIPTOR_TIMEOUT):
+                    async with asyncio.timeout_at(min(deadline, loop.time() + DESCRIPTOR_TIMEOUT)):
                         service, source, target = await _read_descriptor(reader)
                 except NotFoundError as exc:
                     if writer.transport.is_closing():
