@@ -90,7 +90,7 @@ class Request:
     untrusted_payload: bytes
     #: set by the daemon when the caller hangs up (its qrexec connection closed): the request
     #: is withdrawn wherever it still waits, and never starts to act
-    hangup: asyncio.Event | None = None
+    hangup: asyncio.Event | None = field(default=None, compare=False)
 
 
 def _withdrawn(request: Request) -> bool:
