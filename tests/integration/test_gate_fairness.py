@@ -28,6 +28,8 @@ from tests.gate_e2e import audit_lines, dom0_admin
 from tests.gate_socket import connect, descriptor, read_reply, request
 
 FLOOD = "mcp-flood"
+#: a second flooder, so that one test's flood never meets another's
+FLOOD_TOO = "mcp-flood2"
 VICTIM = "mcp-control"
 READ_TIMEOUT = 8
 BUSY = {
@@ -40,9 +42,11 @@ BUSY = {
 
 
 def with_limits(text: str, limits: str) -> str:
-    """The installed configuration plus a flooding principal and the given [limits]."""
-    flood = (
-        f'[[principal]]\nqube = "{FLOOD}"\nscope = "ai"\nceiling = "full"\nname_prefix = "fl-"\n\n'
+    """The installed configuration plus the flooding principals and the given [limits]."""
+    flood = "".join(
+        f'[[principal]]\nqube = "{qube}"\nscope = "ai"\nceiling = "full"\n'
+        f'name_prefix = "fl{i}-"\n\n'
+        for i, qube in enumerate((FLOOD, FLOOD_TOO))
     )
     return text.replace("[budget]", flood + "[budget]") + f"\n[limits]\n{limits}\n"
 
@@ -78,13 +82,15 @@ def wait_for(condition: Any, timeout: float = 30, what: str = "") -> Any:
     raise AssertionError(f"timed out waiting for {what or condition}")
 
 
-def hold_the_flooders_share(path: Path) -> list[socket.socket]:
-    """Fill the flooder's share with requests held open without EOF; returns once the gate
+def hold_the_share(path: Path, flooder: str) -> list[socket.socket]:
+    """Fill ``flooder``'s share with requests held open without EOF; returns once the gate
     refuses the next one ``busy`` (it has taken them all in)."""
     held = [
-        connect(path, descriptor("qmcp.Info", FLOOD, "ai-dev") + b'{"partial') for _ in range(64)
+        connect(path, descriptor("qmcp.Info", flooder, "ai-dev") + b'{"partial') for _ in range(64)
     ]
-    wait_for(lambda: request(path, "qmcp.List", FLOOD)[0] == BUSY, timeout=30, what="a full share")
+    wait_for(
+        lambda: request(path, "qmcp.List", flooder)[0] == BUSY, timeout=30, what="a full share"
+    )
     return held
 
 
@@ -103,7 +109,7 @@ def test_one_principal_flooding_cannot_slow_another(stack: Stack) -> None:
     """64 requests held open without EOF, 500 connections that never send a byte and 200 more
     requests over the flooder's share: the other principal's Info and List stay within 2 s."""
     path = gate_sock(stack)
-    held = hold_the_flooders_share(path)
+    held = hold_the_share(path, FLOOD)
     opened: list[socket.socket] = []
     try:
         over = [connect(path, descriptor("qmcp.Info", FLOOD, "ai-dev")) for _ in range(200)]
@@ -131,22 +137,22 @@ def test_one_principal_flooding_cannot_slow_another(stack: Stack) -> None:
 
 def test_requests_over_the_share_are_recorded_in_one_summary_line(stack: Stack) -> None:
     path = gate_sock(stack)
-    held = hold_the_flooders_share(path)
+    held = hold_the_share(path, FLOOD_TOO)
     try:
-        before = len(lines_for(stack, principal=FLOOD, op="qube.start", code="busy"))
+        before = len(lines_for(stack, principal=FLOOD_TOO, op="qube.start", code="busy"))
         start = time.monotonic()
         for _ in range(30):
-            reply, _ = request(path, "qmcp.Start", FLOOD, "ai-dev")
+            reply, _ = request(path, "qmcp.Start", FLOOD_TOO, "ai-dev")
             assert reply == BUSY
         windows = (time.monotonic() - start) // BUSY_WINDOW + 1
 
         def counted() -> int:
-            new = lines_for(stack, principal=FLOOD, op="qube.start", code="busy")[before:]
+            new = lines_for(stack, principal=FLOOD_TOO, op="qube.start", code="busy")[before:]
             assert all((n["decision"], n["outcome"]) == ("refused", "not-run") for n in new)
             return sum(int(n["detail"]["reason"].split(" ")[0]) for n in new)
 
         wait_for(lambda: counted() == 30, timeout=10, what="30 refusals summarised")
-        lines = lines_for(stack, principal=FLOOD, op="qube.start", code="busy")[before:]
+        lines = lines_for(stack, principal=FLOOD_TOO, op="qube.start", code="busy")[before:]
         assert len(lines) <= windows  # one line per window, not one per request
     finally:
         for sock in held:
@@ -155,13 +161,13 @@ def test_requests_over_the_share_are_recorded_in_one_summary_line(stack: Stack) 
 
 def test_a_request_that_never_completes_is_refused_in_time_and_recorded(stack: Stack) -> None:
     path = gate_sock(stack)
-    with connect(path, descriptor("qmcp.Start", FLOOD, "ai-dev") + b'{"never') as sock:
+    with connect(path, descriptor("qmcp.Start", VICTIM, "ai-dev") + b'{"never') as sock:
         sock.settimeout(READ_TIMEOUT + 20)
         start = time.monotonic()
         reply = read_reply(sock)
     assert reply is not None and reply["error"]["code"] == "invalid-input", reply
     assert READ_TIMEOUT - 1 <= time.monotonic() - start < READ_TIMEOUT + 10
-    line = lines_for(stack, principal=FLOOD, op="qube.start")[-1]
+    line = lines_for(stack, principal=VICTIM, op="qube.start")[-1]
     assert (line["decision"], line["outcome"], line["code"]) == (
         "refused",
         "not-run",
