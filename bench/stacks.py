@@ -20,6 +20,9 @@ from qubes_mcp.stack import Stack, start_stack
 
 DEMO = "demo"
 BIG = "big"
+#: the demo fleet with three principals in one scope (bench_fairness)
+FAIR = "fair"
+FAIR_PRINCIPALS = ("mcp-control", "mcp-second", "mcp-third")
 #: qubes in the generated fleet, dom0 included (what ``admin.vm.List`` returns)
 BIG_SIZE = 1000
 
@@ -56,13 +59,25 @@ def stack(kind: str) -> Stack:
     tmp = Path(tempfile.mkdtemp(prefix=f"qubes-mcp-bench-{kind}-"))
     _dirs.append(tmp)
     fleet = None
+    edit = None
     if kind == BIG:
         fleet = tmp / "fleet.toml"
         fleet.write_text(big_fleet_text())
+    elif kind == FAIR:
+        edit = _more_principals
     elif kind != DEMO:
         raise ValueError(f"unknown stack {kind!r}")
-    _stacks[kind] = start_stack(tmp / "root", fleet=fleet, timeout=300)
+    _stacks[kind] = start_stack(tmp / "root", fleet=fleet, config_edit=edit, timeout=300)
     return _stacks[kind]
+
+
+def _more_principals(text: str) -> str:
+    """The installed configuration plus the other principals of :data:`FAIR_PRINCIPALS`."""
+    extra = "".join(
+        f'[[principal]]\nqube = "{qube}"\nscope = "ai"\nceiling = "full"\nname_prefix = "p{i}-"\n\n'
+        for i, qube in enumerate(FAIR_PRINCIPALS[1:], start=2)
+    )
+    return text.replace("[budget]", extra + "[budget]")
 
 
 def qube_count(s: Stack) -> int:

@@ -90,3 +90,29 @@ def test_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
     path.write_bytes(b"\xff\xfe")
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_config(path)
+
+
+def test_each_calling_qube_gets_bounded_shares_by_default() -> None:
+    limits = parse_config(MINIMAL).limits
+    assert (limits.concurrent_requests, limits.open_requests, limits.request_read_timeout) == (
+        16,
+        64,
+        5,
+    )
+
+
+@pytest.mark.parametrize(
+    ("limits", "problem"),
+    [
+        ("open_requests = 0", "limits.open_requests must be between 1 and 1024"),
+        ("request_read_timeout = 0", "limits.request_read_timeout must be between 1 and 60"),
+        ("request_read_timeout = 3600", "limits.request_read_timeout must be between 1 and 60"),
+        (
+            "open_requests = 4\nconcurrent_requests = 8",
+            "limits.open_requests is below limits.concurrent_requests",
+        ),
+    ],
+)
+def test_share_limits_out_of_range_are_refused(limits: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        parse_config(f"{MINIMAL}\n[limits]\n{limits}\n")

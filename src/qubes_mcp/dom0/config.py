@@ -36,7 +36,10 @@ Example (every key shown; only ``[[principal]]`` is required)::
     output_bytes = 1048576         # per stream of a command's output
     run_timeout = 600              # seconds, upper bound for one command
     event_window = 120             # seconds, upper bound for one events call
-    concurrent_requests = 16
+    concurrent_requests = 16       # requests of one calling qube acting at once
+    open_requests = 64             # requests of one calling qube open at once (being received,
+                                   # queued or acting); beyond: refused with "busy"
+    request_read_timeout = 5       # seconds to receive a whole request (descriptor to EOF)
     rate = 20                      # requests per second per calling qube, sustained …
     burst = 100                    # … after a burst of this many; beyond: rate-limited
     refused_rate = 5               # refused requests per second per calling qube, and burst:
@@ -108,6 +111,7 @@ class Limits:
     output_bytes: int
     run_timeout: int
     event_window: int
+    #: per calling qube: requests acting at once (the rest of its open requests queue)
     concurrent_requests: int
     #: token buckets per calling qube (ratelimit.py): all requests, and refused ones
     rate: int = 20
@@ -117,6 +121,10 @@ class Limits:
     #: one file.copy, relayed by dom0: content bytes and entries (files, links, directories)
     copy_bytes: int = 1 << 30
     copy_files: int = 10_000
+    #: per calling qube: requests open at once, received, queued or acting (daemon.py)
+    open_requests: int = 64
+    #: seconds from connection to the request's end of input; later is a refusal
+    request_read_timeout: int = 5
 
 
 @dataclass(frozen=True)
@@ -161,6 +169,8 @@ DEFAULT_LIMITS = {
     "refused_burst": 50,
     "copy_bytes": 1 << 30,
     "copy_files": 10_000,
+    "open_requests": 64,
+    "request_read_timeout": 5,
 }
 DEFAULT_PATHS = {
     "qubesd_socket": "/var/run/qubesd.sock",
@@ -184,6 +194,8 @@ _BOUNDS = {
     "refused_rate": (1, 100_000),
     "refused_burst": (1, 1_000_000),
     "copy_files": (1, 1_000_000),
+    "open_requests": (1, 1024),
+    "request_read_timeout": (1, 60),
 }
 #: the largest copy_bytes an operator may configure (a relayed copy passes through dom0)
 COPY_BYTES_MAX = 1 << 40
@@ -319,6 +331,8 @@ def parse_config(text: str, source: str = "<string>") -> GateConfig:
     if copy_bytes > COPY_BYTES_MAX:
         raise ConfigError(f"{source}: limits.copy_bytes must be at most 1TiB")
     limits = Limits(**{k: _int(f"limits.{k}", v) for k, v in lim.items()}, copy_bytes=copy_bytes)
+    if limits.open_requests < limits.concurrent_requests:
+        raise ConfigError(f"{source}: limits.open_requests is below limits.concurrent_requests")
     p = _table(data, "paths", DEFAULT_PATHS)
     for key, value in p.items():
         if not isinstance(value, str) or not value.startswith("/"):

@@ -17,17 +17,29 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import signal
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from qubes_mcp.dom0.admin import AdminClient
+from qubes_mcp.dom0.admission import Admission
 from qubes_mcp.dom0.audit import AuditLog
 from qubes_mcp.dom0.broken_config import BrokenConfig, RefuseAllDaemon
 from qubes_mcp.dom0.config import GateConfig
 from qubes_mcp.dom0.consent import ConsentBroker, desktop_notifier
-from qubes_mcp.dom0.errors import GateError, InvalidInputError, NotFoundError
-from qubes_mcp.dom0.gate import Gate, Request
+from qubes_mcp.dom0.errors import (
+    BusyError,
+    GateError,
+    InvalidInputError,
+    NotFoundError,
+    UnavailableError,
+    WithdrawnError,
+)
+from qubes_mcp.dom0.gate import Gate, Request, unless_withdrawn
+from qubes_mcp.dom0.hangup import HangupWatcher
+from qubes_mcp.dom0.operations import OPERATIONS_BY_SERVICE
 from qubes_mcp.dom0.recovery import Recovery, recover_until_done
 
 log = logging.getLogger("qubes_mcp.gate")
@@ -37,6 +49,16 @@ _OPERATOR_LINE_MAX = 4096
 _OPERATOR_REPLY_MAX = 64 << 20
 #: recovery's qubesd calls: short, so a hung qubesd cannot hold the create lock for long
 RECOVERY_CALL_SECONDS = 10.0
+#: connections the kernel queues before the gate accepts them (a burst waits, not fails)
+_BACKLOG = 1024
+#: qrexec writes the descriptor as it connects: a connection silent for this long is dropped
+DESCRIPTOR_TIMEOUT = 2.0
+#: on SIGTERM, requests in flight get this long to finish before they are stopped
+SHUTDOWN_GRACE = 5.0
+#: seconds a caller has to take its reply (command output can be megabytes)
+REPLY_TIMEOUT = 60.0
+#: state-changing requests refused busy are recorded as one line per qube and service per window
+BUSY_WINDOW = 1.0
 
 
 def parse_descriptor(raw: bytes) -> tuple[str, str, str | None]:
@@ -53,18 +75,34 @@ def parse_descriptor(raw: bytes) -> tuple[str, str, str | None]:
     return service, source, target
 
 
-async def _read_request(reader: asyncio.StreamReader, cap: int) -> Request:
+async def _read_descriptor(reader: asyncio.StreamReader) -> tuple[str, str, str | None]:
     try:
         descriptor = await reader.readuntil(b"\0")
     except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
         raise NotFoundError(reason="no qrexec descriptor") from None
-    service, source, target = parse_descriptor(descriptor[:-1])
+    return parse_descriptor(descriptor[:-1])
+
+
+async def _read_payload(reader: asyncio.StreamReader, cap: int) -> bytes:
+    """The caller's input up to its EOF; more than ``cap`` bytes is a refusal (the rest is
+    left unread: qrexec stops relaying input once the service closes, and still delivers the
+    reply, ``libqrexec/remote.c``)."""
     untrusted_payload = await reader.read(cap + 1)
     while len(untrusted_payload) <= cap and (more := await reader.read(cap + 1)):
         untrusted_payload += more
     if len(untrusted_payload) > cap:
         raise InvalidInputError(f"request is larger than {cap} bytes")
-    return Request(service, source, target, untrusted_payload)
+    return untrusted_payload
+
+
+async def _answer(writer: asyncio.StreamWriter, reply: dict[str, Any] | None) -> None:
+    """One JSON line, unless nobody is left to read it; a caller that does not take it within
+    :data:`REPLY_TIMEOUT` loses it (TimeoutError)."""
+    if reply is None:
+        return
+    writer.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
+    async with asyncio.timeout(REPLY_TIMEOUT):
+        await writer.drain()
 
 
 def _secure_socket_dir(path: Path, mode: int) -> None:
@@ -74,7 +112,14 @@ def _secure_socket_dir(path: Path, mode: int) -> None:
 
 
 class GateDaemon:
-    """Owns the sockets, the concurrency bound and the per-request deadline."""
+    """Owns the sockets, each calling qube's share of the gate, and the time bounds.
+
+    A request's life here: an anonymous place until its descriptor arrives (admission.py),
+    then a place in its qube's share while its input is received (``request_read_timeout``
+    from the connection), then a wait for one of its qube's acting slots, then the gate. The
+    caller's hang-up withdraws it wherever it still waits (hangup.py). Every refusal on the
+    way is answered, and audited by the gate like any other.
+    """
 
     def __init__(
         self,
@@ -91,44 +136,140 @@ class GateDaemon:
         self.gate = Gate(
             config, audit or AuditLog(config.paths.audit_log, create=False), self.consent
         )
-        #: requests being read (bounded memory, whoever sends them)
-        self._reading = asyncio.Semaphore(4 * config.limits.concurrent_requests)
-        #: requests being handled, per calling qube: one principal waiting on the operator
-        #: with many requests cannot starve another principal
-        self._slots: dict[str, asyncio.Semaphore] = {}
+        self.admission = Admission(
+            config.principals,
+            open_max=config.limits.open_requests,
+            acting_max=config.limits.concurrent_requests,
+        )
+        self.hangups = HangupWatcher()
+        #: requests refused at the door because their qube's share was full (per source)
+        self.busy: Counter[str] = Counter()
+        self._busy_unrecorded: Counter[tuple[str, str]] = Counter()
+        self._busy_summary: asyncio.Task[None] | None = None
         self._servers: list[asyncio.AbstractServer] = []
+        self._requests: set[asyncio.Task[None]] = set()
 
     async def _serve_request(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._requests.add(task)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.limits.request_read_timeout
+        reply: dict[str, Any] | None = None
         try:
-            async with self._reading:
+            with self.admission.anonymous(writer.transport):
                 try:
-                    request = await asyncio.wait_for(
-                        _read_request(reader, self.config.limits.request_bytes), 30
-                    )
-                except (InvalidInputError, NotFoundError) as exc:
-                    reply: dict[str, Any] = exc.to_reply()
-                    request = None
-                except TimeoutError:
-                    reply = InvalidInputError("request was not completed in time").to_reply()
-                    request = None
-            if request is not None:
-                slots = self._slots.setdefault(
-                    request.source, asyncio.Semaphore(self.config.limits.concurrent_requests)
-                )
-                async with slots:
-                    reply = await self.gate.handle(request)
-            writer.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
-            await writer.drain()
-        except (ConnectionError, OSError):
+                    async with asyncio.timeout_at(min(deadline, loop.time() + DESCRIPTOR_TIMEOUT)):
+                        service, source, target = await _read_descriptor(reader)
+                except NotFoundError as exc:
+                    if writer.transport.is_closing():
+                        return  # dropped to make room (admission.py): nobody to answer
+                    reply = exc.to_reply()  # not a qrexec call: one fixed refusal
+                except (TimeoutError, ConnectionError):
+                    return  # never said who it is (or was dropped to make room)
+            if reply is None:
+                try:
+                    with self.admission.share(source).hold():
+                        reply = await self._serve_identified(
+                            reader,
+                            writer,
+                            deadline=deadline,
+                            service=service,
+                            source=source,
+                            target=target,
+                        )
+                        # still in the share: a caller that does not read its reply holds
+                        # a place of its own qube's, for a bounded time
+                        await _answer(writer, reply)
+                        return
+                except BusyError as exc:
+                    self._refused_busy(service, source)
+                    reply = exc.to_reply()
+            await _answer(writer, reply)
+        except (ConnectionError, OSError, TimeoutError):
             pass  # the caller went away; the gate already finished (and audited) its work
+        except asyncio.CancelledError:
+            # close() stopped it: the gate refused (and recorded) what had not acted; tell
+            # the caller. The task then ends normally: a handler task that ends cancelled
+            # makes asyncio's stream server log a traceback for every one of them.
+            with contextlib.suppress(Exception):
+                writer.write(json.dumps(UnavailableError().to_reply()).encode() + b"\n")
         finally:
             writer.close()
+            self._requests.discard(task)
+
+    async def _serve_identified(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        deadline: float,
+        service: str,
+        source: str,
+        target: str | None,
+    ) -> dict[str, Any] | None:
+        """Receive the input within the deadline, wait for an acting slot, hand it to the gate.
+
+        Returns None when nobody is left to answer (the caller hung up)."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                untrusted_payload = await _read_payload(reader, self.config.limits.request_bytes)
+        except InvalidInputError as exc:
+            return await self.gate.refuse_unread(service, source, target, exc)
+        except TimeoutError:
+            late = InvalidInputError("request was not completed in time")
+            return await self.gate.refuse_unread(service, source, target, late)
+        except ConnectionError:
+            await self.gate.refuse_unread(service, source, target, WithdrawnError())
+            return None
+        sock = writer.get_extra_info("socket")
+        with self.hangups.watch(sock.fileno()) as hangup:
+            request = Request(service, source, target, untrusted_payload, hangup)
+            slots = self.admission.share(source).acting
+            try:
+                await unless_withdrawn(request, slots.acquire(), undo=lambda _: slots.release())
+            except WithdrawnError as exc:
+                await self.gate.refuse_unread(service, source, target, exc)
+                return None
+            try:
+                return await self.gate.handle(request)
+            finally:
+                slots.release()
+
+    def _refused_busy(self, service: str, source: str) -> None:
+        """A request over its qube's share: refused at once, unread. State-changing ones are
+        recorded as one summary line per qube and service per :data:`BUSY_WINDOW` (a line each
+        would let a flood write without bound: the share is full, nothing else bounds it)."""
+        self.busy[source] += 1
+        if self.busy[source] in (1, 10, 100) or self.busy[source] % 1000 == 0:
+            log.warning(
+                "qubes-mcp gate: %s is over its share (%d open requests): %d refused busy so far",
+                source,
+                self.admission.share(source).open_max,
+                self.busy[source],
+            )
+        op = OPERATIONS_BY_SERVICE.get(service)
+        if op is not None and not op.state_changing:
+            return  # reads are not audited, refused or not
+        self._busy_unrecorded[(source, service)] += 1
+        if self._busy_summary is None or self._busy_summary.done():
+            self._busy_summary = asyncio.create_task(self._record_busy(BUSY_WINDOW))
+
+    async def _record_busy(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        while self._busy_unrecorded:
+            (source, service), count = self._busy_unrecorded.popitem()
+            summary = BusyError(reason=f"{count} request(s) over the qube's share, summarised")
+            await self.gate.refuse_unread(service, source, None, summary)
 
     async def _serve_operator(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._requests.add(task)
         try:
             line = await asyncio.wait_for(reader.readline(), 30)
             try:
@@ -142,6 +283,7 @@ class GateDaemon:
             pass
         finally:
             writer.close()
+            self._requests.discard(task)
 
     def _operator(self, command: dict[str, Any]) -> dict[str, Any]:
         cmd = command["cmd"]
@@ -164,7 +306,10 @@ class GateDaemon:
         _secure_socket_dir(paths.gate_socket, 0o755)
         self._servers.append(
             await asyncio.start_unix_server(
-                self._serve_request, path=str(paths.gate_socket), limit=_DESCRIPTOR_MAX
+                self._serve_request,
+                path=str(paths.gate_socket),
+                limit=_DESCRIPTOR_MAX,
+                backlog=_BACKLOG,
             )
         )
         # qrexec (root) connects to the gate socket; nobody else needs to
@@ -177,11 +322,36 @@ class GateDaemon:
         log.info("qubes-mcp gate serving on %s", paths.gate_socket)
 
     async def close(self) -> None:
+        """Stop accepting; give requests in flight :data:`SHUTDOWN_GRACE` to finish, then stop
+        the rest: one that has not acted is refused ``unavailable`` and audited (gate.py), one
+        that has keeps its ``pending`` line for start-up recovery. One log line in all."""
         for server in self._servers:
             server.close()
+        in_flight = set(self._requests)
+        stopped = 0
+        if in_flight:
+            _, pending = await asyncio.wait(in_flight, timeout=SHUTDOWN_GRACE)
+            for task in pending:
+                task.cancel()
+            stopped = len(pending)
+            if pending:
+                await asyncio.wait(pending)
+            log.info(
+                "qubes-mcp gate: stopping; %d request(s) in flight, %d finished, %d stopped",
+                len(in_flight),
+                len(in_flight) - stopped,
+                stopped,
+            )
+        for server in self._servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
         await self.gate.flush()  # counted refusals go into the log before the gate stops
+        if self._busy_summary is not None:
+            self._busy_summary.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._busy_summary
+        await self._record_busy(0)  # what is still to be summarised
+        await self.hangups.close()
         self.gate.audit.close()
 
 
@@ -195,6 +365,19 @@ async def operator_call(socket_path: Path, command: dict[str, Any]) -> dict[str,
         return answer
     finally:
         writer.close()
+
+
+def _raise_open_files_limit(connections: int) -> None:
+    """Room for every connection the shares admit, plus what requests in flight open
+    (qubesd connections, command pipes): the soft limit is raised towards the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 4 * connections + 256
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < wanted:
+            log.warning("qubes-mcp gate: open files limited to %d (%d wanted)", new, wanted)
 
 
 def run_gate(config: GateConfig | BrokenConfig, ready_file: Path | None = None) -> int:
@@ -216,6 +399,7 @@ def run_gate(config: GateConfig | BrokenConfig, ready_file: Path | None = None) 
             daemon = RefuseAllDaemon(config)
         else:
             daemon = GateDaemon(config)
+            _raise_open_files_limit(daemon.admission.bound)
             first = asyncio.Event()
             recovery = Recovery(
                 config,

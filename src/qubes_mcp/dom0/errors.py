@@ -77,12 +77,21 @@ class ConsentTimeoutError(GateError):
     default_message = "the operator did not answer in time"
 
 
-class ConsentWithdrawnError(GateError):
+class WithdrawnError(GateError):
+    """The caller hung up (its qrexec connection closed) before the request acted: wherever it
+    still waited (a slot, the create lock, the operator), it is withdrawn and nothing is done.
+    The agent is gone and will not read this; the code is for the audit log and for an
+    operator who answers later."""
+
+    code = "withdrawn"
+    default_message = "the request was withdrawn"
+
+
+class ConsentWithdrawnError(WithdrawnError):
     """The caller hung up (cancelled, or its qrexec connection closed) while the request waited
     for the operator: it is taken off the queue and never acted on. The agent is gone and will
     not read this; the code is for the audit log and for an operator who answers later."""
 
-    code = "withdrawn"
     default_message = "the request was withdrawn before the operator answered"
 
 
@@ -110,6 +119,17 @@ class RateLimitedError(GateError):
 class UnavailableError(GateError):
     code = "unavailable"
     default_message = "qubes-mcp gate is unavailable"
+
+
+class BusyError(GateError):
+    """The calling qube already has as many requests open as its share allows (daemon.py).
+
+    Each calling qube has its own share of the gate (requests being received, queued and
+    acting), so this refusal only ever says something about the caller's own requests.
+    """
+
+    code = "busy"
+    default_message = "too many requests from this qube at once; try again shortly"
 
 
 class ConfigError(UnavailableError):
@@ -143,5 +163,6 @@ CODES: tuple[str, ...] = tuple(
         FailedError,
         UnavailableError,
         RateLimitedError,
+        BusyError,
     )
 )

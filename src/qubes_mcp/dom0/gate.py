@@ -17,13 +17,14 @@ recorded as the first in full plus one summary line per window (audit_summary.py
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from qubes_mcp.dom0 import create, handlers_files, handlers_read, handlers_write
 from qubes_mcp.dom0.admin import AdminClient, QubesdError
@@ -41,7 +42,13 @@ from qubes_mcp.dom0.enrolment import (
     reconcile,
     registry_path,
 )
-from qubes_mcp.dom0.errors import FailedError, GateError, NotFoundError, UnavailableError
+from qubes_mcp.dom0.errors import (
+    FailedError,
+    GateError,
+    NotFoundError,
+    UnavailableError,
+    WithdrawnError,
+)
 from qubes_mcp.dom0.facts import Facts
 from qubes_mcp.dom0.names import is_valid_qube_name
 from qubes_mcp.dom0.operations import (
@@ -56,6 +63,7 @@ from qubes_mcp.dom0.reader import FleetReader
 from qubes_mcp.dom0.schema import check_payload
 
 log = logging.getLogger("qubes_mcp.gate")
+T = TypeVar("T")
 
 
 def _forget(name: str, scopes: list[str]) -> Callable[[Registry], Registry]:
@@ -109,8 +117,47 @@ class Request:
     source: str
     target: str | None  # None when addressed to @adminvm / dom0
     untrusted_payload: bytes
-    #: set when the caller hangs up (qrexec connection closed): a pending consent is withdrawn
+    #: set by the daemon when the caller hangs up (its qrexec connection closed): the request
+    #: is withdrawn wherever it still waits, and never starts to act
     hangup: asyncio.Event | None = field(default=None, compare=False)
+
+
+def _withdrawn(request: Request) -> bool:
+    return request.hangup is not None and request.hangup.is_set()
+
+
+async def unless_withdrawn(
+    request: Request, waiting: Awaitable[T], *, undo: Callable[[T], object] | None = None
+) -> T:
+    """Wait for ``waiting`` (the operator, a lock, a slot) unless the caller hangs up first:
+    then the wait is cancelled and the request refused as withdrawn. ``undo`` gives back what
+    ``waiting`` obtained when it is not going to be used (a lock acquired just as the caller
+    hung up, or as this task was cancelled)."""
+    if request.hangup is None:
+        return await waiting
+    work = asyncio.ensure_future(waiting)
+    gone = asyncio.ensure_future(request.hangup.wait())
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        _abandon(work, undo)
+        raise
+    finally:
+        gone.cancel()
+    if not work.done():
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await work
+        _abandon(work, undo)  # it may have finished before the cancellation reached it
+        raise WithdrawnError(reason="the caller hung up while the request waited")
+    return work.result()
+
+
+def _abandon(work: asyncio.Future[T], undo: Callable[[T], object] | None) -> None:
+    if not work.done():
+        work.cancel()
+    elif undo is not None and not work.cancelled() and work.exception() is None:
+        undo(work.result())
 
 
 @dataclass
@@ -298,6 +345,20 @@ class Gate:
         """Answer one request with one JSON object. Never raises."""
         return await self._handle(request, admit=True)
 
+    async def refuse_unread(
+        self, service: str, source: str, target: str | None, exc: GateError
+    ) -> dict[str, Any]:
+        """Refuse a request the daemon could not hand over whole (too large, never completed,
+        over its qube's share, withdrawn while queued): audited like any refusal, with the
+        operation its service names, so every request that reached the gate leaves a line."""
+        call = _Call(
+            Request(service, source, target, b""),
+            OPERATIONS_BY_SERVICE.get(service),
+            self.config.principals.get(source),
+        )
+        call.targets = [target] if target else []
+        return await self._refuse(call, exc)
+
     async def _handle(
         self,
         request: Request,
@@ -320,6 +381,14 @@ class Gate:
             result = await self._run(call)
         except GateError as exc:
             return await self._refuse(call, exc)
+        except asyncio.CancelledError:
+            # the daemon is stopping: a request that has not acted is refused and recorded
+            # (one that has is left to start-up recovery, with its "pending" line)
+            if not call.acting:
+                await asyncio.shield(
+                    self._refuse(call, UnavailableError(reason="the gate stopped"))
+                )
+            raise
         except Exception as exc:  # fail closed on anything unexpected; keep only the class
             log.exception("qubes-mcp gate: unexpected %s", type(exc).__name__)
             call.detail["error_class"] = type(exc).__name__
@@ -387,8 +456,13 @@ class Gate:
         if op.name == "plan.apply":
             return await self._apply(call, principal, args)
         if op.creates:
-            async with self.create_lock:
+            await unless_withdrawn(
+                call.request, self.create_lock.acquire(), undo=lambda _: self.create_lock.release()
+            )
+            try:
                 return await self._decide_and_act(call, op, principal, args)
+            finally:
+                self.create_lock.release()
         return await self._decide_and_act(call, op, principal, args)
 
     def _names(self, op: Operation, target: str | None, args: dict[str, Any]) -> list[str]:
@@ -445,6 +519,8 @@ class Gate:
                 withdrawn=call.request.hangup,
             )
             call.detail["consent"] = "approved"
+        if _withdrawn(call.request):  # the last moment before acting
+            raise WithdrawnError(reason="the caller hung up before the request acted")
         if op.state_changing:
             await self._audit(call, decision="allowed", outcome="pending")
         call.acting = True
@@ -542,6 +618,8 @@ class Gate:
                 withdrawn=call.request.hangup,
             )
             call.detail["consent"] = "approved"
+        if _withdrawn(call.request):
+            raise WithdrawnError(reason="the caller hung up before the plan started")
         await self._audit(call, decision="allowed", outcome="pending")
         call.acting = True
         done: list[dict[str, Any]] = []
@@ -552,7 +630,7 @@ class Gate:
                     principal.qube,
                     step.target,
                     json.dumps(step.args).encode(),
-                    call.request.hangup,
+                    call.request.hangup,  # a step not yet started is withdrawn with its plan
                 ),
                 preapproved=plan.needs_consent,
                 detail={"plan_id": plan.id, "step": step.index},

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -20,25 +21,45 @@ async def _pump_input(
     reader: asyncio.StreamReader,
     deliver: Callable[[bytes], Awaitable[None]],
     close: Callable[[], Awaitable[None]],
+    on_hangup: Callable[[], None] | None = None,
 ) -> None:
-    """Caller's STDIN frames to ``deliver`` until the empty frame; then ``close``."""
+    """Caller's STDIN frames to ``deliver`` until the empty frame; then ``close``.
+
+    With ``on_hangup``, the caller's connection is then watched until it ends, and its end
+    (or an end before the empty frame) is reported: qrexec ends a call when the calling side
+    goes away, and a service must learn that its caller has hung up.
+    """
     delivering = True
-    while True:
-        frame = await wire.read_frame(reader)
-        if frame is None:
-            break
-        kind, data = frame
-        if kind != wire.STDIN:
-            raise wire.WireError(f"unexpected frame {kind:#x} from the caller")
-        if not data:
-            break
-        if delivering:
-            try:
-                await deliver(data)
-            except (ConnectionError, OSError):
-                delivering = False  # the service stopped reading; keep draining the caller
+    try:
+        while True:
+            frame = await wire.read_frame(reader)
+            if frame is None:
+                if on_hangup is not None:  # gone without ending its input: a hang-up
+                    on_hangup()
+                    return
+                break
+            kind, data = frame
+            if kind != wire.STDIN:
+                raise wire.WireError(f"unexpected frame {kind:#x} from the caller")
+            if not data:
+                break
+            if delivering:
+                try:
+                    await deliver(data)
+                except (ConnectionError, OSError):
+                    delivering = False  # the service stopped reading; keep draining the caller
+    except (ConnectionError, asyncio.IncompleteReadError):
+        if on_hangup is None:
+            raise
+        on_hangup()
+        return
     with contextlib.suppress(ConnectionError, OSError):
         await close()
+    if on_hangup is not None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while await reader.read(65536):
+                pass  # nothing more is expected; wait for the caller to go
+        on_hangup()
 
 
 async def _pump_output(
@@ -121,30 +142,67 @@ async def stream_socket(
     writer: asyncio.StreamWriter,
     config: RouterConfig,
 ) -> None:
-    """A socket service: descriptor, then the caller's input; its output until EOF; exit 0."""
+    """A socket service: descriptor, then the caller's input; its output until EOF; exit 0.
+
+    As qrexec does (``libqrexec/process_io.c``, ``remote.c``): when the service stops taking
+    input (it answered early and closed), further input is discarded and its output is still
+    relayed to the end; when the caller hangs up, the service's socket is closed entirely (the
+    service sees its peer gone, not just the end of input). The service side is a plain
+    socket rather than an asyncio stream, whose failed write would also discard the unread
+    reply.
+    """
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
     try:
-        sreader, swriter = await asyncio.open_unix_connection(str(path))
+        await loop.sock_connect(sock, str(path))
     except OSError as exc:
+        sock.close()
         log.warning("socket service %s unreachable: %s", path, exc)
         writer.write(wire.encode_exit(wire.EXIT_NOT_FOUND))
         await writer.drain()
         return
-    swriter.write(descriptor)
+    caller_gone = asyncio.Event()
 
     async def deliver(data: bytes) -> None:
-        swriter.write(data)
-        await swriter.drain()
+        await loop.sock_sendall(sock, data)
 
     async def close() -> None:
-        if swriter.can_write_eof():
-            swriter.write_eof()
+        sock.shutdown(socket.SHUT_WR)
 
-    input_task = asyncio.create_task(_pump_input(reader, deliver, close))
+    async def relay_output() -> None:
+        while True:
+            try:
+                chunk = await loop.sock_recv(sock, wire.MAX_DATA_LEN)
+            except ConnectionResetError:
+                chunk = b""  # the service closed with input unread: its output is complete
+            if not chunk:
+                return
+            writer.write(wire.encode_frame(wire.STDOUT, chunk))
+            await writer.drain()
+
     try:
-        async with asyncio.timeout(config.call_timeout):
-            await _pump_output(sreader, writer, wire.STDOUT)
-    except (TimeoutError, ConnectionError):
-        pass
+        with contextlib.suppress(OSError):
+            await loop.sock_sendall(sock, descriptor)
+        input_task = asyncio.create_task(
+            _pump_input(reader, deliver, close, on_hangup=caller_gone.set)
+        )
+        output = asyncio.create_task(relay_output())
+        gone = asyncio.create_task(caller_gone.wait())
+        try:
+            async with asyncio.timeout(config.call_timeout):
+                await asyncio.wait({output, gone}, return_when=asyncio.FIRST_COMPLETED)
+        except TimeoutError:
+            pass
+        finally:
+            gone.cancel()
+            answered = output.done()
+            if not answered:
+                output.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
+                await output
     finally:
-        swriter.close()
+        sock.close()  # after a hang-up: the service sees its peer gone
+    if not answered and caller_gone.is_set():
+        return  # nobody left to answer
     await _finish(reader, writer, 0, input_task, config)
