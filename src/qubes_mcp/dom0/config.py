@@ -44,7 +44,7 @@ Example (every key shown; only ``[[principal]]`` is required)::
     operator_socket = "/run/qubes-mcp/operator.sock"
     audit_log = "/var/log/qubes-mcp/audit.log"
     state_dir = "/var/lib/qubes-mcp"
-    qvm_run = "/usr/bin/qvm-run"
+    qrexec_client = "/usr/lib/qubes/qrexec-client"  # dom0's direct line into a qube
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class Paths:
     operator_socket: Path
     audit_log: Path
     state_dir: Path
-    qvm_run: Path
+    qrexec_client: Path
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ DEFAULT_PATHS = {
     "operator_socket": "/run/qubes-mcp/operator.sock",
     "audit_log": "/var/log/qubes-mcp/audit.log",
     "state_dir": "/var/lib/qubes-mcp",
-    "qvm_run": "/usr/bin/qvm-run",
+    "qrexec_client": "/usr/lib/qubes/qrexec-client",
 }
 _BOUNDS = {
     "timeout": (5, 3600),

@@ -10,7 +10,7 @@ from qubes_mcp.dom0.context import Context, Handler
 from qubes_mcp.dom0.errors import FailedError
 from qubes_mcp.dom0.firewall import render_rules
 from qubes_mcp.dom0.reader import parse_vm_list_line, property_value
-from qubes_mcp.dom0.relay import qvm_run_argv, run_command
+from qubes_mcp.dom0.relay import run_command
 
 
 def _power(method: str, arg: str = "") -> Handler:
@@ -40,7 +40,9 @@ def _text(data: bytes) -> str:
 async def run_in(
     ctx: Context, qube: str, argv: list[str], stdin: str, timeout: int
 ) -> dict[str, Any]:
-    """Relay one command through dom0's qvm-run; only digests and sizes reach the audit log."""
+    """Relay one command through dom0's qrexec-client, bounded in the qube; only digests,
+    sizes and the run id (how a later gate finds the run's processes) reach the audit log.
+    Like ``qvm-run``, start the qube first (qrexec-client does not; a no-op when running)."""
     data = stdin.encode()
     limits = ctx.config.limits
     command = "\0".join(argv).encode()
@@ -49,13 +51,17 @@ async def run_in(
         command_bytes=len(command),
         stdin_bytes=len(data),
     )
+    await ctx.qubesd(qube, "admin.vm.Start")
     result = await run_command(
-        qvm_run_argv(ctx.config.paths.qvm_run, qube, argv),
+        ctx.config.paths.qrexec_client,
+        qube,
+        argv,
         stdin=data,
         timeout=min(timeout, limits.run_timeout),
         limit=limits.output_bytes,
     )
     ctx.detail.update(
+        run_id=result.run_id,
         exit_code=result.exit_code,
         stdout_bytes=result.stdout_bytes,
         stderr_bytes=result.stderr_bytes,

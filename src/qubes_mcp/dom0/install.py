@@ -101,7 +101,7 @@ def default_config_text(layout: Layout, principal: str, egress: str | None) -> s
             f'operator_socket = "{r}/run/qubes-mcp/operator.sock"\n'
             f'audit_log = "{r}/var/log/qubes-mcp/audit.log"\n'
             f'state_dir = "{r}/var/lib/qubes-mcp"\n'
-            f'qvm_run = "{r}/usr/bin/qvm-run"\n'
+            f'qrexec_client = "{r}/usr/lib/qubes/qrexec-client"\n'
         )
     egress_line = (
         f'egress_qube = "{egress}"\n'
