@@ -29,7 +29,7 @@ def ready_file(paths: SimPaths) -> Path:
 
 
 async def _autostart(paths: SimPaths) -> None:
-    from qubes_mcp.sim.qrexec.qubesd_client import QubesdClient
+    from qubes_mcp.sim.qrexec.qubesd_client import QubesdClient, QubesdError
 
     client = QubesdClient(paths)
     names = [
@@ -41,7 +41,10 @@ async def _autostart(paths: SimPaths) -> None:
             continue
         value = (await client.call(name, "admin.vm.property.Get", "autostart")).decode()
         if value.endswith(" True"):
-            await client.call(name, "admin.vm.Start")
+            try:
+                await client.call(name, "admin.vm.Start")
+            except QubesdError as exc:  # a real dom0 boots the others all the same
+                log.error("autostart of %s failed: %s", name, exc)
 
 
 async def run_emulator(root: Path, fleet: Path | None, stop: asyncio.Event) -> None:
@@ -52,6 +55,7 @@ async def run_emulator(root: Path, fleet: Path | None, stop: asyncio.Event) -> N
     from qubes_mcp.sim.qrexec import install_default_policy, install_dom0_rpc, start_router
     from qubes_mcp.sim.qrexec.operator import DenyAllOperator
     from qubes_mcp.sim.qubesd import lifecycle, open_app, start_qubesd
+    from qubes_mcp.sim.sandbox import BwrapUnavailableError, bwrap_path
 
     paths = SimPaths(root.resolve())
     for directory in (paths.run, paths.log_dir, paths.state_file.parent):
@@ -68,7 +72,13 @@ async def run_emulator(root: Path, fleet: Path | None, stop: asyncio.Event) -> N
     app = open_app(paths, fleet)
     hypervisor = Hypervisor(paths, on_death=lambda name: lifecycle.machine_died(app, name))
     hypervisor.reap_leftovers()
-    app.hypervisor = hypervisor
+    try:
+        bwrap_path()
+        app.hypervisor = hypervisor
+    except BwrapUnavailableError as exc:
+        # qubes then run in no sandbox at all: power is state only and calls into them are
+        # refused; nothing ever runs on the host instead
+        log.warning("%s: qubes get no sandboxes", exc)
     qubesd = await start_qubesd(app, paths)
     router = await start_router(paths, DenyAllOperator())
     try:
