@@ -11,7 +11,8 @@ connection on it is one call, in :mod:`qubes_mcp.sim.qrexec.wire` frames:
   gives it: ``USER:COMMAND`` runs ``/bin/sh -c COMMAND`` as USER; ``USER:QUBESRPC
   SERVICE+ARG SOURCE`` runs the qube-side service as USER for a call from SOURCE (lookup and
   ``QREXEC_*`` variables as :mod:`~qubes_mcp.sim.vm_files.agent` does; ``DEFAULT`` is
-  ``user``). Then ``STDIN`` frames, an empty one meaning end of input.
+  ``user``; the stock ``qubes.VMExec`` is decoded by the agent itself and its command
+  executed directly). Then ``STDIN`` frames, an empty one meaning end of input.
 * agent → host: ``STDOUT``/``STDERR`` frames, then one ``EXIT`` (a signal ``N`` is
   ``128+N``) once the child exited and closed both streams.
 
@@ -46,7 +47,8 @@ import time
 from collections.abc import Callable, Sequence
 
 from qubes_mcp.sim.qrexec import wire
-from qubes_mcp.sim.vm_files.agent import EXIT_NOT_FOUND, find_service
+from qubes_mcp.sim.vm_files.agent import EXIT_NOT_FOUND, TEMPLATE_RPC_DIR, find_service
+from qubes_mcp.sim.vm_files.vmexec import DecodeError, decode_args
 
 #: Users a call may run as: (uid, home). ``DEFAULT`` means ``user`` (the template default).
 USERS = {"user": (1000, "/home/user"), "root": (0, "/root")}
@@ -93,6 +95,14 @@ def parse_command(untrusted_cmdline: bytes) -> tuple[str, list[str], dict[str, s
     if path is None:
         raise CallError(f"service {service_and_arg!r} not found", EXIT_NOT_FOUND)
     service, _, arg = service_and_arg.partition("+")
+    argv = [path, arg] if arg else [path]
+    if path == f"{TEMPLATE_RPC_DIR}/qubes.VMExec":
+        # the stock VMExec is decoded here, not by a Python started per call in the qube (a
+        # qube's own /rw/usrlocal override still runs as its program)
+        try:
+            argv = [os.fsdecode(word) for word in decode_args(os.fsencode(arg))]
+        except DecodeError as exc:
+            raise CallError(f"qubes.VMExec: {exc}", 1) from None
     env = {
         "QREXEC_SERVICE_FULL_NAME": f"{service}+{arg}",
         "QREXEC_SERVICE_ARGUMENT": arg,
@@ -100,7 +110,7 @@ def parse_command(untrusted_cmdline: bytes) -> tuple[str, list[str], dict[str, s
         "QREXEC_REQUESTED_TARGET_TYPE": "",
         "QREXEC_AGENT_PID": str(os.getpid()),
     }
-    return user, [path, arg] if arg else [path], env
+    return user, argv, env
 
 
 def _libc_unshare() -> Callable[[int], int]:
