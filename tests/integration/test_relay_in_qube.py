@@ -170,3 +170,52 @@ def test_a_qube_that_is_not_running_is_an_error_not_a_hang(emu: RunningEmulator)
     )
     assert result.exit_code == 1
     assert b"cannot connect" in result.stderr
+
+
+def python_client(emu: RunningEmulator, tmp_path: Path) -> Path:
+    """The Python twin of the compiled client, as ``install`` writes it without a compiler."""
+    import sys
+
+    script = tmp_path / "qrexec-client.py"
+    src = Path(relay.__file__).resolve().parents[2]
+    script.write_text(
+        f"#!{sys.executable} -IS\nimport sys\nsys.path.insert(0, {str(src)!r})\n"
+        "from qubes_mcp.sim.dom0_tools.qrexec_client import main\n"
+        f"sys.exit(main(root={str(emu.paths.root)!r}))\n"
+    )
+    script.chmod(0o755)
+    return script
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin"),
+    [
+        (["-d", "work", "user:cat; echo err >&2; exit 300"], b"in" * 50000),
+        (["-d", "work", "root:head -c 300000 /dev/zero | tr '\\0' y"], b""),
+        (["-T", "-t", "-d", "work", "DEFAULT:QUBESRPC qubes.VMShell dom0"], b"id -un\n"),
+        (["-d", "work", "user:QUBESRPC qubes.NoSuch dom0"], b""),
+        (["-d", "vault", "user:true"], b""),
+        (["-d", "../x", "user:true"], b""),
+        (["-d", "work"], b""),
+    ],
+)
+def test_the_compiled_client_and_its_python_twin_agree(
+    emu: RunningEmulator, tmp_path: Path, args: list[str], stdin: bytes
+) -> None:
+    import shutil
+    import subprocess
+
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert client(emu).read_bytes()[:4] == b"\x7fELF"  # sim run compiled it
+    compiled = subprocess.run(
+        [str(client(emu)), *args], input=stdin, capture_output=True, timeout=60, check=False
+    )
+    twin = subprocess.run(
+        [str(python_client(emu, tmp_path)), *args],
+        input=stdin,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert (compiled.returncode, compiled.stdout) == (twin.returncode, twin.stdout)
+    assert compiled.stderr.split(b":")[0] == twin.stderr.split(b":")[0]
