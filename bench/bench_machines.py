@@ -11,6 +11,8 @@ All on the shared demo stack, into ``ai-dev`` (running; the gate's Run target):
   about ``router.denied``);
 - ``machines.qrexec-client``: dom0's ``qrexec-client -d ai-dev root:QUBESRPC qubes.VMExec+true
   dom0`` as a subprocess (what the gate runs per ``qmcp.Run``, minus the gate);
+- ``machines.relay``: the gate's relay alone (``dom0.relay.run_command``, in process):
+  ``qrexec-client`` with the command under ``timeout`` and the run marker in the qube;
 - ``machines.gate-run``: ``qmcp.Run ["true"]`` on ``ai-dev`` through the router from
   ``mcp-control`` (what the MCP server waits for); its note gives the distance to
   ``machines.vmshell`` (goal ≤ 15 ms);
@@ -27,6 +29,7 @@ import time
 
 from bench import stacks
 from bench.common import Budget, Result, Sample, bwrap_problem, measure_async, skipped
+from qubes_mcp.dom0 import relay
 from qubes_mcp.sim.qrexec.client import call
 from qubes_mcp.sim.qrexec.qubesd_client import QubesdClient
 from qubes_mcp.sim.sandbox import QubeSandbox
@@ -104,7 +107,23 @@ async def _rows(quick: bool) -> list[Result]:
             "machines.qrexec-client",
             f"dom0 `qrexec-client -d {TARGET} root:QUBESRPC qubes.VMExec+true dom0`",
             await measure_async(direct, RUN.scaled(quick)),
-            notes="the gate's line per Run: a python -IS process, no policy",
+            notes="the gate's line per Run (compiled where cc exists), no policy",
+        )
+    )
+
+    async def relay_only() -> None:
+        result = await relay.run_command(
+            client, TARGET, ["true"], stdin=b"", timeout=600, limit=4096
+        )
+        if result.exit_code != 0:
+            raise RuntimeError(f"relay: {result}")
+
+    rows.append(
+        Result.from_sample(
+            "machines.relay",
+            f"dom0.relay.run_command(['true']) → {TARGET}, in process (the gate's relay alone)",
+            await measure_async(relay_only, RUN.scaled(quick)),
+            notes="qrexec-client + env/timeout in the qube",
         )
     )
 
