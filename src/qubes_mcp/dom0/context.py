@@ -47,6 +47,9 @@ class Context:
     facts: Facts
     #: structural audit details (keys from audit_clean.DETAIL_KEYS only)
     detail: dict[str, object] = field(default_factory=dict)
+    #: the audit request id; a command run in a qube carries it as its run marker, so a
+    #: restarted gate can find the processes of a ``pending`` line that has no outcome
+    request_id: str = ""
 
     @property
     def args(self) -> dict[str, Any]:

@@ -277,7 +277,9 @@ class Gate:
         if op.state_changing:
             await self._audit(call, decision="allowed", outcome="pending")
         call.acting = True
-        ctx = Context(self.config, principal, self.admin, reader, verdict, facts, call.detail)
+        ctx = Context(
+            self.config, principal, self.admin, reader, verdict, facts, call.detail, call.request_id
+        )
         return await HANDLERS[op.name](ctx)
 
     # --- plans ------------------------------------------------------------------------------

@@ -41,7 +41,8 @@ async def run_in(
     ctx: Context, qube: str, argv: list[str], stdin: str, timeout: int
 ) -> dict[str, Any]:
     """Relay one command through dom0's qrexec-client, bounded in the qube; only digests,
-    sizes and the run id (how a later gate finds the run's processes) reach the audit log.
+    sizes and the run id (the request id: how a later gate finds the run's processes in the
+    qube, :func:`~qubes_mcp.dom0.relay.cancel_in_qube`) reach the audit log.
     Like ``qvm-run``, start the qube first (qrexec-client does not; a no-op when running)."""
     data = stdin.encode()
     limits = ctx.config.limits
@@ -57,6 +58,7 @@ async def run_in(
         qube,
         argv,
         stdin=data,
+        run_id=ctx.request_id or None,
         timeout=min(timeout, limits.run_timeout),
         limit=limits.output_bytes,
     )
