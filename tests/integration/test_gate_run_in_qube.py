@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from qubes_mcp.dom0.config import load_config
 from qubes_mcp.stack import start_stack
 
 pytestmark = pytest.mark.bwrap
@@ -47,6 +48,9 @@ def test_run_timeout_and_gate_stop_end_the_command_in_the_qube(tmp_path: Path) -
         assert reply["ok"] is True, reply
         assert (reply["result"]["timed_out"], reply["result"]["exit_code"]) == (True, None)
         assert host_pids_with(b"sleep\x0031337.61") == []
+        # the gate's configured console directory is where the emulator keeps the qube's log
+        console = load_config(stack.config).paths.console_logs / "guest-ai-dev.log"
+        assert console == stack.paths.console_log("ai-dev") and console.is_file()
         audit = stack.root / "var/log/qubes-mcp/audit.log"
         last = json.loads(audit.read_text().splitlines()[-1])
         assert last["detail"]["run_id"] == last["request_id"]

@@ -45,6 +45,7 @@ Example (every key shown; only ``[[principal]]`` is required)::
     audit_log = "/var/log/qubes-mcp/audit.log"
     state_dir = "/var/lib/qubes-mcp"
     qrexec_client = "/usr/lib/qubes/qrexec-client"  # dom0's direct line into a qube
+    console_logs = "/var/log/xen/console"    # guest-NAME.log: what a qube wrote on its console
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ class Paths:
     audit_log: Path
     state_dir: Path
     qrexec_client: Path
+    console_logs: Path
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,7 @@ DEFAULT_PATHS = {
     "audit_log": "/var/log/qubes-mcp/audit.log",
     "state_dir": "/var/lib/qubes-mcp",
     "qrexec_client": "/usr/lib/qubes/qrexec-client",
+    "console_logs": "/var/log/xen/console",
 }
 _BOUNDS = {
     "timeout": (5, 3600),

@@ -102,6 +102,7 @@ def default_config_text(layout: Layout, principal: str, egress: str | None) -> s
             f'audit_log = "{r}/var/log/qubes-mcp/audit.log"\n'
             f'state_dir = "{r}/var/lib/qubes-mcp"\n'
             f'qrexec_client = "{r}/usr/lib/qubes/qrexec-client"\n'
+            f'console_logs = "{r}/var/log/xen/console"\n'
         )
     egress_line = (
         f'egress_qube = "{egress}"\n'
