@@ -83,6 +83,15 @@ def _signal_all(pids: list[int], sig: int) -> None:
             os.kill(pid, sig)
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not yet exited (a zombie counts as gone)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return False
+    return text.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
 def _start_time(pid: int) -> str | None:
     """Field 22 of ``/proc/PID/stat``: tells a pid from a later process that reused it."""
     try:
@@ -403,12 +412,15 @@ class Hypervisor:
     async def close(self) -> None:
         """Kill every machine (the emulator is stopping)."""
         await asyncio.gather(*(m.kill() for m in list(self.machines.values())))
+        with contextlib.suppress(OSError):
+            _Freezer(self.paths, "x").base.rmdir()  # empty once every machine is gone
 
     def reap_leftovers(self) -> list[str]:
         """Kill the sandboxes a previous emulator on this root left behind (it was SIGKILLed
         and ``--die-with-parent`` did not reach them), remove their pid files, sockets and
         freezer groups. Returns the qube names whose sandbox was found alive."""
         reaped: list[str] = []
+        killed: list[int] = []
         directory = self.paths.machines_dir
         for pid_file in sorted(directory.glob("*.pid")) if directory.is_dir() else []:
             name = pid_file.stem
@@ -422,10 +434,14 @@ class Hypervisor:
                 freezer = _Freezer(self.paths, name)
                 _signal_all(tree, signal.SIGKILL)
                 freezer.set("THAWED")
+                killed += tree
                 reaped.append(name)
                 log.warning("reaped the sandbox of %s left by a previous run (pid %d)", name, pid)
             pid_file.unlink(missing_ok=True)
             self.paths.qrexec_daemon_sock(name).unlink(missing_ok=True)
+        deadline = time.monotonic() + 10  # SIGKILL is asynchronous: see them gone
+        while any(_alive(pid) for pid in killed) and time.monotonic() < deadline:
+            time.sleep(0.02)
         base = _Freezer(self.paths, "x").base
         if base.is_dir():
             for group in base.iterdir():
