@@ -116,3 +116,23 @@ def test_the_agent_refuses_malformed_requests_and_keeps_serving(
         assert await agent_call(paths, "work", b"user:echo ok") == (0, b"ok\n", b"")
 
     machine_test(tmp_path, body)
+
+
+def test_a_stopped_machine_leaves_no_freezer_group(tmp_path: Path) -> None:
+    paths = SimPaths(tmp_path / "root")
+    paths.private_dir("work").mkdir(parents=True)
+    group = machine_mod._Freezer(paths, "work")
+
+    async def main() -> None:
+        hv = Hypervisor(paths)
+        await hv.start("work")
+        if not group.path.is_dir():
+            await hv.close()
+            pytest.skip("no usable cgroup v1 freezer here (pause uses SIGSTOP)")
+        await hv.kill("work")
+        assert not group.path.exists()
+        await hv.start("work")
+        await hv.close()
+        assert not group.base.exists()
+
+    asyncio.run(main())

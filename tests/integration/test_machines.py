@@ -145,6 +145,14 @@ def test_the_long_lived_sandbox_keeps_the_isolation(emu: RunningEmulator) -> Non
             "env | grep -c PYTHONPATH",
         ]
     )
+    # root in the qube cannot take the covers away, not even from a mount namespace of its own
+    uncover = (
+        "umount /etc/shadow 2>/dev/null && echo uncovered;"
+        " umount /rw 2>/dev/null && echo unmounted;"
+        " unshare -m sh -c 'umount /etc/shadow && echo uncovered-in-new-ns' 2>/dev/null;"
+        " id -u; cat /etc/shadow 2>/dev/null | wc -c"
+    )
+    assert qrexec(paths, "work", f"root:{uncover}").stdout.split() == [b"0", b"0"]
     out = qrexec(paths, "work", f"root:{script}").stdout.decode()
     assert out.splitlines()[0] == "lo"
     assert "vault data" not in out

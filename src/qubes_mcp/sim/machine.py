@@ -130,10 +130,19 @@ class _Freezer:
         except OSError:
             return ""
 
-    def remove(self) -> None:
-        with contextlib.suppress(OSError):
-            self.set("THAWED")
-            self.path.rmdir()
+    async def remove(self) -> None:
+        """Remove the group once its last task has left it (exiting tasks take a moment)."""
+        self.set("THAWED")
+        for _ in range(250):
+            try:
+                self.path.rmdir()
+            except FileNotFoundError:
+                return
+            except OSError:
+                await asyncio.sleep(0.02)
+                continue
+            return
+        log.warning("freezer group %s still busy; left in place", self.path)
 
 
 class Machine:
@@ -182,7 +191,7 @@ class Machine:
                     f"--ready-fd={ready_w}",
                     f"--grace={grace}",
                 ],
-                uid=0,
+                uid=1000,  # the agent is `user`; a root call enters a nested user namespace
                 env={},
                 new_session=True,
             )
@@ -242,15 +251,15 @@ class Machine:
         why = "stopped" if self.expected_exit else f"died (exit status {code})"
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         _append(self.paths.console_log(self.name), f"--- {stamp} {self.name} {why}\n".encode())
-        self._cleanup()
+        await self._cleanup()
         self.exited.set()
         self._on_exit(self, code)
 
-    def _cleanup(self) -> None:
+    async def _cleanup(self) -> None:
         self.pid_file.unlink(missing_ok=True)
         self.paths.qrexec_daemon_sock(self.name).unlink(missing_ok=True)
-        if self._use_freezer:
-            self._freezer.remove()
+        if self._use_freezer or self._freezer.path.is_dir():
+            await self._freezer.remove()
 
     def _tree(self) -> list[int]:
         return _descendants(self.proc.pid) if self.proc is not None else []
@@ -379,6 +388,8 @@ class Hypervisor:
         except BaseException:
             self.machines.pop(name, None)
             await machine.kill()
+            if machine.proc is None:  # never spawned: nothing will clean up after it
+                await machine._freezer.remove()
             raise
 
     def _exited(self, machine: Machine, code: int) -> None:

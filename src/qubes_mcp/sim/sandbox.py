@@ -242,6 +242,10 @@ def bwrap_argv(
         str(uid),
         "--gid",
         str(uid),
+        # uid 0 would otherwise hold every capability inside its namespaces, enough to unmount
+        # the covers below and read what they hide; with none it is only uid 0
+        "--cap-drop",
+        "ALL",
         *_system_binds(),
         *_identity_files(paths, name),
         "--proc",

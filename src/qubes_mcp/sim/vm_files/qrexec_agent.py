@@ -17,8 +17,11 @@ connection on it is one call, in :mod:`qubes_mcp.sim.qrexec.wire` frames:
   ``128+N``) once the child exited and closed both streams.
 
 Each call runs in its own session (its process group is the call's, for ``kill -- -PGID``).
-``user`` calls get a nested user namespace that maps uid 1000 onto the sandbox's root, so
-``id`` says ``user`` as in a real qube and root-only things fail for them.
+The agent itself runs as ``user`` (uid 1000, no capabilities), and so do ``user`` calls; a
+``root`` call joins the qube's one nested user namespace mapping uid 0 onto ``user`` (held by a
+process the agent forks at start), so ``id`` says root as in a real qube and root's processes
+see each other, while every mount and namespace of the sandbox stays owned by the outer
+namespace, where root has no capability (it cannot unmount what hides the host's secrets).
 
 When the host hangs up before the exit code, the call's pipes are closed and the command is
 left to run, as a real qrexec-agent does: ending a command is the caller's business
@@ -113,13 +116,7 @@ def parse_command(untrusted_cmdline: bytes) -> tuple[str, list[str], dict[str, s
     return user, argv, env
 
 
-def _libc_unshare() -> Callable[[int], int]:
-    libc = ctypes.CDLL(None, use_errno=True)
-    unshare: Callable[[int], int] = libc.unshare
-    return unshare
-
-
-_unshare = _libc_unshare()  # resolved before any fork: the child only calls it
+_libc = ctypes.CDLL(None, use_errno=True)  # resolved before any fork: children only call it
 
 
 def _write_file(path: str, data: str) -> None:
@@ -130,17 +127,56 @@ def _write_file(path: str, data: str) -> None:
         os.close(fd)
 
 
-def _become(user: str) -> Callable[[], None]:
-    """What the forked child does before exec: become ``user``, enter the home directory."""
+def start_root_namespace() -> int:
+    """Fork the holder of the qube's one ``root`` user namespace; its pid.
+
+    Every root call joins this namespace (``setns``), so root's processes share it as they
+    share root in a real qube: one root call can see, ``ptrace`` and kill another's. The
+    namespace maps uid 0 onto ``user``; the sandbox's mounts and namespaces stay owned by the
+    outer one, where root has no capability.
+    """
+    base, base_gid = os.getuid(), os.getgid()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the holder: set the namespace up, then wait to die with the sandbox
+        try:
+            os.close(ready_r)
+            if _libc.unshare(CLONE_NEWUSER) != 0:
+                os._exit(1)
+            _write_file("/proc/self/setgroups", "deny")
+            _write_file("/proc/self/uid_map", f"0 {base} 1")
+            _write_file("/proc/self/gid_map", f"0 {base_gid} 1")
+            os.write(ready_w, b"R")
+            os.close(ready_w)
+            with contextlib.suppress(BaseException):
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                while True:
+                    signal.pause()
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    ok = os.read(ready_r, 1) == b"R"
+    os.close(ready_r)
+    if not ok:
+        raise OSError("cannot create the root user namespace")
+    return pid
+
+
+def _become(user: str, root_ns: int) -> Callable[[], None]:
+    """What the forked child does before exec: become ``user``, enter the home directory.
+
+    ``user`` is the agent's own identity; ``root`` joins the holder's namespace
+    (:func:`start_root_namespace`)."""
     uid, home = USERS[user]
 
     def child() -> None:
-        if uid != 0:
-            if _unshare(CLONE_NEWUSER) != 0:
-                raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER)")
-            _write_file("/proc/self/setgroups", "deny")
-            _write_file("/proc/self/uid_map", f"{uid} 0 1")
-            _write_file("/proc/self/gid_map", f"{uid} 0 1")
+        if uid != os.getuid():
+            fd = os.open(f"/proc/{root_ns}/ns/user", os.O_RDONLY)
+            try:
+                if _libc.setns(fd, CLONE_NEWUSER) != 0:
+                    raise OSError(ctypes.get_errno(), "setns(CLONE_NEWUSER)")
+            finally:
+                os.close(fd)
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
         if home != "/home/user":
@@ -153,10 +189,13 @@ def _become(user: str) -> Callable[[], None]:
 class Agent:
     """Accepts calls on the inherited socket and runs each as a child process."""
 
-    def __init__(self, listener: socket.socket, base_env: dict[str, str], grace: float) -> None:
+    def __init__(
+        self, listener: socket.socket, base_env: dict[str, str], grace: float, root_ns: int
+    ) -> None:
         self.listener = listener
         self.base_env = base_env
         self.grace = grace
+        self.root_ns = root_ns
         self.calls = 0
 
     async def serve(self, stop: asyncio.Event) -> None:
@@ -207,7 +246,7 @@ class Agent:
                 stderr=subprocess.PIPE,
                 env=env,
                 start_new_session=True,
-                preexec_fn=_become(user),  # noqa: PLW1509 - the agent has one thread
+                preexec_fn=_become(user, self.root_ns),  # noqa: PLW1509 - one thread
             )
         except (OSError, subprocess.SubprocessError) as exc:
             message = f"qrexec-agent: cannot execute {argv[0]}: {exc}\n"
@@ -363,7 +402,7 @@ def main(argv: Sequence[str]) -> int:
     os.chdir("/")
     listener = socket.socket(fileno=listen_fd)
     listener.setblocking(False)
-    agent = Agent(listener, base_env, grace)
+    agent = Agent(listener, base_env, grace, start_root_namespace())
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
