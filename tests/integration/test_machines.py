@@ -188,10 +188,15 @@ def test_pause_freezes_the_processes_and_unpause_resumes_them(emu: RunningEmulat
 def test_shutdown_terminates_and_kill_ends_at_once(emu: RunningEmulator) -> None:
     paths = emu.paths
     started(paths, "personal")
-    trap = "trap 'echo termed > /rw/termed; exit 0' TERM; while true; do sleep 0.1; done"
+    trap = (
+        "trap 'echo termed > /rw/termed; exit 0' TERM; touch /rw/trapped;"
+        " while true; do sleep 0.1; done"
+    )
+    (paths.private_dir("personal") / "trapped").unlink(missing_ok=True)
     qrexec(paths, "personal", f'user:nohup sh -c "{trap}" >/dev/null 2>&1 &')
     qrexec(paths, "personal", "user:nohup sleep 31337.41 >/dev/null 2>&1 &")
     until(lambda: host_pids_with(b"sleep\x0031337.41"))
+    until((paths.private_dir("personal") / "trapped").exists)  # its trap is set
     admin(paths, "personal", "admin.vm.Shutdown", "wait")
     assert power(paths, "personal") == "Halted"
     assert (paths.private_dir("personal") / "termed").read_text() == "termed\n"

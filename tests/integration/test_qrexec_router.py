@@ -213,6 +213,7 @@ def test_dispvm_is_created_started_used_and_killed(tmp_path: Path) -> None:
         name = result.stdout.decode().strip()
         assert result.exit_code == 0 and name.startswith("disp")
         await until(lambda: bool(env.calls("admin.vm.Kill")))  # when the connection ends
+        await until(lambda: name not in env.fake.domains)  # once its sandbox is gone
         methods = [(m, d, p) for m, _a, _s, d, p in env.fake.record if m.startswith("admin.vm.")]
         assert methods == [
             ("admin.vm.CreateDisposable", "default-dvm", b"uuid"),
