@@ -164,6 +164,29 @@ def test_socket_service_gets_the_descriptor_then_stdin(tmp_path: Path) -> None:
     ]
 
 
+def test_a_socket_service_that_answers_before_reading_everything_is_heard(
+    tmp_path: Path,
+) -> None:
+    """The gate refuses an oversized request after reading only part of it, answers and
+    closes: the answer must reach the caller although the rest of the input cannot."""
+
+    async def body(env: Env) -> None:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readexactly(1000)
+            await asyncio.sleep(0.01)  # the caller's input fills the socket meanwhile
+            writer.write(b"too large")
+            writer.close()
+
+        env.paths.rpc_dir.mkdir(parents=True, exist_ok=True)
+        server = await asyncio.start_unix_server(serve, path=str(env.paths.rpc_dir / "test.Early"))
+        async with server:
+            for _ in range(20):
+                result = await env.call("mgmt", "@adminvm", "test.Early", b"x" * 4_000_000)
+                assert (result.exit_code, result.stdout) == (0, b"too large")
+
+    run_env(tmp_path, "test.Early * mgmt @adminvm allow target=dom0\n", body)
+
+
 # --- qubes ----------------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -121,33 +122,57 @@ async def stream_socket(
     writer: asyncio.StreamWriter,
     config: RouterConfig,
 ) -> None:
-    """A socket service: descriptor, then the caller's input; its output until EOF; exit 0."""
+    """A socket service: descriptor, then the caller's input; its output until EOF; exit 0.
+
+    The service's socket is driven with plain socket calls, not a transport: a service may
+    answer and close before it read all the input (the gate refusing an oversized request),
+    and a failed write must then stop the input only, not throw away the answer already on its
+    way (an asyncio transport aborts both directions on a write error).
+    """
+    loop = asyncio.get_running_loop()
+    service = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    service.setblocking(False)
     try:
-        sreader, swriter = await asyncio.open_unix_connection(str(path))
+        await loop.sock_connect(service, str(path))
+        await loop.sock_sendall(service, descriptor)
     except OSError as exc:
+        service.close()
         log.warning("socket service %s unreachable: %s", path, exc)
         writer.write(wire.encode_exit(wire.EXIT_NOT_FOUND))
         await writer.drain()
         return
-    swriter.write(descriptor)
 
     async def deliver(data: bytes) -> None:
-        swriter.write(data)
-        await swriter.drain()
+        await loop.sock_sendall(service, data)
 
     async def close() -> None:
-        if swriter.can_write_eof():
-            swriter.write_eof()
+        service.shutdown(socket.SHUT_WR)
+
+    async def relay_output() -> None:
+        while True:
+            try:
+                chunk = await loop.sock_recv(service, wire.MAX_DATA_LEN)
+            except ConnectionError:
+                return
+            if not chunk:
+                return
+            writer.write(wire.encode_frame(wire.STDOUT, chunk))
+            await writer.drain()
 
     input_task = asyncio.create_task(_pump_input(reader, deliver, close))
     try:
-        async with asyncio.timeout(config.call_timeout):
-            await _pump_output(sreader, writer, wire.STDOUT)
-    except (TimeoutError, ConnectionError):
-        pass
+        try:
+            async with asyncio.timeout(config.call_timeout):
+                await relay_output()
+        except (TimeoutError, ConnectionError):
+            pass
+        await _finish(reader, writer, 0, input_task, config)
     finally:
-        swriter.close()
-    await _finish(reader, writer, 0, input_task, config)
+        if not input_task.done():  # no send may be pending on a closed descriptor
+            input_task.cancel()
+            with contextlib.suppress(BaseException):
+                await input_task
+        service.close()
 
 
 async def stream_agent(
