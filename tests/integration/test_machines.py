@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from qubes_mcp.sim.machine import _Freezer
 from qubes_mcp.sim.paths import SimPaths
 from qubes_mcp.sim.qrexec.qubesd_client import QubesdClient
 from tests.emulator_process import RunningEmulator, start_emulator
@@ -305,6 +306,7 @@ def test_no_sandbox_outlives_a_killed_emulator(tmp_path: Path) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(ghost.pid, signal.SIGKILL)
     assert list(paths.machines_dir.glob("*.pid")) == []  # a clean stop leaves none
+    assert not _Freezer(paths, "work").base.exists()  # nor a freezer group
 
 
 def test_sigterm_of_the_emulator_stops_every_sandbox(tmp_path: Path) -> None:
@@ -315,3 +317,4 @@ def test_sigterm_of_the_emulator_stops_every_sandbox(tmp_path: Path) -> None:
     emu.stop()
     assert host_pids_with(b"sleep\x0031337.46") == []
     assert list(emu.paths.machines_dir.glob("*.pid")) == []
+    assert not _Freezer(emu.paths, "work").base.exists()

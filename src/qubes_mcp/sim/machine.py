@@ -454,15 +454,26 @@ class Hypervisor:
         while any(_alive(pid) for pid in killed) and time.monotonic() < deadline:
             time.sleep(0.02)
         base = _Freezer(self.paths, "x").base
-        if base.is_dir():
-            for group in base.iterdir():
-                with contextlib.suppress(OSError):
-                    (group / "freezer.state").write_text("THAWED")
-                deadline = time.monotonic() + 5
-                while time.monotonic() < deadline:
-                    try:
-                        group.rmdir()
+        groups = [g for g in base.iterdir() if g.is_dir()] if base.is_dir() else []
+        for group in groups:  # whatever is still in a leftover group is a leftover too
+            with contextlib.suppress(OSError, ValueError):
+                pids = [int(p) for p in (group / "cgroup.procs").read_text().split()]
+                _signal_all(pids, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                (group / "freezer.state").write_text("THAWED")
+        deadline = time.monotonic() + 10
+        for group in groups:
+            while True:
+                try:
+                    group.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        log.warning("cannot remove the leftover freezer group %s", group)
                         break
-                    except OSError:
-                        time.sleep(0.02)
+                    time.sleep(0.02)
+        with contextlib.suppress(OSError):
+            base.rmdir()
         return reaped
