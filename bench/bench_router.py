@@ -9,12 +9,13 @@ dispatch, the streams and the exit code.
 
 - ``router.dom0-exec``: ``bench.Echo``, a two-line ``/bin/sh`` executable installed in
   ``ROOT/etc/qubes-rpc`` (so: fork + exec on the host per call), allowed by a policy file;
-- ``router.vmshell``: ``qubes.VMShell`` running ``true`` in the qube ``work``, i.e. a new
-  bubblewrap sandbox per call (the first call, which also starts the qube, is shown apart);
+- ``router.vmshell``: ``qubes.VMShell`` running ``true`` in the qube ``work``: the qube's
+  agent runs ``/bin/sh`` in its long-lived sandbox (the first call, which also starts the
+  qube and boots that sandbox, is shown apart; ``bench_machines`` has the per-call sandbox
+  of before side by side);
 - ``router.qvm-run``: the emulated dom0's ``ROOT/usr/bin/qvm-run ... work true`` as a
-  subprocess: dom0's policy-free direct line (``qrexec-client -d``) plus a fresh Python for
-  the tool itself. This is what the gate pays per ``qmcp.Run`` (it relays through qvm-run),
-  so it explains most of ``gate.Run.daemon``;
+  subprocess: a fresh Python for the tool, then dom0's policy-free direct line. The gate no
+  longer uses it (it runs ``qrexec-client``, see ``bench_machines``);
 - ``router.denied``: a call an explicit ``deny`` rule refuses (exit 126): refusal latency.
 """
 
@@ -107,15 +108,15 @@ async def _run(quick: bool) -> list[Result]:
                 p50=cold,
                 p99=cold,
                 mean=cold,
-                notes="first call: autostart + agent socket + sandbox",
+                notes="first call: autostart boots the sandbox + agent",
             )
         )
         results.append(
             Result.from_sample(
                 "router.vmshell",
-                f"qubes.VMShell `true` in {SHELL_TARGET} (running): bwrap sandbox per call",
+                f"qubes.VMShell `true` in {SHELL_TARGET} (running): its long-lived sandbox",
                 await measure_async(shell, SHELL_BUDGET.scaled(quick)),
-                notes="allow; new bubblewrap sandbox + /bin/sh per call",
+                notes="allow; the agent forks /bin/sh in the qube",
             )
         )
         qvm_run = paths.root / "usr" / "bin" / "qvm-run"
@@ -134,7 +135,7 @@ async def _run(quick: bool) -> list[Result]:
                 "router.qvm-run",
                 f"dom0 `qvm-run --pass-io --no-shell {SHELL_TARGET} true` (shim subprocess)",
                 await measure_async(dom0_qvm_run, QVM_RUN_BUDGET.scaled(quick)),
-                notes="no policy (dom0 direct line); python start + VMExec sandbox",
+                notes="no policy (dom0 direct line); a full python per call",
             )
         )
 

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from qubes_mcp.sim.machine import Hypervisor
 from qubes_mcp.sim.paths import SimPaths
 from qubes_mcp.sim.qrexec.client import CallResult, call
 from qubes_mcp.sim.qrexec.config import RouterConfig
@@ -28,6 +29,7 @@ from qubes_mcp.sim.qrexec.dom0_rpc import install_dom0_rpc
 from qubes_mcp.sim.qrexec.operator import ScriptedOperator
 from qubes_mcp.sim.qrexec.qubesd_client import QubesdClient, QubesdError
 from qubes_mcp.sim.qrexec.router import Router, start_router
+from qubes_mcp.sim.sandbox import BwrapUnavailableError, bwrap_path
 
 T = TypeVar("T")
 
@@ -78,15 +80,31 @@ class FakeQubesd:
     _listeners: list[asyncio.Queue[bytes]] = field(default_factory=list)
     _disp_counter: int = 1000
     disposable_tags: tuple[str, ...] = ()  # given to every new disposable (e.g. "no-start")
+    #: the qubes' sandboxes, as the real qubesd has them (None where bwrap is unusable)
+    hypervisor: Hypervisor | None = None
 
     async def start(self) -> None:
         self.paths.run.mkdir(parents=True, exist_ok=True)
         for name in self.domains:
             self.paths.private_dir(name).mkdir(parents=True, exist_ok=True)
+        try:
+            bwrap_path()
+            self.hypervisor = Hypervisor(self.paths)
+        except BwrapUnavailableError:
+            self.hypervisor = None
+        for name, dom in self.domains.items():
+            if name != "dom0" and dom["power_state"] == "Running":
+                await self._power(name, start=True)
         for sock in (self.paths.qubesd_sock, self.paths.qubesd_internal_sock):
             self._servers.append(await asyncio.start_unix_server(self._handle, path=str(sock)))
 
+    async def _power(self, name: str, *, start: bool) -> None:
+        if self.hypervisor is not None:
+            await (self.hypervisor.start(name) if start else self.hypervisor.kill(name))
+
     async def close(self) -> None:
+        if self.hypervisor is not None:
+            await self.hypervisor.close()
         for server in self._servers:
             server.close()
         for queue in self._listeners:
@@ -116,6 +134,17 @@ class FakeQubesd:
                     await writer.drain()
             writer.close()
             return
+        if dest in self.domains and method in {
+            "admin.vm.Start",
+            "admin.vm.Kill",
+            "admin.vm.Shutdown",
+        }:
+            running = self.domains.get(dest, {}).get("power_state") == "Running"
+            if method == "admin.vm.Start" and not running:
+                if "no-start" not in self.domains[dest]["tags"]:
+                    await self._power(dest, start=True)
+            elif method != "admin.vm.Start" and running:
+                await self._power(dest, start=False)
         writer.write(self._answer(method, dest, payload))
         writer.close()
 

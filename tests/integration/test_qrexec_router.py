@@ -16,6 +16,18 @@ from qubes_mcp.sim.qrexec.client import call
 DUMP = '#!/bin/sh\nprintf \'argv:%s\\n\' "$0" "$@"\nenv | grep ^QREXEC_ | sort\ncat\nexit 5\n'
 
 
+def _host_processes_with(marker: bytes) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if marker in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
 def run_env(tmp_path: Path, policy: str, body, answers=()):  # type: ignore[no-untyped-def]
     async def main():  # type: ignore[no-untyped-def]
         async with emulated(tmp_path, policy, answers) as env:
@@ -152,6 +164,29 @@ def test_socket_service_gets_the_descriptor_then_stdin(tmp_path: Path) -> None:
     ]
 
 
+def test_a_socket_service_that_answers_before_reading_everything_is_heard(
+    tmp_path: Path,
+) -> None:
+    """The gate refuses an oversized request after reading only part of it, answers and
+    closes: the answer must reach the caller although the rest of the input cannot."""
+
+    async def body(env: Env) -> None:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readexactly(1000)
+            await asyncio.sleep(0.01)  # the caller's input fills the socket meanwhile
+            writer.write(b"too large")
+            writer.close()
+
+        env.paths.rpc_dir.mkdir(parents=True, exist_ok=True)
+        server = await asyncio.start_unix_server(serve, path=str(env.paths.rpc_dir / "test.Early"))
+        async with server:
+            for _ in range(20):
+                result = await env.call("mgmt", "@adminvm", "test.Early", b"x" * 4_000_000)
+                assert (result.exit_code, result.stdout) == (0, b"too large")
+
+    run_env(tmp_path, "test.Early * mgmt @adminvm allow target=dom0\n", body)
+
+
 # --- qubes ----------------------------------------------------------------------------------
 
 
@@ -201,6 +236,7 @@ def test_dispvm_is_created_started_used_and_killed(tmp_path: Path) -> None:
         name = result.stdout.decode().strip()
         assert result.exit_code == 0 and name.startswith("disp")
         await until(lambda: bool(env.calls("admin.vm.Kill")))  # when the connection ends
+        await until(lambda: name not in env.fake.domains)  # once its sandbox is gone
         methods = [(m, d, p) for m, _a, _s, d, p in env.fake.record if m.startswith("admin.vm.")]
         assert methods == [
             ("admin.vm.CreateDisposable", "default-dvm", b"uuid"),
@@ -209,7 +245,7 @@ def test_dispvm_is_created_started_used_and_killed(tmp_path: Path) -> None:
         ]
         assert name not in env.fake.domains
         assert not env.paths.vm_agent_sock(name).exists()
-        assert name not in env.router.sandboxes
+        assert env.fake.hypervisor is not None and not env.fake.hypervisor.running(name)
 
     run_env(tmp_path, "", body)  # the stock policy allows qubes.VMShell to @dispvm
 
@@ -234,7 +270,7 @@ def test_dom0_spelled_by_uuid_runs_on_the_host_not_in_a_sandbox(tmp_path: Path) 
         result = await env.call("work", "vault", "test.Dump")
         assert result.exit_code == 5
         assert b"QREXEC_REQUESTED_TARGET=vault" in result.stdout
-        assert "dom0" not in env.router.sandboxes
+        assert env.fake.hypervisor is None or "dom0" not in env.fake.hypervisor.machines
 
     run_env(tmp_path, policy, body)
 
@@ -243,9 +279,7 @@ def test_dom0_spelled_by_uuid_runs_on_the_host_not_in_a_sandbox(tmp_path: Path) 
 def test_qube_shutdown_kills_its_running_calls(tmp_path: Path) -> None:
     async def body(env: Env) -> None:
         task = asyncio.create_task(env.call("mgmt", "work", "qubes.VMShell", b"sleep 600\n"))
-        await until(
-            lambda: "work" in env.router.sandboxes and env.router.sandboxes["work"].running > 0
-        )
+        await until(lambda: _host_processes_with(b"sleep\x00600"))
         from qubes_mcp.sim.qrexec.qubesd_client import QubesdClient
 
         await QubesdClient(env.paths).kill("work")
@@ -278,7 +312,7 @@ def test_qube_cannot_spoof_its_source(tmp_path: Path) -> None:
         "import socket, sys\n"
         'sys.path.insert(0, "/run/qubes-sim/lib")\n'
         "from qubes_mcp.sim.qrexec import wire\n"
-        's = socket.socket(socket.AF_UNIX); s.connect("/run/qubes-sim/agent.sock")\n'
+        's = socket.socket(socket.AF_UNIX); s.connect("/run/qubes-sim/router/agent.sock")\n'
         's.sendall(wire.encode_request("dom0", "test.Who", "mgmt"))\n'
         "print(wire.read_frame_sync(s))'\n"
         "qrexec-client-vm dom0 test.Who; echo rc=$?\n"

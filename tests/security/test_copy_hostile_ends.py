@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -24,7 +26,6 @@ from qubes_mcp.dom0.copy import (
     failure_message,
     relay_copy,
 )
-from qubes_mcp.dom0.relay import qvm_run_argv, run_command
 from qubes_mcp.stack import Stack, start_stack
 
 pytestmark = pytest.mark.bwrap
@@ -44,10 +45,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         s.stop()
 
 
+def qvm_run_argv(qvm_run: Path, qube: str, argv: list[str], *, user: str = "root") -> list[str]:
+    """The emulated dom0's ``qvm-run`` (it starts the qube, like the real one): here the two
+    hostile halves are driven directly, not through the gate."""
+    return [str(qvm_run), "--pass-io", "--no-gui", "--user", user, "--no-shell", "--", qube, *argv]
+
+
 def sh(stack: Stack, qube: str, script: str, user: str = "user") -> str:
     argv = qvm_run_argv(stack.root / "usr/bin/qvm-run", qube, ["sh", "-c", script], user=user)
-    result = asyncio.run(run_command(argv, stdin=b"", timeout=30, limit=1 << 16))
-    return result.stdout.decode()
+    return subprocess.run(argv, capture_output=True, timeout=60, check=False).stdout.decode()
 
 
 def entry(name: bytes, mode: int, content: bytes = b"", filelen: int | None = None) -> bytes:

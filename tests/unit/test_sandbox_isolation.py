@@ -152,6 +152,19 @@ def test_host_files_other_users_cannot_read_are_hidden(paths: SimPaths) -> None:
 
 
 @pytest.mark.bwrap
+def test_root_cannot_uncover_what_is_hidden(paths: SimPaths) -> None:
+    """uid 0 in the sandbox holds no capability: the covers over host secrets stay."""
+    script = (
+        "grep CapEff /proc/self/status\n"
+        "umount /etc/shadow 2>/dev/null && echo uncovered\n"
+        "umount /rw 2>/dev/null && echo unmounted\n"
+        "mount -t tmpfs x /tmp 2>/dev/null && echo mounted\n"
+    )
+    result = sh(paths, script, user="root")
+    assert result.stdout.decode().split() == ["CapEff:", "0000000000000000"]
+
+
+@pytest.mark.bwrap
 def test_environment_is_clean(paths: SimPaths, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QMCP_HOST_SECRET", "leak")
     result = sh(paths, "env")

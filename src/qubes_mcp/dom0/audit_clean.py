@@ -41,7 +41,7 @@ DETAIL_KEYS: Final = frozenset(
         *("rule_count", "action"),
         # run and copy: digests and byte counts instead of command text or output
         *("command_sha256", "command_bytes", "stdin_bytes", "stdout_bytes", "stderr_bytes"),
-        *("exit_code", "files", "bytes"),
+        *("exit_code", "files", "bytes", "run_id"),
         # binary file reads and writes: the path (escaped, capped) and the bytes' digest
         *("path", "paths", "data_sha256"),
         # the decision and what followed

@@ -53,7 +53,8 @@ Example (every key shown; only ``[[principal]]`` is required)::
     operator_socket = "/run/qubes-mcp/operator.sock"
     audit_log = "/var/log/qubes-mcp/audit.log"
     state_dir = "/var/lib/qubes-mcp"   # enrolment.json (the registry of enrolled qubes) lives here
-    qvm_run = "/usr/bin/qvm-run"
+    qrexec_client = "/usr/lib/qubes/qrexec-client"  # dom0's direct line into a qube
+    console_logs = "/var/log/xen/console"    # guest-NAME.log: what a qube wrote on its console
     policy_dir = "/etc/qubes/policy.d"  # where the gate re-renders its policy on (un)enrolment
 """
 
@@ -134,7 +135,8 @@ class Paths:
     operator_socket: Path
     audit_log: Path
     state_dir: Path
-    qvm_run: Path
+    qrexec_client: Path
+    console_logs: Path
     policy_dir: Path
 
 
@@ -178,7 +180,8 @@ DEFAULT_PATHS = {
     "operator_socket": "/run/qubes-mcp/operator.sock",
     "audit_log": "/var/log/qubes-mcp/audit.log",
     "state_dir": "/var/lib/qubes-mcp",
-    "qvm_run": "/usr/bin/qvm-run",
+    "qrexec_client": "/usr/lib/qubes/qrexec-client",
+    "console_logs": "/var/log/xen/console",
     "policy_dir": "/etc/qubes/policy.d",
 }
 _BOUNDS = {

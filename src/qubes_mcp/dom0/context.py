@@ -47,8 +47,9 @@ class Context:
     facts: Facts
     #: structural audit details (keys from audit_clean.DETAIL_KEYS only)
     detail: dict[str, object] = field(default_factory=dict)
-    #: the gate's id for this request, as journaled in its ``pending`` audit line; a birth
-    #: marks the new qube with it so that start-up recovery can find it (create.py)
+    #: the gate's id for this request, as journaled in its ``pending`` audit line: a birth marks
+    #: the new qube with it so that start-up recovery can find it (create.py), and a command run
+    #: in a qube carries it as its run marker, so a restarted gate can find that run's processes
     request_id: str = ""
 
     @property

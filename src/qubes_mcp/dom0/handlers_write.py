@@ -24,7 +24,7 @@ from qubes_mcp.dom0.copy import (
 from qubes_mcp.dom0.errors import FailedError, InvalidInputError
 from qubes_mcp.dom0.firewall import render_rules
 from qubes_mcp.dom0.reader import parse_vm_list_line, property_value
-from qubes_mcp.dom0.relay import RunResult, qvm_run_argv, run_command
+from qubes_mcp.dom0.relay import RunResult, new_run_id, run_argv, run_command
 
 
 def _power(method: str, arg: str = "") -> Handler:
@@ -60,8 +60,10 @@ def _text(data: bytes) -> str:
 
 
 async def relay(ctx: Context, qube: str, argv: list[str], data: bytes, timeout: int) -> RunResult:
-    """Relay one command through dom0's line to ``qube``, within the configured bounds; only
-    digests and sizes reach the audit log."""
+    """Relay one command through dom0's qrexec-client, bounded in the qube; only digests,
+    sizes and the run id (the request id: how a later gate finds the run's processes in the
+    qube, :func:`~qubes_mcp.dom0.relay.cancel_in_qube`) reach the audit log.
+    Like ``qvm-run``, start the qube first (qrexec-client does not; a no-op when running)."""
     limits = ctx.config.limits
     command = "\0".join(argv).encode()
     ctx.detail.update(
@@ -69,13 +71,18 @@ async def relay(ctx: Context, qube: str, argv: list[str], data: bytes, timeout: 
         command_bytes=len(command),
         stdin_bytes=len(data),
     )
+    await ctx.qubesd(qube, "admin.vm.Start")
     result = await run_command(
-        qvm_run_argv(ctx.config.paths.qvm_run, qube, argv),
+        ctx.config.paths.qrexec_client,
+        qube,
+        argv,
         stdin=data,
+        run_id=ctx.request_id or None,
         timeout=min(timeout, limits.run_timeout),
         limit=limits.output_bytes,
     )
     ctx.detail.update(
+        run_id=result.run_id,
         exit_code=result.exit_code,
         stdout_bytes=result.stdout_bytes,
         stderr_bytes=result.stderr_bytes,
@@ -129,24 +136,34 @@ async def file_copy(ctx: Context) -> dict[str, Any]:
     incoming = f"{QUBE_USER_HOME}/{INCOMING_DIR_NAME}/{source}"
     ctx.detail.update(source=source, dest=dest, paths=paths, files=0, bytes=0)
     limits = ctx.config.limits
-    qvm_run = ctx.config.paths.qvm_run
-    mkdir = qvm_run_argv(
-        qvm_run,
-        dest,
-        ["mkdir", "-p", "-m", "0700", "--", f"{QUBE_USER_HOME}/{INCOMING_DIR_NAME}", incoming],
-        user=QUBE_USER,
-    )
+    line = ctx.config.paths.qrexec_client
+    run_id = ctx.request_id or new_run_id()
+    for qube in (source, dest):  # qrexec-client starts no qube (qvm-run does): a no-op if up
+        await ctx.qubesd(qube, "admin.vm.Start")
+
+    def argv(qube: str, words: list[str], user: str) -> list[str]:
+        """Both halves run bounded and marked with the request id, like every command."""
+        return run_argv(line, qube, words, run_id=run_id, timeout=limits.run_timeout, user=user)
 
     async def prepared() -> bool:
         # qfile-unpacker takes an existing directory when dom0 names it: make it as the user
         # would get it from the qubes.Filecopy service (~/QubesIncoming and <source>, 0700)
-        made = await run_command(mkdir, stdin=b"", timeout=limits.run_timeout, limit=4096)
+        made = await run_command(
+            line,
+            dest,
+            ["mkdir", "-p", "-m", "0700", "--", f"{QUBE_USER_HOME}/{INCOMING_DIR_NAME}", incoming],
+            stdin=b"",
+            timeout=limits.run_timeout,
+            limit=4096,
+            user=QUBE_USER,
+            run_id=run_id,
+        )
         return made.exit_code == 0
 
     caps = CopyLimits(limits.copy_bytes, limits.copy_files, limits.run_timeout)
     outcome = await relay_copy(
-        qvm_run_argv(qvm_run, source, [QFILE_AGENT, "--", *paths]),
-        qvm_run_argv(qvm_run, dest, [QFILE_UNPACKER, str(QUBE_USER_UID), incoming], user=QUBE_USER),
+        argv(source, [QFILE_AGENT, "--", *paths], "root"),
+        argv(dest, [QFILE_UNPACKER, str(QUBE_USER_UID), incoming], QUBE_USER),
         caps,
         ready=prepared(),
     )

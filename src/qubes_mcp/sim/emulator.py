@@ -1,9 +1,12 @@
 """One emulated dom0: qubesd, the qrexec router and the stock policy, under one root directory.
 
-``run_emulator`` is what ``qubes-mcp sim run`` does: load the saved state (or the fleet on a
-fresh root), install the stock-like default policy and the dom0 service links, start qubesd and
-the router, start the qubes marked ``autostart`` (through the Admin API, as qubesd does at
-boot), then write ``ROOT/run/emulator.ready`` so scripts and tests can wait for it.
+``run_emulator`` is what ``qubes-mcp sim run`` does: reap the qube sandboxes a killed
+previous run left behind, load the saved state (or the fleet on a fresh root), install the
+stock-like default policy and the dom0 service links and tools, start the hypervisor (one
+sandbox per running qube), qubesd and the router, start the qubes marked ``autostart``
+(through the Admin API, as qubesd does at boot), then write ``ROOT/run/emulator.ready`` so
+scripts and tests can wait for it. However it stops (SIGTERM, SIGINT, its parent dying), every
+qube's sandbox stops with it.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ def ready_file(paths: SimPaths) -> Path:
 
 
 async def _autostart(paths: SimPaths) -> None:
-    from qubes_mcp.sim.qrexec.qubesd_client import QubesdClient
+    from qubes_mcp.sim.qrexec.qubesd_client import QubesdClient, QubesdError
 
     client = QubesdClient(paths)
     names = [
@@ -38,15 +41,21 @@ async def _autostart(paths: SimPaths) -> None:
             continue
         value = (await client.call(name, "admin.vm.property.Get", "autostart")).decode()
         if value.endswith(" True"):
-            await client.call(name, "admin.vm.Start")
+            try:
+                await client.call(name, "admin.vm.Start")
+            except QubesdError as exc:  # a real dom0 boots the others all the same
+                log.error("autostart of %s failed: %s", name, exc)
 
 
 async def run_emulator(root: Path, fleet: Path | None, stop: asyncio.Event) -> None:
     """Serve an emulated dom0 under ``root`` until ``stop`` is set."""
+    from qubes_mcp.sim.dom0_tools.qrexec_client import install as install_qrexec_client
     from qubes_mcp.sim.dom0_tools.qvm_run import install as install_qvm_run
+    from qubes_mcp.sim.machine import Hypervisor
     from qubes_mcp.sim.qrexec import install_default_policy, install_dom0_rpc, start_router
     from qubes_mcp.sim.qrexec.operator import DenyAllOperator
-    from qubes_mcp.sim.qubesd import open_app, start_qubesd
+    from qubes_mcp.sim.qubesd import lifecycle, open_app, start_qubesd
+    from qubes_mcp.sim.sandbox import BwrapUnavailableError, bwrap_path
 
     paths = SimPaths(root.resolve())
     for directory in (paths.run, paths.log_dir, paths.state_file.parent):
@@ -59,7 +68,17 @@ async def run_emulator(root: Path, fleet: Path | None, stop: asyncio.Event) -> N
     install_default_policy(paths)
     install_dom0_rpc(paths)
     install_qvm_run(paths)
+    install_qrexec_client(paths)
     app = open_app(paths, fleet)
+    hypervisor = Hypervisor(paths, on_death=lambda name: lifecycle.machine_died(app, name))
+    hypervisor.reap_leftovers()
+    try:
+        bwrap_path()
+        app.hypervisor = hypervisor
+    except BwrapUnavailableError as exc:
+        # qubes then run in no sandbox at all: power is state only and calls into them are
+        # refused; nothing ever runs on the host instead
+        log.warning("%s: qubes get no sandboxes", exc)
     qubesd = await start_qubesd(app, paths)
     router = await start_router(paths, DenyAllOperator())
     try:
@@ -70,11 +89,23 @@ async def run_emulator(root: Path, fleet: Path | None, stop: asyncio.Event) -> N
     finally:
         ready.unlink(missing_ok=True)
         await router.close()
+        await hypervisor.close()
         await qubesd.close()
 
 
+async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
+    """Stop when the process that started us is gone (we were re-parented), so an emulator
+    whose owner crashed does not keep its qubes' sandboxes running. Polled rather than
+    ``PR_SET_PDEATHSIG``, which fires when the parent *thread* ends, not the process."""
+    while os.getppid() == parent:
+        await asyncio.sleep(0.5)
+    log.warning("the process that started the emulator is gone: stopping")
+    stop.set()
+
+
 def main_run(root: Path, fleet: Path | None) -> int:
-    """Foreground entry point: serve until SIGINT or SIGTERM."""
+    """Foreground entry point: serve until SIGINT or SIGTERM, or until our parent dies."""
+    parent = os.getppid()
 
     async def runner() -> None:
         stop = asyncio.Event()
@@ -82,7 +113,11 @@ def main_run(root: Path, fleet: Path | None) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
-        await run_emulator(root, fleet, stop)
+        watcher = asyncio.create_task(_watch_parent(parent, stop))
+        try:
+            await run_emulator(root, fleet, stop)
+        finally:
+            watcher.cancel()
 
     asyncio.run(runner())
     return 0

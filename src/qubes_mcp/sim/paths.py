@@ -42,10 +42,31 @@ class SimPaths:
         ``qvm-run`` uses there). Host-side only, like the control socket."""
         return self.run / "qrexec" / "dom0-direct.sock"
 
+    def vm_router_dir(self, name: str) -> Path:
+        """Per-qube directory of the router's socket for that qube, bound read-only into that
+        qube's sandbox (a directory, so the socket may appear after the sandbox started)."""
+        return self.run / "qrexec" / "vm" / name
+
     def vm_agent_sock(self, name: str) -> Path:
-        """Per-qube qrexec socket; bound into that qube's sandboxes, so the router knows the
-        caller by the socket it connected to, never by what the caller claims."""
-        return self.run / "qrexec" / "vm" / f"{name}.sock"
+        """Per-qube qrexec socket the qube calls out on; the router knows the caller by the
+        socket it connected to, never by what the caller claims."""
+        return self.vm_router_dir(name) / "agent.sock"
+
+    def qrexec_daemon_sock(self, name: str) -> Path:
+        """dom0's line into a running qube's qrexec agent (``/var/run/qubes/qrexec.NAME`` of
+        a real dom0's qrexec-daemon). Created by the emulator, never visible to any qube: the
+        agent inside holds the listening end it inherited."""
+        return self.run / "qubes" / f"qrexec.{name}"
+
+    @property
+    def machines_dir(self) -> Path:
+        """One pid file per running qube's sandbox, so a later run can reap what a killed
+        emulator left behind."""
+        return self.run / "qubes-sim" / "machines"
+
+    def console_log(self, name: str) -> Path:
+        """The qube's console log (``/var/log/xen/console/guest-NAME.log`` in a real dom0)."""
+        return self.root / "var" / "log" / "xen" / "console" / f"guest-{name}.log"
 
     @property
     def policy_dirs(self) -> tuple[Path, Path]:

@@ -42,7 +42,9 @@ BWRAP_REQUIRED_MESSAGE = (
 
 #: Inside-sandbox layout (all under the per-sandbox tmpfs ``/run``).
 SIM_DIR = "/run/qubes-sim"
-AGENT_SOCKET = f"{SIM_DIR}/agent.sock"
+#: The router's per-qube directory (read-only) and, in it, the socket a qube calls out on.
+ROUTER_DIR = f"{SIM_DIR}/router"
+AGENT_SOCKET = f"{ROUTER_DIR}/agent.sock"
 SHIM_BIN = f"{SIM_DIR}/lib/qubes_mcp/sim/vm_files/bin"
 RPC_DIR = f"{SIM_DIR}/lib/qubes_mcp/sim/vm_files/rpc"
 LIB_DIR = f"{SIM_DIR}/lib"
@@ -206,6 +208,97 @@ def _checked_private_dir(paths: SimPaths, name: str) -> Path:
     return private
 
 
+def bwrap_argv(
+    paths: SimPaths,
+    name: str,
+    python_args: Sequence[str],
+    *,
+    uid: int,
+    env: Mapping[str, str],
+    new_session: bool,
+) -> list[str]:
+    """The ``bwrap`` command line of one sandbox of qube ``name`` running the bundled Python
+    with ``python_args``: the one place that decides what a qube sees (used by the per-call
+    sandbox and by the long-lived one of :mod:`qubes_mcp.sim.machine` alike).
+
+    ``new_session`` puts the sandbox in its own session (no controlling terminal, so no
+    ``TIOCSTI`` into the caller's); the long-lived sandbox's agent does that per call instead.
+    """
+    if not _QUBE_NAME.match(name):
+        raise SandboxError(f"invalid qube name {name!r}")
+    private = _checked_private_dir(paths, name)
+    bwrap = bwrap_path()
+    interpreter, python_binds = _python_binds()
+    package_dir = str(Path(qubes_mcp.__file__).resolve().parent)
+    argv = [
+        bwrap,
+        "--unshare-all",
+        "--unshare-net",
+        "--die-with-parent",
+        *(["--new-session"] if new_session else []),
+        "--hostname",
+        name,
+        "--uid",
+        str(uid),
+        "--gid",
+        str(uid),
+        # uid 0 would otherwise hold every capability inside its namespaces, enough to unmount
+        # the covers below and read what they hide; with none it is only uid 0
+        "--cap-drop",
+        "ALL",
+        *_system_binds(),
+        *_identity_files(paths, name),
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--tmpfs",
+        "/tmp",  # noqa: S108 - a fresh tmpfs inside the sandbox, not the host's /tmp
+        "--tmpfs",
+        "/var/tmp",  # noqa: S108 - likewise
+        "--tmpfs",
+        "/run",
+        "--tmpfs",
+        "/root",
+        "--bind",
+        str(private),
+        "/rw",
+        # A symlink resolved inside the sandbox, so a hostile /rw/home cannot redirect a
+        # host-side bind mount.
+        "--dir",
+        "/home",
+        "--symlink",
+        "/rw/home/user",
+        "/home/user",
+        *python_binds,
+        "--symlink",
+        interpreter,
+        PYTHON,
+        "--ro-bind",
+        package_dir,
+        f"{LIB_DIR}/qubes_mcp",
+    ]
+    router_dir = paths.vm_router_dir(name)
+    if router_dir.is_dir():
+        # read-only: the qube may connect to the router's socket for it, never replace it
+        argv += ["--ro-bind", str(router_dir), ROUTER_DIR]
+    full_env = {
+        "PATH": SANDBOX_PATH,
+        "SHELL": "/bin/sh",
+        "LANG": "C.UTF-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONPATH": LIB_DIR,  # removed again by the agent before it runs anything
+        **env,
+    }
+    argv.append("--clearenv")
+    for key, value in full_env.items():
+        if not _ENV_NAME.match(key) or "\0" in value:
+            raise SandboxError(f"invalid environment entry {key!r}")
+        argv += ["--setenv", key, value]
+    argv += ["--", PYTHON, "-B", "-s", *python_args]
+    return argv
+
+
 class QubeSandbox:
     """Runs commands inside one qube and tracks them so shutdown can kill them all."""
 
@@ -228,75 +321,20 @@ class QubeSandbox:
         if user not in USERS:
             raise SandboxError(f"unknown user {user!r} in qube {self.name!r}")
         uid, home = USERS[user]
-        private = _checked_private_dir(self.paths, self.name)
-        bwrap = bwrap_path()
-        interpreter, python_binds = _python_binds()
-        package_dir = str(Path(qubes_mcp.__file__).resolve().parent)
-        argv = [
-            bwrap,
-            "--unshare-all",
-            "--unshare-net",
-            "--die-with-parent",
-            "--new-session",
-            "--hostname",
-            self.name,
-            "--uid",
-            str(uid),
-            "--gid",
-            str(uid),
-            *_system_binds(),
-            *_identity_files(self.paths, self.name),
-            "--proc",
-            "/proc",
-            "--dev",
-            "/dev",
-            "--tmpfs",
-            "/tmp",  # noqa: S108 - a fresh tmpfs inside the sandbox, not the host's /tmp
-            "--tmpfs",
-            "/var/tmp",  # noqa: S108 - likewise
-            "--tmpfs",
-            "/run",
-            "--tmpfs",
-            "/root",
-            "--bind",
-            str(private),
-            "/rw",
-            # A symlink resolved inside the sandbox, so a hostile /rw/home cannot redirect a
-            # host-side bind mount.
-            "--dir",
-            "/home",
-            "--symlink",
-            "/rw/home/user",
-            "/home/user",
-            *python_binds,
-            "--symlink",
-            interpreter,
-            PYTHON,
-            "--ro-bind",
-            package_dir,
-            f"{LIB_DIR}/qubes_mcp",
-        ]
-        agent_sock = self.paths.vm_agent_sock(self.name)
-        if agent_sock.is_socket():
-            argv += ["--bind", str(agent_sock), AGENT_SOCKET]
         full_env = {
-            "PATH": SANDBOX_PATH,
             "HOME": home,
             "USER": user,
             "LOGNAME": user,
-            "SHELL": "/bin/sh",
-            "LANG": "C.UTF-8",
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "PYTHONPATH": LIB_DIR,  # removed again by the agent before it runs anything
             **(env or {}),
         }
-        argv.append("--clearenv")
-        for key, value in full_env.items():
-            if not _ENV_NAME.match(key) or "\0" in value:
-                raise SandboxError(f"invalid environment entry {key!r}")
-            argv += ["--setenv", key, value]
-        argv += ["--", PYTHON, "-B", "-s", "-m", "qubes_mcp.sim.vm_files.agent", *inner]
-        return argv
+        return bwrap_argv(
+            self.paths,
+            self.name,
+            ["-m", "qubes_mcp.sim.vm_files.agent", *inner],
+            uid=uid,
+            env=full_env,
+            new_session=True,
+        )
 
     async def spawn(
         self, inner: Sequence[str], *, user: str = "user", env: Mapping[str, str] | None = None

@@ -14,7 +14,10 @@ inside a sandbox, and importing this package must not pull in the router there.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+
+TYPE_CHECKING = False  # typing is not imported at run time: per-call clients import this
+if TYPE_CHECKING:
+    from typing import Any
 
 _EXPORTS = {
     "Router": "router",

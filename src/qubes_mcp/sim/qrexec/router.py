@@ -8,9 +8,10 @@ does what qrexec-daemon and the policy daemon do (qubes-internals §5.5–5.9):
    one starting with ``+`` is refused; length limits of §5.8);
 2. evaluate the policy (reloaded when its files change) against fresh
    ``internal.GetSystemInfo``; ``ask`` goes to the :class:`~.operator.AskOperator`;
-3. dispatch: a dom0 service (socket or executable, §1.7, §5.9), a qube's service in its
-   sandbox (starting the qube first when ``autostart`` allows), or a new disposable that is
-   killed when the call ends.
+3. dispatch: a dom0 service (socket or executable, §1.7, §5.9), a qube's service through
+   that qube's agent (``ROOT/run/qubes/qrexec.NAME``, the long-lived sandbox's qrexec agent of
+   :mod:`qubes_mcp.sim.machine`; the qube is started first when ``autostart`` allows), or a
+   new disposable that is killed when the call ends.
 
 Every failure before dispatch is a refusal (``REFUSED``: the caller prints ``Request refused``
 and exits 126); nothing a caller sends can stop the router.
@@ -34,8 +35,8 @@ from qubes_mcp.sim.qrexec.operator import AskOperator, DenyAllOperator
 from qubes_mcp.sim.qrexec.policy_cache import PolicyCache
 from qubes_mcp.sim.qrexec.qubesd_client import QubesdClient, QubesdError, QubesdUnavailableError
 from qubes_mcp.sim.qrexec.request import CallRequest, RefusedError, sanitise_request
-from qubes_mcp.sim.qrexec.streams import stream_process, stream_socket
-from qubes_mcp.sim.sandbox import USERS, QubeSandbox, SandboxError, service_env
+from qubes_mcp.sim.qrexec.streams import stream_agent, stream_process, stream_socket
+from qubes_mcp.sim.sandbox import USERS
 
 log = logging.getLogger("qubes_mcp.sim.qrexec")
 
@@ -60,7 +61,6 @@ class Router:
         self.config = config or RouterConfig()
         self.qubesd = qubesd or QubesdClient(paths)
         self.policy = PolicyCache(paths.policy_dirs)
-        self.sandboxes: dict[str, QubeSandbox] = {}
         self._control: asyncio.AbstractServer | None = None
         self._direct: asyncio.AbstractServer | None = None
         self._agents: dict[str, asyncio.AbstractServer] = {}
@@ -97,7 +97,7 @@ class Router:
             await self.drop_agent(name)
 
     async def close(self) -> None:
-        """Stop listening, kill every sandboxed process, remove the sockets."""
+        """Stop listening and remove the sockets (the qubes' sandboxes are the hypervisor's)."""
         self._closing = True
         if self._events_task is not None:
             self._events_task.cancel()
@@ -146,20 +146,15 @@ class Router:
         os.chmod(path, 0o600)
         return server
 
-    async def ensure_agent(self, name: str) -> QubeSandbox:
-        """The qube's sandbox runner, with its agent socket listening."""
+    async def ensure_agent(self, name: str) -> None:
+        """The qube's socket for calls out of it, listening."""
         async with self._agent_lock:
-            if name not in self.sandboxes:
-                self.sandboxes[name] = QubeSandbox(self.paths, name)
             if name not in self._agents and not self._closing:
+                self.paths.vm_router_dir(name).mkdir(parents=True, exist_ok=True)
                 self._agents[name] = await self._listen(self.paths.vm_agent_sock(name), name)
-            return self.sandboxes[name]
 
     async def drop_agent(self, name: str) -> None:
-        """The qube stopped: kill its processes, close and remove its agent socket."""
-        sandbox = self.sandboxes.pop(name, None)
-        if sandbox is not None:
-            sandbox.kill_all()
+        """The qube stopped: close and remove its socket for calls out of it."""
         server = self._agents.pop(name, None)
         if server is not None:
             server.close()
@@ -178,7 +173,7 @@ class Router:
                         await self.drop_agent(event.subject)
                     elif event.name == "domain-delete":
                         await self.drop_agent(event.kwargs.get("vm", event.subject))
-            except (QubesdUnavailableError, QubesdError, OSError, SandboxError) as exc:
+            except (QubesdUnavailableError, QubesdError, OSError) as exc:
                 log.debug("event stream unavailable: %s", exc)
             # qubesd restarted or not up yet: reconnect (a daemon's retry, not a test wait)
             await asyncio.sleep(0.5)
@@ -355,24 +350,24 @@ class Router:
     ) -> None:
         if user not in USERS:
             raise RefusedError(f"user {user!r} does not exist in {name!r}")
+        await self.ensure_agent(name)
         try:
-            sandbox = await self.ensure_agent(name)
-            proc = await sandbox.spawn(
-                ["service", request.service_and_arg],
-                user=user,
-                env=service_env(request.service_and_arg, request.source),
+            agent_reader, agent_writer = await asyncio.open_unix_connection(
+                str(self.paths.qrexec_daemon_sock(name))
             )
-        except SandboxError as exc:
-            log.warning("cannot run %s in %s: %s", request.service_and_arg, name, exc)
-            raise RefusedError(str(exc)) from None
+        except OSError as exc:
+            log.warning("cannot reach the agent of %s: %s", name, exc)
+            raise RefusedError(f"qube {name!r} has no running agent") from None
         try:
+            # what qrexec-daemon sends the agent: the user and the service call line
+            command = f"{user}:QUBESRPC {request.service_and_arg} {request.source}"
+            agent_writer.write(wire.encode_frame(wire.REQUEST, command.encode()))
             writer.write(wire.encode_frame(wire.ACCEPTED))
-            await stream_process(proc, reader, writer, self.config, lambda: sandbox.kill(proc))
+            await stream_agent(agent_reader, agent_writer, reader, writer, self.config)
         finally:
-            if proc.returncode is None:
-                sandbox.kill(proc)
-                await proc.wait()
-            sandbox.forget(proc)
+            agent_writer.close()
+            with contextlib.suppress(Exception):
+                await agent_writer.wait_closed()
 
     async def _call_dispvm(
         self,

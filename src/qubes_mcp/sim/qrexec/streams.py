@@ -206,3 +206,52 @@ async def stream_socket(
     if not answered and caller_gone.is_set():
         return  # nobody left to answer
     await _finish(reader, writer, 0, input_task, config)
+
+
+async def stream_agent(
+    agent_reader: asyncio.StreamReader,
+    agent_writer: asyncio.StreamWriter,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    config: RouterConfig,
+) -> None:
+    """Relay a call between the caller and a qube's agent (both speak :mod:`.wire` frames).
+
+    The agent is inside the qube: every frame it sends is checked (only ``STDOUT``,
+    ``STDERR`` and one ``EXIT``); anything else, or an agent that hangs up without an exit
+    code, ends the call with exit code 1. After ``config.call_timeout`` the router hangs up
+    on the agent; like a real qrexec-agent, the agent then leaves the command running (a
+    caller that wants it ended runs it under ``timeout`` in the qube).
+    """
+
+    async def deliver(data: bytes) -> None:
+        agent_writer.write(wire.encode_data(wire.STDIN, data))
+        await agent_writer.drain()
+
+    async def close() -> None:
+        agent_writer.write(wire.encode_frame(wire.STDIN, b""))
+        await agent_writer.drain()
+
+    async def relay_output() -> int:
+        while True:
+            frame = await wire.read_frame(agent_reader)
+            if frame is None:
+                return 1
+            kind, data = frame
+            if kind in (wire.STDOUT, wire.STDERR):
+                if data:
+                    writer.write(wire.encode_frame(kind, data))
+                    await writer.drain()
+            elif kind == wire.EXIT:
+                return wire.decode_exit(data)
+            else:
+                raise wire.WireError(f"unexpected frame {kind:#x} from the agent")
+
+    input_task = asyncio.create_task(_pump_input(reader, deliver, close))
+    code = 1
+    try:
+        async with asyncio.timeout(config.call_timeout):
+            code = await relay_output()
+    except (TimeoutError, wire.WireError, ConnectionError) as exc:
+        log.info("call to a qube ended: %s", exc or type(exc).__name__)
+    await _finish(reader, writer, code, input_task, config)

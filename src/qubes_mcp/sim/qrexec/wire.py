@@ -18,10 +18,12 @@ Standard library only: the in-qube shims import this module inside a sandbox.
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import struct
-from dataclasses import dataclass
+
+TYPE_CHECKING = False  # not typing's: a per-call client must not pay for importing typing
+if TYPE_CHECKING:  # asyncio is imported where it is used: the dom0 line and the in-qube shims
+    import asyncio  # start a fresh interpreter per call and must not pay for it
 
 REQUEST = 0x01
 STDIN = 0x02
@@ -50,13 +52,38 @@ class WireError(Exception):
     """The peer sent bytes that are not a valid frame sequence (hostile or broken peer)."""
 
 
-@dataclass(frozen=True)
 class UntrustedRequest:
-    """A request exactly as received; every field still needs sanitising."""
+    """A request exactly as received; every field still needs sanitising.
 
-    untrusted_target: bytes
-    untrusted_service: bytes
-    untrusted_source: bytes
+    (A plain class, not a dataclass: importing dataclasses would cost every per-call client
+    several milliseconds.)"""
+
+    __slots__ = ("untrusted_service", "untrusted_source", "untrusted_target")
+
+    def __init__(
+        self, untrusted_target: bytes, untrusted_service: bytes, untrusted_source: bytes
+    ) -> None:
+        self.untrusted_target = untrusted_target
+        self.untrusted_service = untrusted_service
+        self.untrusted_source = untrusted_source
+
+    def _fields(self) -> tuple[bytes, bytes, bytes]:
+        return (self.untrusted_target, self.untrusted_service, self.untrusted_source)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, UntrustedRequest):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        t, s, src = self._fields()
+        return (
+            f"UntrustedRequest(untrusted_target={t!r}, untrusted_service={s!r}, "
+            f"untrusted_source={src!r})"
+        )
 
 
 def encode_frame(kind: int, data: bytes = b"") -> bytes:
@@ -117,6 +144,8 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes] | None:
     Raises:
         WireError: bad type, over-long frame, or a stream cut inside a frame.
     """
+    import asyncio
+
     try:
         header = await reader.readexactly(HEADER_LEN)
     except asyncio.IncompleteReadError as exc:

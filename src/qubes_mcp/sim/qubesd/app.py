@@ -22,6 +22,7 @@ from qubes_mcp.sim.qubesd import names
 from qubes_mcp.sim.qubesd import props as pdefs
 from qubes_mcp.sim.qubesd.events import EventBus
 from qubes_mcp.sim.qubesd.holder import PropertyHolder
+from qubes_mcp.sim.qubesd.hypervisor import PowerHooks
 from qubes_mcp.sim.qubesd.vm import Label, Qube
 
 log = logging.getLogger("qubes_mcp.sim.qubesd")
@@ -89,6 +90,8 @@ class QubesApp(PropertyHolder):
     clone_tokens: dict[str, tuple[str, str]] = field(default_factory=dict)
     autosave: bool = True
     _system_info: dict[str, Any] | None = None
+    #: the sandboxes behind power operations (None: power is state only)
+    hypervisor: PowerHooks | None = field(default=None, repr=False, compare=False)
     devices: BlockDevices = field(init=False)
     #: the pid of a running qube's sandbox, when sandboxes are long-lived (admin.vm.Stats
     #: then reports that process tree's real memory and cpu figures; see ``stats.py``)

@@ -1,8 +1,11 @@
 """Creating, removing, starting and stopping qubes, with R4.3's checks and event sequences.
 
-Start and shutdown are instantaneous state changes here, but each fires the events a real
-qubesd fires on the way (``qubes/vm/qubesvm.py`` ``start``/``shutdown``/``kill`` and the
-libvirt "stopped" path), so event consumers see what they would see on Qubes.
+Each power operation fires the events a real qubesd fires on the way
+(``qubes/vm/qubesvm.py`` ``start``/``shutdown``/``kill`` and the libvirt "stopped" path), so
+event consumers see what they would see on Qubes. When the app has a hypervisor (the
+emulator's sandboxes, :mod:`qubes_mcp.sim.machine`), start boots the qube's sandbox, shutdown,
+kill, pause and unpause act on its processes, and a sandbox that dies by itself is reported
+through :func:`machine_died`, which halts the qube as libvirt's "stopped" event does.
 """
 
 from __future__ import annotations
@@ -245,6 +248,15 @@ async def start(app: QubesApp, vm: Qube) -> None:
         raise
     app.fire(vm, "domain-pre-spawn", pre=True, start_guid=True)
     vm.power = "Transient"
+    if app.hypervisor is not None:
+        try:
+            await app.hypervisor.start(vm.name)
+        except Exception as err:  # noqa: BLE001 - any failure to boot is a failed start
+            vm.power = "Halted"
+            reason = f"Failed to start {vm.name}: {err}"
+            log.error("%s", reason)
+            app.fire(vm, "domain-start-failed", reason=reason)
+            raise exc.QubesException(reason) from None
     vm.xid = max((d.xid for d in app.domains.values()), default=0) + 1
     vm.start_time = str(time.time())
     for prop in ("xid", "stubdom_xid", "start_time"):
@@ -277,6 +289,8 @@ async def shutdown(app: QubesApp, vm: Qube, force: bool = False) -> None:
     except exc.QubesException as err:
         app.fire(vm, "domain-shutdown-failed", reason=str(err))
         raise
+    if app.hypervisor is not None:
+        await app.hypervisor.shutdown(vm.name)
     _stopped(app, vm)
 
 
@@ -285,7 +299,21 @@ async def kill(app: QubesApp, vm: Qube) -> None:
         raise exc.QubesVMError(vm.name, "Cannot kill Dom0 fake domain!")
     if not vm.is_running():
         raise exc.QubesVMNotStartedError(vm.name)
+    if app.hypervisor is not None:
+        await app.hypervisor.kill(vm.name)
     _stopped(app, vm)
+
+
+def machine_died(app: QubesApp, name: str) -> None:
+    """The qube's sandbox ended by itself (crash, OOM): the domain is gone, as when libvirt
+    reports a domain stopped that nobody shut down."""
+    vm = app.domains.get(name)
+    if vm is None or vm.is_halted():
+        return
+    log.warning("qube %s halted: its sandbox died", name)
+    _stopped(app, vm)
+    if app.autosave:
+        app.save()
 
 
 def _stopped(app: QubesApp, vm: Qube) -> None:
@@ -313,6 +341,8 @@ async def pause(app: QubesApp, vm: Qube) -> None:
     app.fire(vm, "domain-pre-paused", pre=True)
     if vm.power == "Paused":
         return  # libxl's suspend of a paused domain is a no-op: no new libvirt event
+    if app.hypervisor is not None:
+        await app.hypervisor.pause(vm.name)
     vm.power = "Paused"
     app.fire(vm, "domain-paused")
 
@@ -323,5 +353,7 @@ async def unpause(app: QubesApp, vm: Qube) -> None:
     if not vm.is_paused():
         raise exc.QubesVMNotPausedError(vm.name)
     app.fire(vm, "domain-pre-unpaused", pre=True)
+    if app.hypervisor is not None:
+        await app.hypervisor.unpause(vm.name)
     vm.power = "Running"
     app.fire(vm, "domain-unpaused")

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 from qubes_mcp.sim.qrexec import wire
 
-AGENT_SOCKET = "/run/qubes-sim/agent.sock"
+AGENT_SOCKET = "/run/qubes-sim/router/agent.sock"
 MAX_TARGET_LEN = 63
 _IGNORED_FLAGS = {
     "-t",
