@@ -42,6 +42,12 @@ Example (every key shown; only ``[[principal]]`` is required)::
     refused_rate = 5               # refused requests per second per calling qube, and burst:
     refused_burst = 50             # beyond, every request of that qube is rate-limited
 
+    [audit]
+    commands = "argv"              # what the log keeps of each command an agent runs: "argv"
+                                   # (the arguments, escaped, and their SHA-256) or "hash"
+                                   # (only the SHA-256 and size of the command line)
+    argv_bytes = 4096              # cap on the recorded argv; beyond it: cut, marked, hashed
+
     [paths]
     qubesd_socket = "/var/run/qubesd.sock"
     gate_socket = "/run/qubes-mcp/gate.sock"
@@ -60,6 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qubes_mcp.dom0.audit_clean import ARGV_CAP_DEFAULT, ARGV_CAP_MAX
 from qubes_mcp.dom0.errors import ConfigError
 from qubes_mcp.dom0.names import QUBE_NAME_RE, is_valid_qube_name
 from qubes_mcp.dom0.tiers import Scope, Tier
@@ -114,6 +121,19 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    """What the audit log records of the commands an agent runs (``[audit]``).
+
+    ``commands = "argv"`` records each command line, escaped and capped at ``argv_bytes``
+    (the SHA-256 of the whole line is always kept, so a capped argv can still be matched);
+    ``"hash"`` records only the digest and size, for operators who must not keep the text.
+    """
+
+    commands: str = "argv"
+    argv_bytes: int = ARGV_CAP_DEFAULT
+
+
+@dataclass(frozen=True)
 class Paths:
     qubesd_socket: Path
     gate_socket: Path
@@ -133,6 +153,7 @@ class GateConfig:
     limits: Limits
     paths: Paths
     source: str = field(default="<string>", compare=False)
+    audit: AuditSettings = AuditSettings()
 
 
 DEFAULT_BUDGET = {
@@ -153,6 +174,8 @@ DEFAULT_LIMITS = {
     "refused_rate": 5,
     "refused_burst": 50,
 }
+DEFAULT_AUDIT = {"commands": "argv", "argv_bytes": ARGV_CAP_DEFAULT}
+AUDIT_COMMANDS = ("argv", "hash")
 DEFAULT_PATHS = {
     "qubesd_socket": "/var/run/qubesd.sock",
     "gate_socket": "/run/qubes-mcp/gate.sock",
@@ -173,6 +196,7 @@ _BOUNDS = {
     "burst": (1, 1_000_000),
     "refused_rate": (1, 100_000),
     "refused_burst": (1, 1_000_000),
+    "argv_bytes": (256, ARGV_CAP_MAX),
 }
 
 
@@ -258,7 +282,10 @@ def parse_config(text: str, source: str = "<string>") -> GateConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    top = {"default_tier", "egress_qube", "principal", "budget", "consent", "limits", "paths"}
+    top = {
+        *("default_tier", "egress_qube", "principal", "budget", "consent", "limits", "paths"),
+        "audit",
+    }
     unknown = sorted(set(data) - top)
     if unknown:
         raise ConfigError(f"{source}: unknown key {unknown[0]!r} (known: {', '.join(sorted(top))})")
@@ -308,7 +335,13 @@ def parse_config(text: str, source: str = "<string>") -> GateConfig:
         if not isinstance(value, str) or not value.startswith("/"):
             raise ConfigError(f"{source}: paths.{key} must be an absolute path")
     paths = Paths(**{k: Path(v) for k, v in p.items()})
-    return GateConfig(principals, default_tier, egress, budget, consent, limits, paths, source)
+    au = _table(data, "audit", DEFAULT_AUDIT)
+    if au["commands"] not in AUDIT_COMMANDS:
+        raise ConfigError(f'{source}: audit.commands must be "argv" or "hash"')
+    audit = AuditSettings(au["commands"], _int("audit.argv_bytes", au["argv_bytes"]))
+    return GateConfig(
+        principals, default_tier, egress, budget, consent, limits, paths, source, audit
+    )
 
 
 def load_config(path: Path = DEFAULT_CONFIG_PATH) -> GateConfig:

@@ -8,6 +8,7 @@ import hashlib
 from typing import Any
 
 from qubes_mcp.dom0.admin import QubesdError
+from qubes_mcp.dom0.audit_clean import Argv
 from qubes_mcp.dom0.context import Context, Handler
 from qubes_mcp.dom0.errors import FailedError
 from qubes_mcp.dom0.firewall import render_rules
@@ -48,15 +49,23 @@ def _text(data: bytes) -> str:
 
 
 async def relay(ctx: Context, qube: str, argv: list[str], data: bytes, timeout: int) -> RunResult:
-    """Relay one command through dom0's line to ``qube``, within the configured bounds; only
-    digests and sizes reach the audit log."""
+    """Relay one command through dom0's line to ``qube``, within the configured bounds.
+
+    Every command an agent runs passes here, so this is where the audit log learns what ran:
+    the command line's SHA-256 and size, and with ``[audit] commands = "argv"`` the argv
+    itself (escaped and capped by the log, audit_clean.Argv); stdin's size and SHA-256; the
+    exit code and the output sizes — never the output.
+    """
     limits = ctx.config.limits
     command = "\0".join(argv).encode()
     ctx.detail.update(
         command_sha256=hashlib.sha256(command).hexdigest(),
         command_bytes=len(command),
         stdin_bytes=len(data),
+        stdin_sha256=hashlib.sha256(data).hexdigest(),
     )
+    if ctx.config.audit.commands == "argv":
+        ctx.detail["argv"] = Argv(tuple(argv), ctx.config.audit.argv_bytes)
     result = await run_command(
         qvm_run_argv(ctx.config.paths.qvm_run, qube, argv),
         stdin=data,
