@@ -225,9 +225,15 @@ def clean_detail(untrusted_detail: Mapping[str, object] | None) -> dict[str, Det
         if key not in DETAIL_KEYS or key in _RESERVED:
             dropped.append(key)
         elif key == "argv":
-            if not isinstance(value, Argv):  # a plain list gets the default bound
-                value = Argv(tuple(value) if isinstance(value, list | tuple) else (value,))
-            out[key], capped = clean_argv(value)
+            argv = (
+                value
+                if isinstance(value, Argv)
+                else Argv(  # a plain list: default bound
+                    tuple(value) if isinstance(value, list | tuple) else (value,)
+                )
+            )
+            kept, capped = clean_argv(argv)
+            out[key] = list[str | int](kept)
             if capped:
                 out["argv_capped"] = True
         elif isinstance(value, set | frozenset):

@@ -25,6 +25,7 @@ from qubes_mcp.dom0.config import DEFAULT_CONFIG_PATH, GateConfig, load_config
 from qubes_mcp.dom0.describe import escape
 from qubes_mcp.dom0.errors import GateError
 from qubes_mcp.dom0.install import Layout
+from qubes_mcp.dom0.operator_audit import audited, sudo_uid
 from qubes_mcp.dom0.tiers import Scope, Tier
 from qubes_mcp.policy import PolicyError
 
@@ -58,6 +59,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
     return run_gate(config, Path(args.ready_file) if args.ready_file else None)
 
 
+@audited(_config, "install")
 def cmd_install(args: argparse.Namespace) -> int:
     from qubes_mcp.dom0.install import install
 
@@ -73,6 +75,7 @@ def cmd_install(args: argparse.Namespace) -> int:
     return 0
 
 
+@audited(_config, "uninstall")
 def cmd_uninstall(args: argparse.Namespace) -> int:
     from qubes_mcp.dom0.install import uninstall
 
@@ -200,7 +203,13 @@ def cmd_answer(args: argparse.Namespace) -> int:
                 for line in format_request(match[0])[1:-1]:
                     print(line)
             # not pending: the gate says why (withdrawn, timed-out, already-answered, unknown)
-        answer = _operator(args, {"cmd": args.answer, "id": args.id, "digest": digest or ""})
+        command = {
+            "cmd": args.answer,
+            "id": args.id,
+            "digest": digest or "",
+            "sudo_uid": sudo_uid(),
+        }
+        answer = _operator(args, command)
     except (GateError, OSError) as exc:
         return _fail(f"the gate is not reachable ({type(exc).__name__})")
     result = answer.get("result", answer.get("error"))
@@ -270,6 +279,7 @@ async def _set_tags(
         await client.call(qube, "admin.vm.tag.Set", tag)
 
 
+@audited(_config)  # tier, enrol, unenrol
 def cmd_tier(args: argparse.Namespace) -> int:
     try:
         config = _config(args)

@@ -18,14 +18,17 @@ import json
 import logging
 import os
 import signal
+import socket
+import struct
 from pathlib import Path
 from typing import Any
 
 from qubes_mcp.dom0.audit import AuditLog
 from qubes_mcp.dom0.config import GateConfig
 from qubes_mcp.dom0.consent import ConsentBroker, desktop_notifier
-from qubes_mcp.dom0.errors import InvalidInputError, NotFoundError
+from qubes_mcp.dom0.errors import GateError, InvalidInputError, NotFoundError
 from qubes_mcp.dom0.gate import Gate, Request
+from qubes_mcp.dom0.operator_audit import OperatorAct, UnrecordedActError
 
 log = logging.getLogger("qubes_mcp.gate")
 _DESCRIPTOR_MAX = 1024
@@ -128,7 +131,10 @@ class GateDaemon:
             line = await asyncio.wait_for(reader.readline(), 30)
             try:
                 command = json.loads(line[:_OPERATOR_LINE_MAX])
-                answer = self._operator(command)
+                if isinstance(command, dict) and command.get("cmd") in ("approve", "deny"):
+                    answer = await self._answer(command, _peer_uid(writer))
+                else:
+                    answer = self._operator(command)
             except (ValueError, TypeError, KeyError, AttributeError):
                 answer = {"error": "bad command"}
             writer.write(json.dumps(answer).encode() + b"\n")
@@ -153,6 +159,35 @@ class GateDaemon:
             shown = self.consent.show(str(command["id"]))
             return {"request": shown} if shown is not None else {"error": "unknown"}
         return {"error": "unknown command"}
+
+    async def _answer(self, command: dict[str, Any], uid: int | None) -> dict[str, Any]:
+        """``approve``/``deny``, recorded in the chain before the waiting request may go on,
+        as an act of ``operator:<uid>`` with the peer's uid from the socket (operator_audit.py).
+        An answer that cannot be recorded is not given."""
+        request_id = str(command["id"])
+        waiting = [r for r in self.consent.pending() if r.id == request_id]
+        claimed = command.get("sudo_uid")
+        act = OperatorAct(
+            self.gate.audit,
+            str(command["cmd"]),
+            waiting[0].target if waiting else "",
+            {"consent_id": request_id},
+            uid=uid,
+            claimed_sudo_uid=claimed if isinstance(claimed, int | str) else None,
+        )
+        try:
+            if uid is None:
+                raise UnrecordedActError(act.act, "the peer's uid is unknown")
+            await asyncio.to_thread(act.begin)
+        except UnrecordedActError as exc:
+            log.error("%s", exc)
+            return {"error": str(exc)}
+        result = self._operator(command)["result"]
+        try:
+            await asyncio.to_thread(act.finish, ok=result in ("approved", "denied"), code=result)
+        except GateError as exc:  # the answer is given; say loudly that its outcome is not
+            log.error("the outcome of %s %s could not be recorded: %s", act.act, request_id, exc)
+        return {"result": result}
 
     async def start(self) -> None:
         paths = self.config.paths
@@ -190,6 +225,18 @@ async def operator_call(socket_path: Path, command: dict[str, Any]) -> dict[str,
         return answer
     finally:
         writer.close()
+
+
+def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
+    """The uid of the process at the other end of a unix socket (``SO_PEERCRED``), from the
+    kernel: what an operator command claims about its sender is not trusted."""
+    sock = writer.get_extra_info("socket")
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (AttributeError, OSError):
+        return None
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
 
 
 def run_gate(config: GateConfig, ready_file: Path | None = None) -> int:
