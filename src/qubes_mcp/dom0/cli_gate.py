@@ -4,7 +4,7 @@
     install / uninstall / status / doctor   [--root DIR]
     policy render | explain [--from QUBE]
     pending | show ID | approve ID [--digest D] | deny ID
-    audit verify | recover | checkpoint [--log PATH]
+    audit verify | recover | checkpoint | show [--log PATH]
     tier QUBE read|exec|net|full|none | enrol QUBE | unenrol QUBE   [--scope ai]
 
 ``--config`` (default /etc/qubes-mcp/config.toml) names the configuration; with ``--root``
@@ -236,6 +236,17 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         return _fail(str(exc))
 
 
+def cmd_audit_show(args: argparse.Namespace) -> int:
+    from qubes_mcp.dom0.audit_show import audit_show_main, describe_filters
+
+    try:
+        filters = describe_filters(vars(args))
+        path = _log_path(args)
+    except (GateError, ValueError) as exc:
+        return _fail(str(exc))
+    return audit_show_main(path, sys.stdout, filters, as_json=args.json, follow=args.follow)
+
+
 def _seq_hash(text: str) -> tuple[int, str] | None:
     seq, _, digest = text.partition(":")
     return (int(seq), digest) if seq.isdigit() and digest else None
@@ -368,6 +379,20 @@ def register(sub: Any, policy_sub: Any | None = None) -> None:
     checkpoint.add_argument("--through", help="SEQ:HASH printed by `verify` before the backup")
     checkpoint.add_argument("--reason", default="", help="where the copy went, for the record")
     checkpoint.set_defaults(func=cmd_audit_checkpoint)
+    show = audit_sub.add_parser(
+        "show", help="the log as a timeline, one line per request, verified as it is read"
+    )
+    show.add_argument("--config")
+    show.add_argument("--log", help="log file (default: from the configuration)")
+    show.add_argument("--since", help="from this time (ISO 8601, UTC) or seq:N on")
+    show.add_argument("--until", help="up to this time or seq:N")
+    show.add_argument("--principal", help="only this principal (a shell pattern)")
+    show.add_argument("--qube", help="only requests naming this qube (a shell pattern)")
+    show.add_argument("--op", help="only this operation (a shell pattern, e.g. 'operator.*')")
+    show.add_argument("--outcome", help="only ok, failed, rolled-back, not-run or refused")
+    show.add_argument("--json", action="store_true", help="one JSON object per line")
+    show.add_argument("--follow", action="store_true", help="keep printing new requests")
+    show.set_defaults(func=cmd_audit_show)
     tier = add("tier", cmd_tier, "set a qube's tier tags (none = unenrol)")
     tier.add_argument("qube")
     tier.add_argument("tier", choices=("read", "exec", "net", "full", "none"))
