@@ -122,9 +122,9 @@ def fleet_log(path: Path, **kwargs: Any) -> AuditLog:
     return log
 
 
-def show(path: Path, filters: Filters = Filters(), **kwargs: Any) -> tuple[int, list[str]]:
+def show(path: Path, filters: Filters | None = None, **kwargs: Any) -> tuple[int, list[str]]:
     out = io.StringIO()
-    status = audit_show_main(path, out, filters, **kwargs)
+    status = audit_show_main(path, out, filters or Filters(), **kwargs)
     return status, out.getvalue().splitlines()
 
 
