@@ -379,11 +379,13 @@ class LogReader:
             if not chunk:
                 break
             buffer += chunk
-            while (end := buffer.find(b"\n")) >= 0:
-                untrusted_line, buffer = buffer[:end], buffer[end + 1 :]
-                src.offset += end + 1
+            start = 0
+            while (end := buffer.find(b"\n", start)) >= 0:
                 src.lineno += 1
-                out += self._take(untrusted_line, f"{src.path} line {src.lineno}")
+                out += self._take(buffer[start:end], f"{src.path} line {src.lineno}")
+                start = end + 1
+            src.offset += start
+            buffer = buffer[start:]
             if len(buffer) > MAX_LINE_BYTES:
                 out += self._fail("corrupt", f"{src.path} line {src.lineno + 1}: too long")
                 src.offset += len(buffer)  # skip it
