@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import threading
@@ -19,6 +20,7 @@ from qubes_mcp.dom0.audit_verify import verify_log
 from qubes_mcp.dom0.config import GateConfig, parse_config
 from qubes_mcp.dom0.consent import ConsentBroker
 from qubes_mcp.dom0.daemon import GateDaemon, operator_call
+from qubes_mcp.dom0.errors import ConsentTimeoutError, GateError
 from qubes_mcp.dom0.operator_audit import (
     ACTS,
     OperatorAct,
@@ -242,3 +244,50 @@ def test_an_answer_that_cannot_be_recorded_is_not_given(tmp_path: Path) -> None:
     started_log(config)
     reply, _ = asyncio.run(_answer_through_socket(config, "approve", break_log=True))
     assert "cannot be recorded in the audit log" in reply["error"]
+
+
+# --- an answer given in the desktop dialog ----------------------------------------------------
+
+
+def _dialog_config(tmp_path: Path, exit_code: int) -> GateConfig:
+    script = tmp_path / "dialog"
+    script.write_text(f"#!/bin/sh\nexit {exit_code}\n")
+    script.chmod(0o755)
+    base = make_config(tmp_path)
+    return dataclasses.replace(
+        base, consent=dataclasses.replace(base.consent, dialog=(str(script),))
+    )
+
+
+async def _ask_with_dialog(config: GateConfig, *, break_log: bool = False) -> object:
+    daemon = GateDaemon(config)
+    if break_log:
+        anchor_path(config.paths.audit_log).unlink()
+    daemon.consent.timeout = 2
+    try:
+        return await daemon.consent.ask(**ARGS)  # type: ignore[arg-type]
+    except GateError as exc:
+        return exc
+    finally:
+        await daemon.close()
+
+
+@pytest.mark.parametrize(("exit_code", "act"), [(0, "approve"), (1, "deny")])
+def test_a_dialog_answer_is_recorded_before_it_is_given(
+    tmp_path: Path, exit_code: int, act: str
+) -> None:
+    config = _dialog_config(tmp_path, exit_code)
+    path = started_log(config)
+    outcome = asyncio.run(_ask_with_dialog(config))
+    assert isinstance(outcome, str) == (act == "approve")
+    record = lines(path)[-1]
+    assert record["op"] == f"operator.{act}" and record["targets"] == ["ai-x"]
+    assert record["detail"]["answered_by"] == "dialog"
+    assert record["principal"] == f"operator:{os.getuid()}"
+
+
+def test_a_dialog_answer_that_cannot_be_recorded_is_not_given(tmp_path: Path) -> None:
+    config = _dialog_config(tmp_path, 0)
+    started_log(config)
+    outcome = asyncio.run(_ask_with_dialog(config, break_log=True))
+    assert isinstance(outcome, ConsentTimeoutError)  # not approved: left to the CLI, unanswered

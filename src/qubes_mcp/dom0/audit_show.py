@@ -51,6 +51,7 @@ KEY_ARGS: Final = (
     *("source", "dest", "template", "klass", "device", "volume", "size", "rule_count"),
     *("files", "bytes", "exit_code", "stdin_bytes", "stdout_bytes", "stderr_bytes"),
     *("tier", "scope", "consent", "consent_id", "plan_id", "step", "uid", "sudo_uid", "purge"),
+    "answered_by",
     *("reason", "error_class", "qubesd_error", "summary", "count", "recorded_late"),
 )
 #: requests whose outcome has not been read yet, at most (older ones are shown as they are)

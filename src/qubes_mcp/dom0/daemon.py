@@ -25,10 +25,10 @@ from typing import Any
 
 from qubes_mcp.dom0.audit import AuditLog
 from qubes_mcp.dom0.config import GateConfig
-from qubes_mcp.dom0.consent import ConsentBroker, desktop_notifier
+from qubes_mcp.dom0.consent import ConsentBroker, PendingRequest, desktop_notifier
 from qubes_mcp.dom0.errors import GateError, InvalidInputError, NotFoundError
 from qubes_mcp.dom0.gate import Gate, Request
-from qubes_mcp.dom0.operator_audit import OperatorAct, UnrecordedActError
+from qubes_mcp.dom0.operator_audit import OperatorAct, UnrecordedActError, record_operator_act
 
 log = logging.getLogger("qubes_mcp.gate")
 _DESCRIPTOR_MAX = 1024
@@ -83,7 +83,7 @@ class GateDaemon:
     ) -> None:
         self.config = config
         self.consent = consent or ConsentBroker(
-            config.consent.timeout, desktop_notifier, config.consent.dialog
+            config.consent.timeout, desktop_notifier, config.consent.dialog, self._dialog_answer
         )
         # create=False: a log that vanished entirely must not silently restart at seq 1
         self.gate = Gate(
@@ -188,6 +188,22 @@ class GateDaemon:
         except GateError as exc:  # the answer is given; say loudly that its outcome is not
             log.error("the outcome of %s %s could not be recorded: %s", act.act, request_id, exc)
         return {"result": result}
+
+    async def _dialog_answer(self, request: PendingRequest, approve: bool) -> bool:
+        """Record an answer given in the desktop dialog (as the gate's uid, ``answered_by``
+        dialog); ``False`` when it cannot be recorded, so that it is not given."""
+        try:
+            await asyncio.to_thread(
+                record_operator_act,
+                self.gate.audit,
+                "approve" if approve else "deny",
+                request.target,
+                {"consent_id": request.id, "answered_by": "dialog"},
+            )
+        except GateError as exc:
+            log.error("the dialog's answer to %s is not given: %s", request.id, exc)
+            return False
+        return True
 
     async def start(self) -> None:
         paths = self.config.paths
