@@ -154,7 +154,9 @@ def test_h9_and_g0_1_escalating_properties_are_not_settable(stack: Stack, prop: 
 
 
 def test_h10_exec_and_firewall_writes_are_audited_without_their_content(stack: Stack) -> None:
-    run_in(stack, "ai-dev", "sh", "-c", "echo SECRET-OUTPUT")
+    # the argv is recorded (issue 9 §2: [audit] commands = "argv"), the output never: the
+    # command prints SECRET-OUTPUT without that text being in its arguments
+    run_in(stack, "ai-dev", "printf", "%s-%s\n", "SECRET", "OUTPUT")
     operator = answer_when_pending(stack, "approve", op="firewall.set")
     ok(
         gate_call(
@@ -174,6 +176,8 @@ def test_h10_exec_and_firewall_writes_are_audited_without_their_content(stack: S
     runs = [ln for ln in lines if ln["op"] == "qube.run" and ln["outcome"] == "ok"]
     fw = [ln for ln in lines if ln["op"] == "firewall.set" and ln["outcome"] == "ok"]
     assert runs and runs[-1]["detail"]["command_sha256"]
+    assert runs[-1]["detail"]["argv"] == ["printf", "%s-%s\\x0a", "SECRET", "OUTPUT"]
+    assert runs[-1]["detail"]["stdout_bytes"] == len("SECRET-OUTPUT\n")
     assert fw and fw[-1]["detail"]["rule_count"] == 2
     text = json.dumps(lines)
     assert "SECRET-OUTPUT" not in text and "example.com" not in text

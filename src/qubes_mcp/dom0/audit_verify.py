@@ -85,7 +85,9 @@ class VerifyResult:
     unfinished: tuple[AuditRecord, ...] = ()
 
 
-class _BrokenError(Exception):
+class ChainBrokenError(Exception):
+    """Where and how the chain breaks (``kind`` is one of :data:`KINDS`)."""
+
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
@@ -93,7 +95,13 @@ class _BrokenError(Exception):
 
 
 @dataclass
-class _Walk:
+class ChainWalk:
+    """The one chain checker: fed records in order (:meth:`take`), then :meth:`finish`.
+
+    ``verify_log`` walks the whole log with it; ``audit show`` (audit_show.py) feeds it as it
+    reads, replacing ``anchor`` with the newest one before each batch when it follows.
+    """
+
     anchor: Anchor
     checkpoint: tuple[int, str] | None
     entries: int = 0
@@ -109,7 +117,7 @@ class _Walk:
         last, anchor = self.last, self.anchor
         if last is None:
             if record.seq > anchor.base_seq:
-                raise _BrokenError(
+                raise ChainBrokenError(
                     "retention",
                     f"{where}: the oldest retained record is seq {record.seq}, but the anchor "
                     f"says records from seq {anchor.base_seq} on are retained: retained "
@@ -120,22 +128,24 @@ class _Walk:
                 what = f"records {last.seq + 1}..{record.seq - 1} are missing (deleted)"
             else:
                 what = "seq goes backwards (lines reordered or duplicated)"
-            raise _BrokenError("chain", f"{where}: seq {record.seq} after seq {last.seq}: {what}")
+            raise ChainBrokenError(
+                "chain", f"{where}: seq {record.seq} after seq {last.seq}: {what}"
+            )
         elif record.prev != last.hash:
-            raise _BrokenError(
+            raise ChainBrokenError(
                 "chain",
                 f"{where}: seq {record.seq} does not chain onto seq {last.seq} (its prev is not "
                 "that record's hash): a line was replaced, reordered or inserted",
             )
         if record.seq == anchor.base_seq and record.prev != anchor.base_prev:
-            raise _BrokenError(
+            raise ChainBrokenError(
                 "retention",
                 f"{where}: seq {record.seq} is not the record the anchor says the retained "
                 "log starts with",
             )
         if self.checkpoint is not None and record.seq == self.checkpoint[0]:
             if record.hash != self.checkpoint[1]:
-                raise _BrokenError(
+                raise ChainBrokenError(
                     "checkpoint",
                     f"{where}: seq {record.seq} has hash {record.hash}, not the "
                     f"{self.checkpoint[1]} written down for it: the log was rewritten",
@@ -153,38 +163,38 @@ class _Walk:
         if last is None:
             # No records: fine only if the anchor says none are retained.
             if anchor.seq != anchor.base_seq - 1:
-                raise _BrokenError(
+                raise ChainBrokenError(
                     "truncated",
                     f"the log holds no records but its anchor records seq {anchor.seq}",
                 )
         elif last.seq < anchor.seq:
-            raise _BrokenError(
+            raise ChainBrokenError(
                 "truncated",
                 f"the log ends at seq {last.seq} ({self.where}) but its anchor records seq "
                 f"{anchor.seq}: {anchor.seq - last.seq} record(s) were cut from the end",
             )
         elif self.anchored_hash != anchor.hash:
-            raise _BrokenError(
+            raise ChainBrokenError(
                 "forged",
                 f"seq {anchor.seq} is not the record the anchor holds (its hash differs): "
                 f"the log was rewritten up to {self.where}",
             )
         elif last.seq == anchor.seq + 1:
-            raise _BrokenError(
+            raise ChainBrokenError(
                 "unanchored",
                 f"{self.where}: the last record (seq {last.seq}) is not anchored: a crash "
                 "between append and anchor update, or a line added behind the gate's "
                 "back; inspect it, then run `qubes-mcp-admin audit recover`",
             )
         elif last.seq > anchor.seq:
-            raise _BrokenError(
+            raise ChainBrokenError(
                 "unanchored",
                 f"the log runs {last.seq - anchor.seq} records past its anchor (seq "
                 f"{anchor.seq}) to {self.where}: lines were added behind the gate's back or "
                 "the anchor was rolled back",
             )
         if self.checkpoint is not None and not self.checkpoint_seen:
-            raise _BrokenError(
+            raise ChainBrokenError(
                 "checkpoint", f"seq {self.checkpoint[0]} is not among the retained records"
             )
 
@@ -199,29 +209,29 @@ def verify_log(path: Path, *, checkpoint: tuple[int, str] | None = None) -> Veri
     """
     files: list[Path] = []
     anchor: Anchor | None = None
-    walk: _Walk | None = None
+    walk: ChainWalk | None = None
     try:
         if not path.parent.is_dir():
-            raise _BrokenError("missing", f"no audit log at {path}")
-        with _shared_lock(path):
+            raise ChainBrokenError("missing", f"no audit log at {path}")
+        with shared_lock(path):
             anchor = read_anchor(path, ReadCounter())
             files = [p for _seq, p in archives(path)]
             if path.exists():
                 files.append(path)
             if anchor is None:
                 if not files:
-                    raise _BrokenError("missing", f"no audit log at {path}")
-                raise _BrokenError("anchor", f"anchor file {anchor_path(path)} is missing")
+                    raise ChainBrokenError("missing", f"no audit log at {path}")
+                raise ChainBrokenError("anchor", f"anchor file {anchor_path(path)} is missing")
             for item in [path.parent, anchor_path(path), *files]:
                 try:
                     check_private(os.stat(item), item)
                 except AuditError as err:
-                    raise _BrokenError("permissions", err.reason) from err
-            walk = _Walk(anchor, checkpoint)
+                    raise ChainBrokenError("permissions", err.reason) from err
+            walk = ChainWalk(anchor, checkpoint)
             for index, file in enumerate(files):
                 _walk_file(walk, file, path, last_file=index == len(files) - 1)
             walk.finish()
-    except _BrokenError as err:
+    except ChainBrokenError as err:
         return _broken(err.kind, err.message, walk, files, anchor)
     except AuditError as err:  # read_anchor: the anchor file is malformed
         return _broken("anchor", err.reason, walk, files, anchor)
@@ -233,7 +243,7 @@ def verify_log(path: Path, *, checkpoint: tuple[int, str] | None = None) -> Veri
 
 
 def _broken(
-    kind: str, message: str, walk: _Walk | None, files: list[Path], anchor: Anchor | None
+    kind: str, message: str, walk: ChainWalk | None, files: list[Path], anchor: Anchor | None
 ) -> VerifyResult:
     if walk is not None and walk.torn and kind != "torn":
         last, anchor_seq = walk.last, walk.anchor.seq
@@ -256,8 +266,9 @@ def _broken(
 
 
 @contextmanager
-def _shared_lock(path: Path) -> Iterator[None]:
-    """Hold the writers' lock shared (if the log has one) so that no append runs meanwhile."""
+def shared_lock(path: Path) -> Iterator[None]:
+    """Hold the writers' lock shared (if the log has one) so that no append runs meanwhile:
+    the files and the anchor read under it are one consistent state."""
     try:
         fd = os.open(lock_path(path), os.O_RDONLY | OPEN_FLAGS)
     except FileNotFoundError:
@@ -270,7 +281,7 @@ def _shared_lock(path: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the flock
 
 
-def _walk_file(walk: _Walk, file: Path, current: Path, *, last_file: bool) -> None:
+def _walk_file(walk: ChainWalk, file: Path, current: Path, *, last_file: bool) -> None:
     named = None if file == current else int(file.name.rsplit(".", 1)[1])
     lineno = 0
     with open(file, "rb", opener=lambda p, f: os.open(p, f | OPEN_FLAGS)) as stream:
@@ -279,7 +290,7 @@ def _walk_file(walk: _Walk, file: Path, current: Path, *, last_file: bool) -> No
             where = f"{file} line {lineno}"
             if not untrusted_line.endswith(b"\n"):
                 if len(untrusted_line) > MAX_LINE_BYTES:
-                    raise _BrokenError("corrupt", f"{where}: longer than any record")
+                    raise ChainBrokenError("corrupt", f"{where}: longer than any record")
                 if last_file and not stream.read(1):
                     walk.torn_at = (
                         f"{where}: the last line is incomplete ({len(untrusted_line)} bytes, "
@@ -290,18 +301,18 @@ def _walk_file(walk: _Walk, file: Path, current: Path, *, last_file: bool) -> No
                         "recover` moves it aside"
                     )
                     return
-                raise _BrokenError("corrupt", f"{where}: incomplete line inside the log")
+                raise ChainBrokenError("corrupt", f"{where}: incomplete line inside the log")
             try:
                 record = parse_line(untrusted_line[:-1])
             except RecordError as err:
-                raise _BrokenError("corrupt", f"{where}: not a valid record: {err}") from err
+                raise ChainBrokenError("corrupt", f"{where}: not a valid record: {err}") from err
             walk.take(record, where)
             if lineno == 1 and named is not None and record.seq != named:
-                raise _BrokenError(
+                raise ChainBrokenError(
                     "chain", f"{where}: file is named for seq {named} but starts at {record.seq}"
                 )
     if lineno == 0 and named is not None:
-        raise _BrokenError("corrupt", f"{file}: a rotated file is empty")
+        raise ChainBrokenError("corrupt", f"{file}: a rotated file is empty")
 
 
 def audit_verify_main(path: Path, out: TextIO, *, checkpoint: tuple[int, str] | None = None) -> int:

@@ -4,7 +4,7 @@
     install / uninstall / status / doctor   [--root DIR]
     policy render | explain [--from QUBE]
     pending | show ID | approve ID [--digest D] | deny ID
-    audit verify | recover | checkpoint [--log PATH]
+    audit verify | recover | checkpoint | show [--log PATH]
     enrol QUBE [--tier T | --dump] | unenrol QUBE | tier QUBE read|exec|net|full|none
                                  [--scope ai]   (enrolment is by name: decision record 0010)
 
@@ -26,6 +26,7 @@ from qubes_mcp.dom0.config import DEFAULT_CONFIG_PATH, GateConfig, load_config
 from qubes_mcp.dom0.describe import escape
 from qubes_mcp.dom0.errors import GateError
 from qubes_mcp.dom0.install import Layout
+from qubes_mcp.dom0.operator_audit import audited, sudo_uid
 from qubes_mcp.dom0.tiers import Scope, Tier
 from qubes_mcp.policy import PolicyError
 
@@ -67,6 +68,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
     return run_gate(config, Path(args.ready_file) if args.ready_file else None)
 
 
+@audited(_config, "install")
 def cmd_install(args: argparse.Namespace) -> int:
     from qubes_mcp.dom0.install import install
 
@@ -82,6 +84,7 @@ def cmd_install(args: argparse.Namespace) -> int:
     return 0
 
 
+@audited(_config, "uninstall")
 def cmd_uninstall(args: argparse.Namespace) -> int:
     from qubes_mcp.dom0.install import uninstall
 
@@ -240,7 +243,13 @@ def cmd_answer(args: argparse.Namespace) -> int:
                 for line in format_request(match[0])[1:-1]:
                     print(line)
             # not pending: the gate says why (withdrawn, timed-out, already-answered, unknown)
-        answer = _operator(args, {"cmd": args.answer, "id": args.id, "digest": digest or ""})
+        command = {
+            "cmd": args.answer,
+            "id": args.id,
+            "digest": digest or "",
+            "sudo_uid": sudo_uid(),
+        }
+        answer = _operator(args, command)
     except (GateError, OSError) as exc:
         return _fail(f"the gate is not reachable ({type(exc).__name__})")
     result = answer.get("result", answer.get("error"))
@@ -265,6 +274,17 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         return audit_verify_main(_log_path(args), sys.stdout, checkpoint=checkpoint)
     except GateError as exc:
         return _fail(str(exc))
+
+
+def cmd_audit_show(args: argparse.Namespace) -> int:
+    from qubes_mcp.dom0.audit_show import audit_show_main, describe_filters
+
+    try:
+        filters = describe_filters(vars(args))
+        path = _log_path(args)
+    except (GateError, ValueError) as exc:
+        return _fail(str(exc))
+    return audit_show_main(path, sys.stdout, filters, as_json=args.json, follow=args.follow)
 
 
 def _seq_hash(text: str) -> tuple[int, str] | None:
@@ -351,6 +371,7 @@ async def _unenrol(config: GateConfig, qube: str, scope: Scope) -> str:
     return f"{qube}: unenrolled from {scope.prefix}; tags -{sorted(remove)}"
 
 
+@audited(_config)  # tier, enrol, unenrol
 def cmd_tier(args: argparse.Namespace) -> int:
     """``enrol``, ``unenrol`` and ``tier`` (which enrols at that tier; ``none`` unenrols)."""
     try:
@@ -437,6 +458,20 @@ def register(sub: Any, policy_sub: Any | None = None) -> None:
     checkpoint.add_argument("--through", help="SEQ:HASH printed by `verify` before the backup")
     checkpoint.add_argument("--reason", default="", help="where the copy went, for the record")
     checkpoint.set_defaults(func=cmd_audit_checkpoint)
+    show = audit_sub.add_parser(
+        "show", help="the log as a timeline, one line per request, verified as it is read"
+    )
+    show.add_argument("--config")
+    show.add_argument("--log", help="log file (default: from the configuration)")
+    show.add_argument("--since", help="from this time (ISO 8601, UTC) or seq:N on")
+    show.add_argument("--until", help="up to this time or seq:N")
+    show.add_argument("--principal", help="only this principal (a shell pattern)")
+    show.add_argument("--qube", help="only requests naming this qube (a shell pattern)")
+    show.add_argument("--op", help="only this operation (a shell pattern, e.g. 'operator.*')")
+    show.add_argument("--outcome", help="only ok, failed, rolled-back, not-run or refused")
+    show.add_argument("--json", action="store_true", help="one JSON object per line")
+    show.add_argument("--follow", action="store_true", help="keep printing new requests")
+    show.set_defaults(func=cmd_audit_show)
     tier = add("tier", cmd_tier, "enrol a qube at a tier (none = unenrol)")
     tier.add_argument("qube")
     tier.add_argument("tier", choices=("read", "exec", "net", "full", "none"))

@@ -47,6 +47,12 @@ Example (every key shown; only ``[[principal]]`` is required)::
     copy_bytes = "1GiB"            # file.copy: content bytes of one copy, at most
     copy_files = 10000             # file.copy: files, links and directories of one copy
 
+    [audit]
+    commands = "argv"              # what the log keeps of each command an agent runs: "argv"
+                                   # (the arguments, escaped, and their SHA-256) or "hash"
+                                   # (only the SHA-256 and size of the command line)
+    argv_bytes = 4096              # cap on the recorded argv; beyond it: cut, marked, hashed
+
     [paths]
     qubesd_socket = "/var/run/qubesd.sock"
     gate_socket = "/run/qubes-mcp/gate.sock"
@@ -67,6 +73,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qubes_mcp.dom0.audit_clean import ARGV_CAP_DEFAULT, ARGV_CAP_MAX
 from qubes_mcp.dom0.errors import ConfigError
 from qubes_mcp.dom0.names import QUBE_NAME_RE, is_valid_qube_name
 from qubes_mcp.dom0.tiers import Scope, Tier
@@ -129,6 +136,19 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    """What the audit log records of the commands an agent runs (``[audit]``).
+
+    ``commands = "argv"`` records each command line, escaped and capped at ``argv_bytes``
+    (the SHA-256 of the whole line is always kept, so a capped argv can still be matched);
+    ``"hash"`` records only the digest and size, for operators who must not keep the text.
+    """
+
+    commands: str = "argv"
+    argv_bytes: int = ARGV_CAP_DEFAULT
+
+
+@dataclass(frozen=True)
 class Paths:
     qubesd_socket: Path
     gate_socket: Path
@@ -150,6 +170,7 @@ class GateConfig:
     limits: Limits
     paths: Paths
     source: str = field(default="<string>", compare=False)
+    audit: AuditSettings = AuditSettings()
 
 
 DEFAULT_BUDGET = {
@@ -174,6 +195,8 @@ DEFAULT_LIMITS = {
     "open_requests": 64,
     "request_read_timeout": 5,
 }
+DEFAULT_AUDIT = {"commands": "argv", "argv_bytes": ARGV_CAP_DEFAULT}
+AUDIT_COMMANDS = ("argv", "hash")
 DEFAULT_PATHS = {
     "qubesd_socket": "/var/run/qubesd.sock",
     "gate_socket": "/run/qubes-mcp/gate.sock",
@@ -199,6 +222,7 @@ _BOUNDS = {
     "copy_files": (1, 1_000_000),
     "open_requests": (1, 1024),
     "request_read_timeout": (1, 60),
+    "argv_bytes": (256, ARGV_CAP_MAX),
 }
 #: the largest copy_bytes an operator may configure (a relayed copy passes through dom0)
 COPY_BYTES_MAX = 1 << 40
@@ -286,7 +310,10 @@ def parse_config(text: str, source: str = "<string>") -> GateConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    top = {"default_tier", "egress_qube", "principal", "budget", "consent", "limits", "paths"}
+    top = {
+        *("default_tier", "egress_qube", "principal", "budget", "consent", "limits", "paths"),
+        "audit",
+    }
     unknown = sorted(set(data) - top)
     if unknown:
         raise ConfigError(f"{source}: unknown key {unknown[0]!r} (known: {', '.join(sorted(top))})")
@@ -341,7 +368,13 @@ def parse_config(text: str, source: str = "<string>") -> GateConfig:
         if not isinstance(value, str) or not value.startswith("/"):
             raise ConfigError(f"{source}: paths.{key} must be an absolute path")
     paths = Paths(**{k: Path(v) for k, v in p.items()})
-    return GateConfig(principals, default_tier, egress, budget, consent, limits, paths, source)
+    au = _table(data, "audit", DEFAULT_AUDIT)
+    if au["commands"] not in AUDIT_COMMANDS:
+        raise ConfigError(f'{source}: audit.commands must be "argv" or "hash"')
+    audit = AuditSettings(au["commands"], _int("audit.argv_bytes", au["argv_bytes"]))
+    return GateConfig(
+        principals, default_tier, egress, budget, consent, limits, paths, source, audit
+    )
 
 
 def load_config(path: Path = DEFAULT_CONFIG_PATH) -> GateConfig:

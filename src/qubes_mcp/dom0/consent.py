@@ -31,7 +31,7 @@ import subprocess
 import time
 from asyncio import FIRST_COMPLETED
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,10 +119,14 @@ class ConsentBroker:
         timeout: float,
         notifier: Callable[[PendingRequest], None] | None = None,
         dialog: tuple[str, ...] = (),
+        record: Callable[[PendingRequest, bool], Awaitable[bool]] | None = None,
     ) -> None:
         self.timeout = timeout
         self.notifier = notifier
         self.dialog = dialog
+        #: records a dialog's answer in the audit chain first (operator_audit.py); ``False``
+        #: means it could not be, and the answer is not given (the CLI remains)
+        self.record = record
         self._pending: dict[str, PendingRequest] = {}
         #: id -> approved | denied | timed-out | withdrawn, oldest first, bounded
         self._recent: OrderedDict[str, str] = OrderedDict()
@@ -149,6 +153,8 @@ class ConsentBroker:
                     proc.kill()
                 await proc.wait()
         if code in (0, 1):
+            if self.record is not None and not await self.record(request, code == 0):
+                return
             self.answer(request.id, approve=code == 0, digest=request.digest)
 
     def _remember(self, request_id: str, outcome: str) -> None:

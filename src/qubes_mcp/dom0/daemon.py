@@ -19,6 +19,8 @@ import logging
 import os
 import resource
 import signal
+import socket
+import struct
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from qubes_mcp.dom0.admission import Admission
 from qubes_mcp.dom0.audit import AuditLog
 from qubes_mcp.dom0.broken_config import BrokenConfig, RefuseAllDaemon
 from qubes_mcp.dom0.config import GateConfig
-from qubes_mcp.dom0.consent import ConsentBroker, desktop_notifier
+from qubes_mcp.dom0.consent import ConsentBroker, PendingRequest, desktop_notifier
 from qubes_mcp.dom0.errors import (
     BusyError,
     GateError,
@@ -40,6 +42,7 @@ from qubes_mcp.dom0.errors import (
 from qubes_mcp.dom0.gate import Gate, Request, unless_withdrawn
 from qubes_mcp.dom0.hangup import HangupWatcher
 from qubes_mcp.dom0.operations import OPERATIONS_BY_SERVICE
+from qubes_mcp.dom0.operator_audit import OperatorAct, UnrecordedActError, record_operator_act
 from qubes_mcp.dom0.recovery import Recovery, recover_until_done
 
 log = logging.getLogger("qubes_mcp.gate")
@@ -130,7 +133,7 @@ class GateDaemon:
     ) -> None:
         self.config = config
         self.consent = consent or ConsentBroker(
-            config.consent.timeout, desktop_notifier, config.consent.dialog
+            config.consent.timeout, desktop_notifier, config.consent.dialog, self._dialog_answer
         )
         # create=False: a log that vanished entirely must not silently restart at seq 1
         self.gate = Gate(
@@ -274,7 +277,10 @@ class GateDaemon:
             line = await asyncio.wait_for(reader.readline(), 30)
             try:
                 command = json.loads(line[:_OPERATOR_LINE_MAX])
-                answer = self._operator(command)
+                if isinstance(command, dict) and command.get("cmd") in ("approve", "deny"):
+                    answer = await self._answer(command, _peer_uid(writer))
+                else:
+                    answer = self._operator(command)
             except (ValueError, TypeError, KeyError, AttributeError):
                 answer = {"error": "bad command"}
             writer.write(json.dumps(answer).encode() + b"\n")
@@ -300,6 +306,51 @@ class GateDaemon:
             shown = self.consent.show(str(command["id"]))
             return {"request": shown} if shown is not None else {"error": "unknown"}
         return {"error": "unknown command"}
+
+    async def _answer(self, command: dict[str, Any], uid: int | None) -> dict[str, Any]:
+        """``approve``/``deny``, recorded in the chain before the waiting request may go on,
+        as an act of ``operator:<uid>`` with the peer's uid from the socket (operator_audit.py).
+        An answer that cannot be recorded is not given."""
+        request_id = str(command["id"])
+        waiting = [r for r in self.consent.pending() if r.id == request_id]
+        claimed = command.get("sudo_uid")
+        act = OperatorAct(
+            self.gate.audit,
+            str(command["cmd"]),
+            waiting[0].target if waiting else "",
+            {"consent_id": request_id},
+            uid=uid,
+            claimed_sudo_uid=claimed if isinstance(claimed, int | str) else None,
+        )
+        try:
+            if uid is None:
+                raise UnrecordedActError(act.act, "the peer's uid is unknown")
+            await asyncio.to_thread(act.begin)
+        except UnrecordedActError as exc:
+            log.error("%s", exc)
+            return {"error": str(exc)}
+        result = self._operator(command)["result"]
+        try:
+            await asyncio.to_thread(act.finish, ok=result in ("approved", "denied"), code=result)
+        except GateError as exc:  # the answer is given; say loudly that its outcome is not
+            log.error("the outcome of %s %s could not be recorded: %s", act.act, request_id, exc)
+        return {"result": result}
+
+    async def _dialog_answer(self, request: PendingRequest, approve: bool) -> bool:
+        """Record an answer given in the desktop dialog (as the gate's uid, ``answered_by``
+        dialog); ``False`` when it cannot be recorded, so that it is not given."""
+        try:
+            await asyncio.to_thread(
+                record_operator_act,
+                self.gate.audit,
+                "approve" if approve else "deny",
+                request.target,
+                {"consent_id": request.id, "answered_by": "dialog"},
+            )
+        except GateError as exc:
+            log.error("the dialog's answer to %s is not given: %s", request.id, exc)
+            return False
+        return True
 
     async def start(self) -> None:
         paths = self.config.paths
@@ -365,6 +416,18 @@ async def operator_call(socket_path: Path, command: dict[str, Any]) -> dict[str,
         return answer
     finally:
         writer.close()
+
+
+def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
+    """The uid of the process at the other end of a unix socket (``SO_PEERCRED``), from the
+    kernel: what an operator command claims about its sender is not trusted."""
+    sock = writer.get_extra_info("socket")
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (AttributeError, OSError):
+        return None
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
 
 
 def _raise_open_files_limit(connections: int) -> None:

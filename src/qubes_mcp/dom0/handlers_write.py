@@ -8,6 +8,7 @@ import hashlib
 from typing import Any
 
 from qubes_mcp.dom0.admin import QubesdError
+from qubes_mcp.dom0.audit_clean import Argv
 from qubes_mcp.dom0.context import Context, Handler
 from qubes_mcp.dom0.copy import (
     INCOMING_DIR_NAME,
@@ -60,17 +61,26 @@ def _text(data: bytes) -> str:
 
 
 async def relay(ctx: Context, qube: str, argv: list[str], data: bytes, timeout: int) -> RunResult:
-    """Relay one command through dom0's qrexec-client, bounded in the qube; only digests,
-    sizes and the run id (the request id: how a later gate finds the run's processes in the
-    qube, :func:`~qubes_mcp.dom0.relay.cancel_in_qube`) reach the audit log.
-    Like ``qvm-run``, start the qube first (qrexec-client does not; a no-op when running)."""
+    """Relay one command through dom0's line to ``qube``, within the configured bounds.
+
+    Every command an agent runs passes here, so this is where the audit log learns what ran:
+    the command line's SHA-256 and size, and with ``[audit] commands = "argv"`` the argv
+    itself (escaped and capped by the log, audit_clean.Argv); stdin's size and SHA-256; the
+    exit code and the output sizes — never the output.
+    It starts the qube first, like ``qvm-run`` (qrexec-client does not; a no-op when
+    running), and marks the run with the request id (how a later gate finds its processes
+    in the qube, :func:`~qubes_mcp.dom0.relay.cancel_in_qube`).
+    """
     limits = ctx.config.limits
     command = "\0".join(argv).encode()
     ctx.detail.update(
         command_sha256=hashlib.sha256(command).hexdigest(),
         command_bytes=len(command),
         stdin_bytes=len(data),
+        stdin_sha256=hashlib.sha256(data).hexdigest(),
     )
+    if ctx.config.audit.commands == "argv":
+        ctx.detail["argv"] = Argv(tuple(argv), ctx.config.audit.argv_bytes)
     await ctx.qubesd(qube, "admin.vm.Start")
     result = await run_command(
         ctx.config.paths.qrexec_client,
