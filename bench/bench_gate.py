@@ -35,6 +35,7 @@ from bench.common import (
     REPO,
     Budget,
     Result,
+    Sample,
     bwrap_problem,
     measure,
     measure_async,
@@ -59,6 +60,7 @@ OPS: tuple[tuple[str, str | None, dict[str, Any] | None, bool], ...] = (
 FAST = Budget(count=300, seconds=4.0, warmup=5)  # List/Info on the daemon
 SLOW = Budget(count=40, seconds=8.0, warmup=2)  # anything that starts a process per call
 BIG_LIST = Budget(count=20, seconds=6.0, warmup=1)
+SCOPE_LIST = Budget(count=200, seconds=6.0, warmup=5)  # per fleet, interleaved
 
 
 def descriptor(op: str, target: str | None) -> bytes:
@@ -196,7 +198,7 @@ def side_by_side(quick: bool) -> list[Result]:
             "gate.List.daemon",
             f"qmcp.List → @adminvm, N={n_big}: gate daemon socket",
             measure(_daemon(big_config, "List", None, b""), BIG_LIST.scaled(quick)),
-            notes="fresh reads: one admin.vm.tag.List per qube",
+            notes="fresh reads: two per registered name (499 in scope)",
             qubes=n_big,
         )
     )
@@ -273,5 +275,97 @@ def round_trips() -> list[Result]:
     return rows
 
 
+def _interleaved(fns: list[Callable[[], object]], budget: Budget) -> list[Sample]:
+    """Call each of ``fns`` in turn (order alternating per round) until the budget runs out,
+    so that the load of the shared machine falls on every one alike."""
+    for _ in range(budget.warmup):
+        for fn in fns:
+            fn()
+    samples = [Sample([], 0.0) for _ in fns]
+    start = time.perf_counter()
+    deadline = start + budget.seconds * len(fns)
+    rounds = 0
+    while rounds < budget.count and time.perf_counter() < deadline:
+        order = list(range(len(fns)))
+        if rounds % 2:
+            order.reverse()
+        for i in order:
+            t0 = time.perf_counter()
+            fns[i]()
+            samples[i].latencies.append(time.perf_counter() - t0)
+        rounds += 1
+    wall = time.perf_counter() - start
+    for sample in samples:
+        sample.wall = wall / len(fns)
+    return samples
+
+
+def listing_scales_with_scope(quick: bool) -> list[Result]:
+    """``qmcp.List`` on the demo fleet and on 1,000 qubes whose scope is the demo's (the
+    others hidden, some carrying copied scope tags), side by side and interleaved: the daemon
+    socket and the whole qrexec path. Goal (issue 7 §5): p50 within 2× of the demo's."""
+    demo, hidden = stacks.stack(stacks.DEMO), stacks.stack(stacks.HIDDEN)
+    n_demo, n_hidden = stacks.qube_count(demo), stacks.qube_count(hidden)
+    rows: list[Result] = []
+    for path in ("daemon", "router"):
+        if path == "daemon":
+            fns = [_daemon(load_config(s.config), "List", None, b"") for s in (demo, hidden)]
+            samples = _interleaved(fns, SCOPE_LIST.scaled(quick))
+        else:
+
+            def sync(s: Stack) -> Callable[[], object]:
+                one = _via_router(s, "List", None, b"")
+
+                async def go() -> object:
+                    return await one()
+
+                return lambda: asyncio.run(go())
+
+            samples = _interleaved([sync(demo), sync(hidden)], SCOPE_LIST.scaled(quick))
+        small = Result.from_sample(
+            f"gate.List.scope.{path}",
+            f"qmcp.List, N={n_demo} (the demo fleet): {path}",
+            samples[0],
+            qubes=n_demo,
+        )
+        big = Result.from_sample(
+            f"gate.List.scope.{path}",
+            f"qmcp.List, N={n_hidden}, same scope, {n_hidden - n_demo} hidden: {path}",
+            samples[1],
+            qubes=n_hidden,
+        )
+        if small.p50 and big.p50:
+            ratio = big.p50 / small.p50
+            big.notes = f"p50 ×{ratio:.2f} the demo's ({'within 2× ✓' if ratio <= 2 else '✗'})"
+            big.extra["p50_ratio"] = round(ratio, 3)
+        small.notes = "interleaved with the next row"
+        rows += [small, big]
+    trips = {}
+    for kind in (stacks.DEMO, stacks.HIDDEN):
+        trips[kind] = asyncio.run(_list_trips(load_config(stacks.stack(kind).config)))
+    same = trips[stacks.DEMO] == trips[stacks.HIDDEN]
+    rows.append(
+        Result(
+            "gate.trips.List.scope",
+            f"qubesd round trips, one qmcp.List, N={n_demo} vs N={n_hidden} (same scope)",
+            1,
+            notes=f"{trips[stacks.DEMO]} vs {trips[stacks.HIDDEN]} "
+            + ("(identical ✓)" if same else "(differ ✗)"),
+            extra={"round_trips": trips},
+        )
+    )
+    return rows
+
+
+async def _list_trips(config: GateConfig) -> int:
+    with tempfile.TemporaryDirectory(prefix="qubes-mcp-bench-audit-") as tmp:
+        audit = AuditLog(Path(tmp) / "audit.log", create=True)
+        gate = Gate(config, audit, ConsentBroker(config.consent.timeout, None))
+        await _count(gate, "List", None, b"")  # the first request also reconciles
+        trips, _, _ = await _count(gate, "List", None, b"")
+        audit.close()
+    return trips
+
+
 def run(quick: bool) -> list[Result]:
-    return side_by_side(quick) + round_trips()
+    return side_by_side(quick) + listing_scales_with_scope(quick) + round_trips()
