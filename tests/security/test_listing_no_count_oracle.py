@@ -274,3 +274,39 @@ def test_the_act_on_a_hidden_name_fails_closed_and_leaves_the_qube(
     assert asyncio.run(big.admin.lines(HIDDEN_IN_PREFIX, "admin.vm.tag.List")) == before
     listed = asyncio.run(big.gate.handle(Request("qmcp.List", PRINCIPAL, None, b"")))
     assert HIDDEN_IN_PREFIX not in json.dumps(listed)
+
+
+def test_events_of_hidden_qubes_cost_no_qubesd_read_and_show_nothing(
+    fleets: tuple[Fleet, Fleet],
+) -> None:
+    """``events.watch`` sees the whole host's stream; an event about a qube that is not
+    registered (even one given the scope's tags, as a copy would carry) must cost the gate no
+    qubesd read and show nothing."""
+    _, big = fleets
+    operator = AdminClient(big.qubesd.paths.qubesd_sock)
+    touched = [_extra(i)[0] for i in range(0, 80, 4)]  # plain hidden qubes
+
+    async def scenario() -> tuple[dict[str, object], list[tuple[str, str, str, int]]]:
+        start = len(big.admin.calls)
+        body = json.dumps({"seconds": 4}).encode()
+        watch = asyncio.create_task(big.gate.handle(Request("qmcp.Events", PRINCIPAL, None, body)))
+        label = (await operator.call("ai-notes", "admin.vm.property.Get", "label")).split()[-1]
+        await asyncio.sleep(0.5)
+        for name in touched:
+            await operator.call(name, "admin.vm.tag.Set", "ai-managed")
+            await operator.call(name, "admin.vm.property.Set", "label", b"red")
+        # last, and well inside the window: proves the watch saw the stream all along
+        await operator.call("ai-notes", "admin.vm.property.Set", "label", b"red")
+        reply = await watch
+        for name in touched:
+            await operator.call(name, "admin.vm.tag.Remove", "ai-managed")
+            await operator.call(name, "admin.vm.property.Set", "label", b"gray")
+        await operator.call("ai-notes", "admin.vm.property.Set", "label", label.encode())
+        return reply, big.admin.calls[start:]
+
+    reply, calls = asyncio.run(scenario())
+    assert reply["ok"] is True, reply
+    text = json.dumps(reply)
+    assert not any(name in text for name in touched)
+    assert "ai-notes" in text  # the watch did see the stream while the operator worked
+    assert not any(c[0] in touched for c in calls), calls
