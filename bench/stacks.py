@@ -23,6 +23,9 @@ BIG = "big"
 #: the demo fleet with three principals in one scope (bench_fairness)
 FAIR = "fair"
 FAIR_PRINCIPALS = ("mcp-control", "mcp-second", "mcp-third")
+#: 1,000 qubes of which only the demo fleet's are enrolled: the scope is the demo's, the rest
+#: is hidden (issue 7 §5: a listing must cost what the scope costs, not what the host holds)
+HIDDEN = "hidden"
 #: qubes in the generated fleet, dom0 included (what ``admin.vm.List`` returns)
 BIG_SIZE = 1000
 
@@ -52,22 +55,54 @@ def big_fleet_text(total: int = BIG_SIZE) -> str:
     return "".join(parts)
 
 
+def _extra_count(total: int) -> int:
+    """How many generated qubes bring the demo fleet (and dom0) up to ``total``."""
+    return total - len(tomllib.loads(demo_fleet_text())["qube"]) - 1
+
+
+def hidden_fleet_text(total: int = BIG_SIZE) -> str:
+    """The demo fleet plus untagged AppVMs up to ``total`` qubes, a quarter of them named
+    inside the agent's prefix (``ai-op-…``): none is enrolled by ``install``'s migration."""
+    parts = [demo_fleet_text()]
+    for i in range(_extra_count(total)):
+        name = f"ai-op-{i:04d}" if i % 4 == 3 else f"op-{i:04d}"
+        parts.append(f'\n[[qube]]\nname = "{name}"\nclass = "AppVM"\nlabel = "gray"\n')
+    return "".join(parts)
+
+
+def _stray_tags(s: Stack, total: int = BIG_SIZE) -> None:
+    """After install, copied scope and tier tags on some of the hidden qubes (what the
+    operator's disposables and clones of enrolled qubes carry): still in no scope."""
+    for i in range(0, _extra_count(total), 4):
+        for tag in ("ai-managed", "ai-exec"):
+            qubesd_call(s.paths.qubesd_sock, f"op-{i:04d}", "admin.vm.tag.Set", tag)
+
+
+def _unlimited(text: str) -> str:
+    """The installed configuration without the per-principal rate limit: the benchmarks
+    measure the gate's work, and a few hundred calls a second are their point."""
+    return text + "\n[limits]\nrate = 100000\nburst = 100000\n"
+
+
 def stack(kind: str) -> Stack:
-    """The running stack of ``kind`` (:data:`DEMO` or :data:`BIG`), started on first use."""
+    """The running stack of ``kind`` (:data:`DEMO`, :data:`BIG` or :data:`HIDDEN`), started
+    on first use."""
     if kind in _stacks:
         return _stacks[kind]
     tmp = Path(tempfile.mkdtemp(prefix=f"qubes-mcp-bench-{kind}-"))
     _dirs.append(tmp)
     fleet = None
-    edit = None
-    if kind == BIG:
+    edit = _unlimited
+    if kind in (BIG, HIDDEN):
         fleet = tmp / "fleet.toml"
-        fleet.write_text(big_fleet_text())
+        fleet.write_text(big_fleet_text() if kind == BIG else hidden_fleet_text())
     elif kind == FAIR:
-        edit = _more_principals
+        edit = lambda text: _unlimited(_more_principals(text))  # noqa: E731
     elif kind != DEMO:
         raise ValueError(f"unknown stack {kind!r}")
     _stacks[kind] = start_stack(tmp / "root", fleet=fleet, config_edit=edit, timeout=300)
+    if kind == HIDDEN:
+        _stray_tags(_stacks[kind])
     return _stacks[kind]
 
 

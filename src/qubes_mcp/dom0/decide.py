@@ -15,8 +15,9 @@ because each step may only reveal what the previous steps proved the agent may s
    disconnected but never retargeted, no template/standalone creation, no clone of templates or
    network providers, cross-references stay in scope and reach the tier their dependency
    confers (``operations.REFERENCES``; a new qube's references too), the principal may create.
-5. Budgets for create paths (``budget-exceeded``) and name collisions inside the principal's
-   own prefix (``conflict``).
+5. Budgets for create paths (``budget-exceeded``) and name collisions with a qube of the
+   principal's scope (``conflict``); a hidden qube's name is answered as a free name until the
+   act itself fails (no existence oracle before the act).
 6. Consent: the table's default, the operator's per-operation list, and guarded qubes.
 
 Nothing here allows by default: an operation the table does not know never reaches this
@@ -109,6 +110,15 @@ def _in_scope(principal: Principal, facts: QubeFacts | None, config: GateConfig)
     if tier is None:
         raise NotFoundError(reason=f"{facts.name} is not enrolled in {principal.scope.prefix}")
     return tier
+
+
+def _visible(principal: Principal, facts: QubeFacts, config: GateConfig) -> bool:
+    """Whether the principal can see this qube at all: a member of its scope, or its dump."""
+    scope = principal.scope
+    return scope.is_dump_sink(facts.tags, facts.registered) or (
+        effective_tier(scope, facts.tags, facts.registered, config.default_tier, principal.ceiling)
+        is not None
+    )
 
 
 def _need(tier: Tier, needs: Tier, role: str) -> None:
@@ -330,7 +340,13 @@ def _plan_birth(
         principal, config, source_tier, _birth_references(op, source, netvm), facts
     )
     name = args.get("name")
-    if name is not None and facts.get(name) is not None:
+    holder = facts.get(name)
+    if holder is not None and _visible(principal, holder, config):
+        # only a holder the principal can see collides here. A hidden qube of that name
+        # (the operator's, not enrolled) is answered exactly as a free name until the act:
+        # qubesd then refuses the create (R4.3 ``_vm_create``: QubesValueError "already
+        # exists"), which the gate answers without qubesd's text. Refusing it here instead
+        # would tell the agent that a qube it may not see exists.
         raise ConflictError(reason="name collision inside the principal's prefix")
     if private is not None and private > config.budget.private_cap:
         raise BudgetExceededError("private_size is above the per-qube cap")

@@ -53,6 +53,12 @@ class FleetReader:
     must be the registered one and its tags must agree (``Scope.is_enrolled``). A name that is
     not registered costs one ``admin.vm.tag.List``, exactly like a missing name; listings and
     budgets walk the registered names only, so their cost does not depend on hidden qubes.
+
+    There is deliberately no host-wide read here (no ``admin.vm.List`` on dom0): every read a
+    principal's request makes is about a name it gave or a name of its scope, so neither the
+    reply nor the time nor the sequence of qubesd calls depends on qubes outside the scope
+    (``tests/security/test_listing_no_count_oracle.py``). Operator tools that must walk the
+    host do so in their own modules (``enrolment.live_uuids``, ``install``).
     """
 
     def __init__(
@@ -137,12 +143,6 @@ class FleetReader:
         if q.klass in PERSISTENT_ROOT:
             footprint += await self.volume_size(name, "root")
         return replace(q, props=props, footprint=footprint, private_size=private)
-
-    async def all_names(self) -> list[tuple[str, dict[str, str]]]:
-        """Every qube on the host (operator tools only: a principal's reads never walk it)."""
-        return [
-            parse_vm_list_line(line) for line in await self.client.lines("dom0", "admin.vm.List")
-        ]
 
     async def registered(self) -> list[QubeFacts]:
         """The registered names of the scope that are in it now (members and dump sinks),
