@@ -68,7 +68,8 @@ def admin_tools(gw: Gateway) -> list[ToolDef]:
         return cast(models.NewQube, await gw.call(ctx, "qube.create", template, payload))
 
     async def disposable_create(template: DispTemplate, ctx: Context) -> models.NewQube:
-        """Create a disposable from a disposable template in your scope (remove it when done)."""
+        """Create a disposable from a disposable template in your scope; remove it when done
+        (qube_remove: you created it), or shut it down (qubesd then removes it)."""
         return cast(models.NewQube, await gw.call(ctx, "disposable.create", template))
 
     async def disposable_run(
