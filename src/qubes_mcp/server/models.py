@@ -185,14 +185,12 @@ class StepError(TypedDict):
     message: str
 
 
+# dom0's decision on one proposed step: ``allowed`` (decided on the fleet as it is),
+# ``deferred`` (about a qube an earlier step creates: decided as that qube will be born, and
+# again when it runs) or ``refused`` (``error`` says why; the plan is not kept). ``consent``:
+# the step waits for the operator (one approval covers the plan). Comments, not docstrings:
+# pydantic would repeat a docstring in the output schema of every listing.
 class StepVerdict(TypedDict):
-    """dom0's decision on one proposed step.
-
-    ``decision``: ``allowed`` (decided on the fleet as it is), ``deferred`` (about a qube an
-    earlier step creates: decided as that qube will be born, and again when it runs) or
-    ``refused`` (``error`` says why; the plan is not kept). ``consent``: the step waits for
-    the operator (one approval covers the plan)."""
-
     decision: Literal["allowed", "deferred", "refused"]
     consent: bool
     error: StepError | None
@@ -205,9 +203,8 @@ class PlanStepVerdict(TypedDict):
     verdict: StepVerdict
 
 
+# one applied step: its result, or the refusal that stopped the plan there
 class PlanStepReport(TypedDict):
-    """One applied step: its result, or the refusal that stopped the plan there."""
-
     index: int
     op: str
     target: str | None
