@@ -68,8 +68,7 @@ def admin_tools(gw: Gateway) -> list[ToolDef]:
         return cast(models.NewQube, await gw.call(ctx, "qube.create", template, payload))
 
     async def disposable_create(template: DispTemplate, ctx: Context) -> models.NewQube:
-        """Create a disposable from a disposable template in your scope; remove it when done
-        (qube_remove: you created it), or shut it down (qubesd then removes it)."""
+        """Create a disposable from a disposable template in your scope (remove it when done)."""
         return cast(models.NewQube, await gw.call(ctx, "disposable.create", template))
 
     async def disposable_run(
@@ -156,7 +155,7 @@ def admin_tools(gw: Gateway) -> list[ToolDef]:
         return cast(models.DeviceAttachResult, await gw.call(ctx, "device.detach", qube, payload))
 
     async def qube_remove(qube: Qube, ctx: Context) -> models.RemoveResult:
-        """Remove a halted qube and all its data (shut it down first)."""
+        """Remove a halted qube and all its data."""
         return cast(models.RemoveResult, await gw.call(ctx, "qube.remove", qube))
 
     return [
