@@ -56,6 +56,8 @@ def render() -> str:
                 "idempotent": op.idempotent,
                 "creates": op.creates,
                 "long_running": op.long_running,
+                "creator_needs": op.creator_needs.word if op.creator_needs else None,
+                "open_world": op.open_world,
                 "fields": [_field(f) for f in op.fields],
                 "refs": [
                     {"field": r.field, "needs": r.needs.word, "allow_dump": r.allow_dump}

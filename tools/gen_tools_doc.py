@@ -83,8 +83,8 @@ def render() -> str:
 
     out = [
         HEADER.format(instructions=" ".join(INSTRUCTIONS.split())),
-        "| tool | needs tier | group | read-only | destructive | idempotent |",
-        "|---|---|---|---|---|---|",
+        "| tool | needs tier | group | read-only | destructive | idempotent | open world |",
+        "|---|---|---|---|---|---|---|",
     ]
     for t in tools:
         hints = t.annotations
@@ -93,7 +93,8 @@ def render() -> str:
         needs = tier.group(1) if tier else ("per step" if t.name == "plan_apply" else "read")
         out.append(
             f"| [`{t.name}`](#{t.name}) | {needs} | {group} | "
-            f"{hints.read_only_hint} | {hints.destructive_hint} | {hints.idempotent_hint} |"
+            f"{hints.read_only_hint} | {hints.destructive_hint} | {hints.idempotent_hint} | "
+            f"{hints.open_world_hint} |"
         )
     for t in tools:
         out += ["", f"## {t.name}", "", (t.description or "").replace("\n", "  \n"), ""]

@@ -160,11 +160,11 @@ async def session(stack: Stack) -> None:
         show("dom0  ✓", f"ai-build has it: {seen['stdout'].strip()}", GREEN)
 
         say("7. Destructive requests wait for the operator in dom0")
-        with Operator(stack, {"ai-scratch": "approve", "ai-build": "deny"}):
+        with Operator(stack, {"ai-scratch": "approve", "ai-usb": "deny"}):
             removed = await _tool(client, "qube_remove", qube="ai-scratch")
             if removed:
                 show("dom0  ✓", removed, GREEN)
-            await _tool(client, "qube_remove", qube="ai-build")
+            await _tool(client, "qube_remove", qube="ai-usb")
 
         say("8. Retargeting a qube's network is never allowed (egress is the operator's)")
         await _tool(client, "property_set", qube="ai-build", property="netvm", value="ai-web")

@@ -122,11 +122,11 @@ def test_remove_waits_for_the_operator_and_a_denial_changes_nothing(stack: Stack
     operator = answer_when_pending(stack, "deny", op="qube.remove")
     assert code(gate_call(stack, "ai-notes", "qmcp.Remove")) in ("insufficient-tier",)
     operator.join(0)
-    # ai-build is full: the request reaches the operator, who says no
+    # ai-usb is full and halted: the request reaches the operator, who says no
     operator = answer_when_pending(stack, "deny", op="qube.remove")
-    assert code(gate_call(stack, "ai-build", "qmcp.Remove")) == "consent-denied"
+    assert code(gate_call(stack, "ai-usb", "qmcp.Remove")) == "consent-denied"
     operator.join(5)
-    assert "ai-build" in str(gate_call(stack, "@adminvm", "qmcp.List"))
+    assert "ai-usb" in str(gate_call(stack, "@adminvm", "qmcp.List"))
 
 
 def test_the_audit_chain_verifies(stack: Stack) -> None:

@@ -44,7 +44,9 @@ BUILD = [
 
 def test_propose_decides_every_step_and_changes_nothing(stack: Stack) -> None:
     plan = propose(stack, BUILD, "a build box")
-    assert [s["verdict"] for s in plan["steps"]] == ["allowed", "deferred", "allowed"]
+    assert [s["verdict"]["decision"] for s in plan["steps"]] == ["allowed", "deferred", "allowed"]
+    assert [s["verdict"]["consent"] for s in plan["steps"]] == [False, False, True]
+    assert all(s["verdict"]["error"] is None for s in plan["steps"])
     assert plan["needs_consent"] is True and plan["plan_id"] and plan["digest"]
     assert not exists(stack, "ai-p1") and exists(stack, "ai-usb")
 
@@ -60,9 +62,14 @@ def test_a_plan_with_a_hidden_or_refused_step_is_not_kept(stack: Stack) -> None:
     )
     assert plan["plan_id"] is None
     verdicts = [s["verdict"] for s in plan["steps"]]
-    assert verdicts[0] == "allowed"
-    assert verdicts[1] == {"code": "not-found", "message": "no such qube, or not yours"}
-    assert verdicts[2]["code"] == "insufficient-tier"
+    assert verdicts[0] == {"decision": "allowed", "consent": False, "error": None}
+    assert verdicts[1] == {
+        "decision": "refused",
+        "consent": False,
+        "error": {"code": "not-found", "message": "no such qube, or not yours"},
+    }
+    assert verdicts[2]["decision"] == "refused"
+    assert verdicts[2]["error"]["code"] == "insufficient-tier"
 
 
 @pytest.mark.parametrize(

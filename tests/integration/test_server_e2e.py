@@ -371,7 +371,7 @@ def test_plan_propose_then_apply_with_one_approval(stack: Stack) -> None:
         {"op": "qube.shutdown", "target": "ai-planned", "args": {}},
     ]
     plan = tool(stack, "plan_propose", steps=steps, title="demo plan")
-    assert [s["verdict"] for s in plan["steps"]] == ["allowed", "deferred", "deferred"]
+    assert [s["verdict"]["decision"] for s in plan["steps"]] == ["allowed", "deferred", "deferred"]
     assert plan["needs_consent"] is False
     result = tool(stack, "plan_apply", plan_id=plan["plan_id"], digest=plan["digest"])
     assert (result["completed"], result["stopped_at"]) == (3, None)

@@ -191,7 +191,11 @@ def test_copy_to_itself_is_invalid() -> None:
 
 
 def test_device_attach_needs_full_on_both_ends() -> None:
-    assert run("device.attach", "ai-build", backend="ai-precious", device="sda").consent
+    up = [
+        qube("ai-build", "ai-managed", "ai-full", state="Running", netvm="ai-egress"),
+        qube("ai-precious", "ai-managed", "ai-full", state="Running", netvm=""),
+    ]
+    assert run("device.attach", "ai-build", backend="ai-precious", device="sda", extra=up).consent
     refusal(InsufficientTierError, "device.attach", "ai-build", backend="ai-web", device="sda")
 
 

@@ -69,7 +69,25 @@ def test_annotations_are_the_tables(name: str) -> None:
     assert hints.read_only_hint is op.read_only
     assert hints.destructive_hint is op.destructive
     assert hints.idempotent_hint is op.idempotent
-    assert hints.open_world_hint is False
+    assert hints.open_world_hint is op.open_world
+
+
+def test_only_the_tools_that_run_commands_reach_the_open_world() -> None:
+    # a command runs in a qube that may be networked (through the egress): the network is
+    # outside the machine. Nothing else an agent can ask reaches beyond the machine's qubes.
+    open_world = {
+        name for name, t in TOOLS.items() if t.annotations and t.annotations.open_world_hint
+    }
+    assert open_world == {"qube_run", "disposable_run"}
+
+
+def test_a_creator_tier_is_stated_on_the_target() -> None:
+    for name, op in OPS.items():
+        tier = (TOOLS[name].description or "").splitlines()[-1]
+        if op.creator_needs is None:
+            assert "if you created it" not in tier, name
+        else:
+            assert f"; {op.creator_needs.word} if you created it" in tier, name
 
 
 def test_extra_tools_are_honestly_read_only() -> None:

@@ -80,7 +80,11 @@ class Context:
         from qubes_mcp.dom0.enrolment import enrol_live
 
         await enrol_live(
-            self.config, self.admin, self.principal.scope, name, by=f"gate:{self.principal.qube}"
+            self.config,
+            self.admin,
+            self.principal.scope,
+            name,
+            by=self.principal.scope.born_by(self.principal.qube),
         )
 
     async def leave_scope(self, name: str) -> None:

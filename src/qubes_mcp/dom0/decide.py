@@ -10,7 +10,10 @@ because each step may only reveal what the previous steps proved the agent may s
    land in the scope's dump sink). Missing and out-of-scope raise the same ``NotFoundError``,
    in the same order, so neither the message nor the sequence of reads differs.
 3. The effective tier — min(tier tags, ceiling) — on each of them must reach what the
-   operation needs there (``insufficient-tier``; those qubes are known to the agent).
+   operation needs there (``insufficient-tier``; those qubes are known to the agent). On its
+   target, an operation with ``creator_needs`` (``qube.remove``) needs only that on a qube the
+   principal created (``created_by``: dom0's registry and the owner tag, never anything the
+   agent controls).
 4. The operation's invariants (``not-allowed``): property and feature allowlists, netvm may be
    disconnected but never retargeted, no template/standalone creation, no clone of templates or
    network providers, cross-references stay in scope and reach the tier their dependency
@@ -18,7 +21,9 @@ because each step may only reveal what the previous steps proved the agent may s
 5. Budgets for create paths (``budget-exceeded``) and name collisions with a qube of the
    principal's scope (``conflict``); a hidden qube's name is answered as a free name until the
    act itself fails (no existence oracle before the act).
-6. Consent: the table's default, the operator's per-operation list, and guarded qubes.
+6. Power states qubesd insists on (``operations.Power``; ``invalid-state``), so a request it
+   would refuse never waits for the operator first. Skipped for a plan's steps decided ahead.
+7. Consent: the table's default, the operator's per-operation list, and guarded qubes.
 
 Nothing here allows by default: an operation the table does not know never reaches this
 function, and every branch that is not an explicit pass raises.
@@ -36,6 +41,7 @@ from qubes_mcp.dom0.errors import (
     ConflictError,
     InsufficientTierError,
     InvalidInputError,
+    InvalidStateError,
     NotAllowedError,
     NotFoundError,
 )
@@ -43,6 +49,7 @@ from qubes_mcp.dom0.facts import Facts, QubeFacts
 from qubes_mcp.dom0.names import is_valid_qube_name
 from qubes_mcp.dom0.operations import (
     OPERATIONS_BY_NAME,
+    POWER_REFUSED,
     REFERENCES_BY_PROPERTY,
     Operation,
     Target,
@@ -119,6 +126,37 @@ def _visible(principal: Principal, facts: QubeFacts, config: GateConfig) -> bool
         effective_tier(scope, facts.tags, facts.registered, config.default_tier, principal.ceiling)
         is not None
     )
+
+
+def created_by(principal: Principal, q: QubeFacts) -> bool:
+    """THE "you created it" predicate: dom0's registry says the gate registered this qube (under
+    its current uuid) for ``principal`` at its birth, **and** it carries the principal's owner
+    tag. Both are dom0's own records -- an agent writes neither tags nor the registry -- and
+    both are needed: the operator can tag a qube by hand or enrol it (``by: operator``), and
+    Qubes copies tags into clones and disposables, none of which the principal created."""
+    return q.by == principal.scope.born_by(principal.qube) and (
+        principal.scope.owner(principal.qube) in q.tags
+    )
+
+
+def target_needs(op: Operation, principal: Principal, q: QubeFacts) -> Tier:
+    """What ``op`` needs on its target ``q``: the table's ``needs``, or its ``creator_needs``
+    on a qube the principal created (``created_by``)."""
+    if op.creator_needs is not None and created_by(principal, q):
+        return min(op.needs, op.creator_needs)
+    return op.needs
+
+
+def _check_power(op: Operation, target: str | None, args: Mapping[str, Any], facts: Facts) -> None:
+    """The table's power preconditions (``operations.Power``), from the states just read."""
+    for rule in op.power:
+        if rule.when is not None and args.get(rule.when[0]) != rule.when[1]:
+            continue
+        q = facts.get(target if not rule.qube else args.get(rule.qube))
+        if q is not None and POWER_REFUSED[rule.state](q.state):
+            raise InvalidStateError(
+                rule.message, reason=f"{rule.qube or 'target'} is {q.state}, not {rule.state}"
+            )
 
 
 def _need(tier: Tier, needs: Tier, role: str) -> None:
@@ -401,8 +439,13 @@ def decide(
     args: Mapping[str, Any],
     facts: Facts,
     config: GateConfig,
+    now: bool = True,
 ) -> Verdict:
-    """Decide one request; see the module docstring for the order of checks."""
+    """Decide one request; see the module docstring for the order of checks.
+
+    ``now``: the request acts right after this decision, so the power states just read are
+    the ones qubesd will meet (step 6). A plan's steps are decided ahead (``now=False``):
+    earlier steps change the states, and each step is decided again, now, when it runs."""
     if principal is None:
         raise NotFoundError(reason="caller is not a configured principal")
     work_args = dict(args)
@@ -434,7 +477,8 @@ def decide(
         if name == target:
             raise InvalidInputError(f"{ref.field} must be a different qube")
     if target is not None and target in tiers:
-        _need(tiers[target], op.needs, "target qube")
+        assert target_facts is not None
+        _need(tiers[target], target_needs(op, principal, target_facts), "target qube")
     for ref in op.refs:
         name = work_args.get(ref.field)
         if name is not None:
@@ -459,5 +503,7 @@ def decide(
             args=work_args,
             facts=facts,
         )
+    if now:
+        _check_power(op, target, work_args, facts)
     reasons = _consent(op, config, principal, touched)
     return Verdict(op, principal, target, work_args, tiers, bool(reasons), reasons, birth)

@@ -178,6 +178,11 @@ class Registry:
         found = self.entry(scope, name)
         return found.role if found is not None and uuid and found.uuid == uuid else None
 
+    def registrar(self, scope: str, name: str, uuid: str) -> str | None:
+        """Who registered ``name`` (``by``) if it is registered under exactly ``uuid``."""
+        found = self.entry(scope, name)
+        return found.by if found is not None and uuid and found.uuid == uuid else None
+
     def enrolled(
         self, scope: str, name: str, uuid: str, klass: str, *, role: str = MEMBER, by: str
     ) -> Registry:

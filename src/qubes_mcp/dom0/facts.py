@@ -9,8 +9,8 @@ membership predicate.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,9 @@ class QubeFacts:
     #: "member" / "dump" when registered in the reader's scope under this qube's uuid
     registered: str | None = None
     uuid: str = ""
+    #: who registered it under this uuid (``operator`` or ``gate:<principal>``), from dom0's
+    #: registry only; "" when not registered or not looked up (``Facts.with_registrars``)
+    by: str = ""
 
     def prop(self, name: str) -> str:
         """The property's value, ``""`` when unset/None or not read."""
@@ -64,3 +67,18 @@ class Facts:
         if name in self.qubes:
             return self.qubes[name]
         return next((q for q in self.scope_qubes if q.name == name), None)
+
+    def with_registrars(self, registrar: Callable[[str, str], str | None]) -> Facts:
+        """These facts with ``by`` filled in for every registered qube: ``registrar(name,
+        uuid)`` is the registry's answer for that name under exactly that uuid
+        (``Registry.registrar``), so a re-created name inherits nothing."""
+
+        def fill(q: QubeFacts | None) -> QubeFacts | None:
+            if q is None or q.registered is None:
+                return q
+            return replace(q, by=registrar(q.name, q.uuid) or "")
+
+        return Facts(
+            qubes={n: fill(q) for n, q in self.qubes.items()},
+            scope_qubes=tuple(q for q in map(fill, self.scope_qubes) if q is not None),
+        )

@@ -33,7 +33,7 @@ from qubes_mcp.dom0.audit_summary import SUMMARY_ID, RefusalSummary
 from qubes_mcp.dom0.config import GateConfig, Principal
 from qubes_mcp.dom0.consent import ConsentBroker
 from qubes_mcp.dom0.context import Context, Handler
-from qubes_mcp.dom0.decide import Verdict, decide, names_to_read
+from qubes_mcp.dom0.decide import Birth, Verdict, decide, names_to_read
 from qubes_mcp.dom0.describe import StepContext, describe, describe_plan
 from qubes_mcp.dom0.enrolment import (
     Registry,
@@ -49,7 +49,7 @@ from qubes_mcp.dom0.errors import (
     UnavailableError,
     WithdrawnError,
 )
-from qubes_mcp.dom0.facts import Facts
+from qubes_mcp.dom0.facts import Facts, Prop, QubeFacts
 from qubes_mcp.dom0.names import is_valid_qube_name
 from qubes_mcp.dom0.operations import (
     OPERATIONS_BY_NAME,
@@ -61,6 +61,7 @@ from qubes_mcp.dom0.plans import PLAN_TTL, Plan, PlanBook, PlanStep
 from qubes_mcp.dom0.ratelimit import RateLimiter
 from qubes_mcp.dom0.reader import FleetReader
 from qubes_mcp.dom0.schema import check_payload
+from qubes_mcp.dom0.tiers import MEMBER
 
 log = logging.getLogger("qubes_mcp.gate")
 T = TypeVar("T")
@@ -482,10 +483,18 @@ class Gate:
     ) -> tuple[Verdict, Facts]:
         """Fresh facts, then the pure decision (the same for a request and a plan's step)."""
         facts = await reader.facts(self._names(op, target, args), with_scope=op.creates)
+        facts = facts.with_registrars(self._registrar(reader, principal))
         verdict = decide(
             principal=principal, op=op, target=target, args=args, facts=facts, config=self.config
         )
         return verdict, facts
+
+    @staticmethod
+    def _registrar(reader: FleetReader, principal: Principal) -> Callable[[str, str], str | None]:
+        """Who registered a name under a uuid, in the snapshot the reader decided membership
+        with (``created_by`` needs it; the reader fills only the role)."""
+        registry, scope = reader.registry, principal.scope.prefix
+        return lambda name, uuid: registry.registrar(scope, name, uuid)
 
     async def _decide_and_act(
         self, call: _Call, op: Operation, principal: Principal, args: dict[str, Any]
@@ -555,11 +564,19 @@ class Gate:
     # --- plans ------------------------------------------------------------------------------
 
     async def _propose(self, principal: Principal, args: dict[str, Any]) -> dict[str, Any]:
-        """Decide every step without acting (plans.py); keep the plan if none is refused."""
+        """Decide every step without acting (plans.py); keep the plan if none is refused.
+
+        A step about a qube an earlier step creates is *deferred*: decided now as it will meet
+        that qube -- at the tier, with the tags and the registration the creating step's
+        ``Birth`` gives it (``_unborn``) -- and decided again, with fresh facts, when it runs.
+        Power states are not checked ahead (``now=False``): earlier steps change them.
+        Every step's ``verdict`` has one shape: ``{decision, consent, error}``.
+        """
         reader = FleetReader(self.admin, principal.scope, self.registry)
+        registrar = self._registrar(reader, principal)
         steps: list[PlanStep] = []
         report: list[dict[str, Any]] = []
-        created: set[str] = set()
+        born: dict[str, QubeFacts] = {}
         for index, raw in enumerate(args["steps"]):
             op = OPERATIONS_BY_NAME[raw["op"]]
             target = raw["target"]
@@ -568,22 +585,41 @@ class Gate:
                 step_args = check_payload(
                     op, json.dumps(raw["args"]).encode(), name_prefix=principal.name_prefix
                 )
-                deferred = bool(created & set(self._names(op, target, step_args)))
-                consent = op.consent or op.name in self.config.consent.operations
-                if not deferred:
-                    verdict, _ = await self._read_and_decide(
-                        reader, principal, op, target, step_args
-                    )
-                    consent = verdict.consent
-                    step_args = dict(verdict.args)
+                names = self._names(op, target, step_args)
+                deferred = bool(born.keys() & set(names))
+                read = await reader.facts(
+                    [n for n in names if n not in born], with_scope=op.creates
+                )
+                read = read.with_registrars(registrar)
+                facts = Facts(
+                    qubes={**read.qubes, **{n: born[n] for n in names if n in born}},
+                    scope_qubes=read.scope_qubes,
+                )
+                verdict = decide(
+                    principal=principal,
+                    op=op,
+                    target=target,
+                    args=step_args,
+                    facts=facts,
+                    config=self.config,
+                    now=False,
+                )
             except GateError as exc:
-                entry["verdict"] = exc.to_reply()["error"]
+                entry["verdict"] = {
+                    "decision": "refused",
+                    "consent": False,
+                    "error": exc.to_reply()["error"],
+                }
                 report.append(entry)
                 continue
-            if op.creates and step_args.get("name"):
-                created.add(step_args["name"])
-            steps.append(PlanStep(index, op, target, step_args, deferred, consent))
-            entry.update(verdict="deferred" if deferred else "allowed", consent=consent)
+            if verdict.birth is not None and verdict.birth.name:
+                born[verdict.birth.name] = _unborn(verdict.birth, principal, facts)
+            steps.append(PlanStep(index, op, target, dict(verdict.args), deferred, verdict.consent))
+            entry["verdict"] = {
+                "decision": "deferred" if deferred else "allowed",
+                "consent": verdict.consent,
+                "error": None,
+            }
             report.append(entry)
         if len(steps) != len(report):
             return {"plan_id": None, "digest": None, "steps": report, "needs_consent": False}
@@ -652,3 +688,31 @@ class Gate:
             "completed": len(done) - (stopped is not None),
             "stopped_at": stopped,
         }
+
+
+def _unborn(birth: Birth, principal: Principal, facts: Facts) -> QubeFacts:
+    """The facts a qube will have right after ``birth`` (for deciding a plan's later steps
+    ahead): the tags the gate stamps, the gate's registration for ``principal``, the class,
+    label, network and template it is created with, and no state yet (Halted)."""
+    source = facts.get(birth.source)
+    if birth.klass == "DispVM" or (source is not None and source.klass == "TemplateVM"):
+        template = birth.source  # a disposable's and a new app qube's template is its source
+    else:
+        template = source.prop("template") if source is not None else ""  # a clone's
+    props = {
+        "label": birth.label,
+        "netvm": birth.netvm or "",
+        "template": template,
+        "template_for_dispvms": str(birth.template_for_dispvms),
+    }
+    return QubeFacts(
+        name=birth.name,
+        klass=birth.klass,
+        state="Halted",
+        tags=birth.stamp,
+        props={k: Prop(False, "str", v) for k, v in props.items()},
+        footprint=birth.estimate,
+        private_size=birth.private_size or birth.estimate,
+        registered=MEMBER,
+        by=principal.scope.born_by(principal.qube),
+    )

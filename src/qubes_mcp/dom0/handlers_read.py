@@ -6,12 +6,15 @@ import asyncio
 import contextlib
 import re
 import time
+from dataclasses import replace
 from typing import Any
 
 from qubes_mcp.dom0 import redact
 from qubes_mcp.dom0.admin import QubesdError
 from qubes_mcp.dom0.context import Context
+from qubes_mcp.dom0.facts import Prop, QubeFacts
 from qubes_mcp.dom0.firewall import parse_rule_line
+from qubes_mcp.dom0.reader import property_value
 from qubes_mcp.dom0.tiers import effective_tier
 
 _KV_RE = re.compile(r"([A-Za-z0-9_-]+)='((?:[^'\\]|\\.)*)'")
@@ -29,7 +32,7 @@ async def qube_list(ctx: Context) -> dict[str, Any]:
             sinks.append(q.name)  # the operator made it a copy target for this scope
         tier = effective_tier(p.scope, q.tags, q.registered, ctx.config.default_tier, p.ceiling)
         if tier is not None:
-            qubes.append({"name": q.name, "class": q.klass, "state": q.state, "tier": tier.word})
+            qubes.append(redact.summary(await _with_dispvm_flag(ctx, q), tier))
     return {
         "principal": p.qube,
         "ceiling": p.ceiling.word,
@@ -40,6 +43,18 @@ async def qube_list(ctx: Context) -> dict[str, Any]:
         "qubes": qubes,
         "dump_sinks": sinks,
     }
+
+
+async def _with_dispvm_flag(ctx: Context, q: QubeFacts) -> QubeFacts:
+    """``q`` with ``template_for_dispvms`` read, so ``redact.summary`` shows the class as
+    ``qube_info`` does (only an app qube can be a disposable template: one read each)."""
+    if q.klass != "AppVM":
+        return q
+    try:
+        got = await ctx.admin.call(q.name, "admin.vm.property.Get", "template_for_dispvms")
+    except QubesdError:
+        return q  # removed meanwhile: shown as qubesd listed it
+    return replace(q, props={"template_for_dispvms": Prop(False, "bool", property_value(got))})
 
 
 async def qube_info(ctx: Context) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 from typing import Any
 
 from qubes_mcp.dom0.admin import QubesdError
@@ -22,10 +23,13 @@ from qubes_mcp.dom0.copy import (
     failure_reason,
     relay_copy,
 )
-from qubes_mcp.dom0.errors import FailedError, InvalidInputError
+from qubes_mcp.dom0.decide import target_needs
+from qubes_mcp.dom0.errors import FailedError, GateError, InvalidInputError
 from qubes_mcp.dom0.firewall import render_rules
 from qubes_mcp.dom0.reader import parse_vm_list_line, property_value
 from qubes_mcp.dom0.relay import RunResult, new_run_id, run_argv, run_command
+
+log = logging.getLogger("qubes_mcp.gate")
 
 
 def _power(method: str, arg: str = "") -> Handler:
@@ -261,5 +265,20 @@ async def device_detach(ctx: Context) -> dict[str, Any]:
 
 
 async def qube_remove(ctx: Context) -> dict[str, Any]:
+    """Remove the qube, then unregister it, which takes its lines out of the policy.
+
+    The audit records the tier the removal needed (``tier_needed``: exec when the principal
+    created the qube, ``decide.created_by``). If the registry cannot be changed once the qube
+    is gone, the removal still happened and is reported; the registration is stale (its uuid
+    is gone, so it admits nothing) and the gate's reconcile drops it on ``domain-delete``.
+    """
+    q = ctx.facts.get(ctx.target)
+    assert q is not None
+    ctx.detail["tier_needed"] = target_needs(ctx.verdict.op, ctx.principal, q).word
     await ctx.qubesd(ctx.target, "admin.vm.Remove")
+    try:
+        await ctx.leave_scope(ctx.target)
+    except GateError as exc:
+        ctx.detail["error_class"] = type(exc).__name__
+        log.warning("qubes-mcp gate: %s removed but not unregistered: %s", ctx.target, exc.reason)
     return {"qube": ctx.target, "removed": True}

@@ -9,6 +9,7 @@ and the documentation are all derived from this table; nothing else may restate 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Literal
@@ -56,6 +57,41 @@ class Ref:
     allow_dump: bool = False
 
 
+#: the power-state predicates a precondition may ask for (``admin.vm.List``'s ``state=``, R4.3
+#: ``QubesVM.get_power_state``), each with the states in which qubesd is *certain* to refuse:
+#: an unknown or unread state ("") is never refused here, qubesd decides it
+POWER_REFUSED: dict[str, Callable[[str], bool]] = {
+    #: ``is_halted()``: anything but Halted (NA included) is refused
+    "halted": lambda state: state not in ("Halted", ""),
+    #: ``is_running()``: the libvirt domain is active; only a Halted qube is surely not
+    "running": lambda state: state == "Halted",
+    #: ``is_paused()``
+    "paused": lambda state: state not in ("Paused", ""),
+    #: running and not paused (``shutdown`` without force refuses a paused qube)
+    "unpaused": lambda state: state in ("Halted", "Paused"),
+}
+
+
+@dataclass(frozen=True)
+class Power:
+    """A power state qubesd requires of one qube of the request before it acts.
+
+    The gate checks it from the facts it read, before it asks the operator, so a request
+    qubesd would refuse for its state is ``invalid-state`` at once, never an approval spent
+    on a call that then fails (``decide._check_power``). qubesd still checks again: the
+    state may change between the read and the call, and the same refusal follows.
+    """
+
+    #: ``""`` for the target, else the field that names the qube
+    qube: str
+    #: a key of ``POWER_REFUSED``
+    state: str
+    #: the refusal's message (what qubesd's refusal would mean to the agent)
+    message: str
+    #: ``(field, value)``: the precondition holds only when the payload has that value
+    when: tuple[str, object] | None = None
+
+
 @dataclass(frozen=True)
 class Operation:
     name: str
@@ -73,10 +109,32 @@ class Operation:
     creates: bool = False
     #: the gate waits on the qube for a long time (command, create, consent …)
     long_running: bool = False
+    #: what the operation needs on a target the principal created itself (born by the gate
+    #: for it and carrying its owner tag: ``decide.created_by``), when that is less than
+    #: ``needs``; never below exec (the principal must at least be able to act on it)
+    creator_needs: Tier | None = None
+    #: what the agent runs can reach the network outside the machine (through the egress,
+    #: when the qube is networked): the MCP ``openWorldHint``
+    open_world: bool = False
+    #: the power states qubesd insists on, checked before consent
+    power: tuple[Power, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.creator_needs is not None and not Tier.EXEC <= self.creator_needs < self.needs:
+            raise ValueError(f"{self.name}: creator_needs must be exec or more, below needs")
+        for p in self.power:
+            if p.state not in POWER_REFUSED:
+                raise ValueError(f"{self.name}: unknown power state {p.state!r}")
 
     @property
     def state_changing(self) -> bool:
         return not self.read_only
+
+    @property
+    def floor(self) -> Tier:
+        """The least tier the operation can need on its target, by any path (the policy lets
+        a principal call it when its ceiling reaches this; the gate decides the rest)."""
+        return self.needs if self.creator_needs is None else min(self.needs, self.creator_needs)
 
 
 _QUBE_DOC = "a qube in your scope"
@@ -115,6 +173,8 @@ OUTPUT = Field(
     choices=("text", "base64"),
 )
 RUN_FIELDS = (ARGV, STDIN, STDIN_BASE64, OUTPUT, TIMEOUT)
+NOT_RUNNING = "the qube is not running"
+_RUNNING = (Power("", "running", NOT_RUNNING),)
 PATH = Field(
     "path",
     "str",
@@ -206,9 +266,19 @@ OPERATIONS: tuple[Operation, ...] = (
         fields=(
             Field("force", "bool", "shut down even if other qubes use its network", default=False),
         ),
+        power=(
+            *_RUNNING,
+            Power("", "unpaused", "the qube is paused: unpause it first", when=("force", False)),
+        ),
     ),
     Operation(
-        "qube.pause", "qmcp.Pause", "Pause a running qube", Target.QUBE, Tier.EXEC, idempotent=True
+        "qube.pause",
+        "qmcp.Pause",
+        "Pause a running qube",
+        Target.QUBE,
+        Tier.EXEC,
+        idempotent=True,
+        power=_RUNNING,
     ),
     Operation(
         "qube.unpause",
@@ -217,6 +287,7 @@ OPERATIONS: tuple[Operation, ...] = (
         Target.QUBE,
         Tier.EXEC,
         idempotent=True,
+        power=(Power("", "paused", "the qube is not paused"),),
     ),
     Operation(
         "qube.kill",
@@ -225,6 +296,7 @@ OPERATIONS: tuple[Operation, ...] = (
         Target.QUBE,
         Tier.EXEC,
         destructive=True,
+        power=_RUNNING,
     ),
     # --- exec: commands and files ------------------------------------------------------------
     Operation(
@@ -235,6 +307,7 @@ OPERATIONS: tuple[Operation, ...] = (
         Tier.EXEC,
         destructive=True,
         long_running=True,
+        open_world=True,
         fields=RUN_FIELDS,
     ),
     Operation(
@@ -370,6 +443,7 @@ OPERATIONS: tuple[Operation, ...] = (
         Tier.EXEC,
         creates=True,
         long_running=True,
+        open_world=True,
         fields=RUN_FIELDS,
     ),
     Operation(
@@ -415,6 +489,14 @@ OPERATIONS: tuple[Operation, ...] = (
                 required=True,
                 nullable=True,
                 max_len=64,
+            ),
+        ),
+        power=(
+            Power(
+                "",
+                "halted",
+                "the qube must be halted to change its template",
+                when=("property", "template"),
             ),
         ),
     ),
@@ -465,6 +547,10 @@ OPERATIONS: tuple[Operation, ...] = (
             Field("read_only", "bool", "attach read-only", default=False),
         ),
         refs=(Ref("backend", Tier.FULL),),
+        power=(
+            Power("", "running", "the qube to attach to is not running"),
+            Power("backend", "running", "the backend is not running (its devices exist only then)"),
+        ),
     ),
     Operation(
         "device.detach",
@@ -487,6 +573,10 @@ OPERATIONS: tuple[Operation, ...] = (
             ),
         ),
         refs=(Ref("backend", Tier.FULL),),
+        power=(
+            Power("", "running", "the device is not attached there (the qube is not running)"),
+            Power("backend", "running", "the device is not attached there (backend not running)"),
+        ),
     ),
     Operation(
         "qube.remove",
@@ -497,6 +587,9 @@ OPERATIONS: tuple[Operation, ...] = (
         consent=True,
         destructive=True,
         long_running=True,
+        # what a principal created it may remove again (with consent): clean up after itself
+        creator_needs=Tier.EXEC,
+        power=(Power("", "halted", "the qube must be halted first"),),
     ),
     # --- plans: check a whole change first, then apply it with one approval -------------------
     Operation(

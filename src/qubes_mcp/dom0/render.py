@@ -77,7 +77,7 @@ def _principal_block(p: Principal, registry: Registry) -> list[str]:
     members = sorted(registry.members(p.scope.prefix))
     lines = [f"## principal {p.qube}: scope {p.scope.prefix}, ceiling {p.ceiling.word}"]
     for op in OPERATIONS:
-        if op.needs > p.ceiling or (op.creates and not p.may_create):
+        if op.floor > p.ceiling or (op.creates and not p.may_create):
             continue  # the gate would refuse it anyway; qrexec refuses it first
         targets = ["@adminvm"] if op.target is Target.GLOBAL else members
         for target in targets:

@@ -84,6 +84,11 @@ class Scope:
     def owner(self, principal: str) -> str:
         return f"{self.prefix}-owner-{principal}"
 
+    def born_by(self, principal: str) -> str:
+        """The registry's ``by`` of a qube the gate created for ``principal``; only the gate
+        writes it (``Context.enter_scope``), and only at the end of a birth."""
+        return f"gate:{principal}"
+
     def is_controlled(self, tag: str) -> bool:
         """True for every tag in this scope's namespace (operator- or gate-only)."""
         return tag.startswith(f"{self.prefix}-")

@@ -7,7 +7,7 @@ defend: the gate in dom0 already redacted everything here (an out-of-scope refer
 
 from __future__ import annotations
 
-from typing import Any, NotRequired
+from typing import Any, Literal, NotRequired
 
 from typing_extensions import TypedDict
 
@@ -180,20 +180,42 @@ class PlanStep(TypedDict):
     args: dict[str, Any]
 
 
+class StepError(TypedDict):
+    code: str
+    message: str
+
+
+# dom0's decision on one proposed step: ``allowed`` (decided on the fleet as it is),
+# ``deferred`` (about a qube an earlier step creates: decided as that qube will be born, and
+# again when it runs) or ``refused`` (``error`` says why; the plan is not kept). ``consent``:
+# the step waits for the operator (one approval covers the plan). Comments, not docstrings:
+# pydantic would repeat a docstring in the output schema of every listing.
+class StepVerdict(TypedDict):
+    decision: Literal["allowed", "deferred", "refused"]
+    consent: bool
+    error: StepError | None
+
+
+class PlanStepVerdict(TypedDict):
+    index: int
+    op: str
+    target: str | None
+    verdict: StepVerdict
+
+
+# one applied step: its result, or the refusal that stopped the plan there
 class PlanStepReport(TypedDict):
     index: int
     op: str
     target: str | None
-    verdict: NotRequired[Any]  # "allowed", "deferred", or {code, message}
-    consent: NotRequired[bool]
     result: NotRequired[dict[str, Any]]
-    error: NotRequired[dict[str, str]]
+    error: NotRequired[StepError]
 
 
 class PlanProposal(TypedDict):
     plan_id: str | None
     digest: str | None
-    steps: list[PlanStepReport]
+    steps: list[PlanStepVerdict]
     needs_consent: bool
     expires_in: NotRequired[int]
 

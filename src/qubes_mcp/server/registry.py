@@ -60,6 +60,8 @@ def tier_line(op: OpSpec, target: str) -> str:
     if op.name == "plan.apply":
         return "Tier: what each step needs; one approval for the whole plan if a step needs one."
     parts = [] if op.is_global else [f"{op.needs} on {target}"]
+    if op.creator_needs is not None:
+        parts[-1] += f"; {op.creator_needs} if you created it"
     for ref in op.refs:
         parts.append(
             f"{ref.needs} on {ref.field}" + (" (or a dump sink)" if ref.allow_dump else "")
@@ -77,12 +79,14 @@ def describe(op: OpSpec, doc: str | None, target: str = "qube") -> str:
 
 
 def tool_annotations(op: OpSpec) -> ToolAnnotations:
-    """Honest hints from the table; nothing a tool does reaches outside the machine's qubes."""
+    """Honest hints from the table: ``openWorldHint`` is the table's ``open_world`` (what the
+    tool runs can reach the network through the egress when the qube is networked); no other
+    tool reaches outside the machine's qubes."""
     return ToolAnnotations(
         read_only_hint=op.read_only,
         destructive_hint=op.destructive,
         idempotent_hint=op.idempotent,
-        open_world_hint=False,
+        open_world_hint=op.open_world,
     )
 
 

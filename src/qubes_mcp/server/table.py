@@ -61,6 +61,10 @@ class OpSpec:
     long_running: bool
     fields: tuple[FieldSpec, ...]
     refs: tuple[RefSpec, ...] = ()
+    #: what it needs on a target the principal created itself (``None``: ``needs`` always)
+    creator_needs: str | None = None
+    #: what it runs can reach the network outside the machine (the MCP ``openWorldHint``)
+    open_world: bool = False
 
     @property
     def is_global(self) -> bool:
@@ -103,6 +107,8 @@ def _op(raw: dict[str, Any]) -> OpSpec:
         long_running=raw["long_running"],
         fields=fields,
         refs=tuple(RefSpec(**r) for r in raw["refs"]),
+        creator_needs=raw["creator_needs"],
+        open_world=raw["open_world"],
     )
 
 

@@ -155,7 +155,7 @@ def admin_tools(gw: Gateway) -> list[ToolDef]:
         return cast(models.DeviceAttachResult, await gw.call(ctx, "device.detach", qube, payload))
 
     async def qube_remove(qube: Qube, ctx: Context) -> models.RemoveResult:
-        """Remove a halted qube and all its data (shut it down first)."""
+        """Remove a halted qube and all its data."""
         return cast(models.RemoveResult, await gw.call(ctx, "qube.remove", qube))
 
     return [

@@ -54,9 +54,9 @@ def plan_tools(gw: Gateway) -> list[ToolDef]:
             ),
         ] = "",
     ) -> models.PlanProposal:
-        """Check a whole change without doing any of it: dom0 decides each step now
-        ('deferred' if it is about a qube an earlier step creates). If none is refused, you
-        get a plan_id and digest for plan_apply."""
+        """Check a whole change without doing any of it: dom0 decides each step now ('deferred'
+        if it is about a qube an earlier step creates). If none is refused, you get a plan_id
+        and digest for plan_apply."""
         payload = {"steps": [dict(s) for s in steps], "title": title}
         return cast(models.PlanProposal, await gw.call(ctx, "plan.propose", payload=payload))
 
