@@ -30,7 +30,12 @@ from qubes_mcp.dom0.errors import GateError
 from qubes_mcp.dom0.fsutil import atomic_write
 from qubes_mcp.dom0.operations import OPERATIONS
 from qubes_mcp.dom0.reader import parse_vm_list_line
-from qubes_mcp.dom0.render import POLICY_NAME, render_policy, validated_policy
+from qubes_mcp.dom0.render import (
+    FORMER_POLICY_NAMES,
+    POLICY_NAME,
+    render_policy,
+    validated_policy,
+)
 from qubes_mcp.dom0.tiers import DUMP, MEMBER, Tier
 
 
@@ -103,6 +108,10 @@ class Layout:
     @property
     def policy(self) -> Path:
         return self.policy_dir / POLICY_NAME
+
+    def former_policies(self) -> list[Path]:
+        """The generated file under a name it had before (decision record 0011)."""
+        return [self.policy_dir / name for name in FORMER_POLICY_NAMES]
 
     @property
     def rpc_dir(self) -> Path:
@@ -223,6 +232,10 @@ def install(
         what = "dump sink" if role == DUMP else klass
         done.append(f"enrolled {name} ({what}) in scope {scope}: it carried the scope's tag")
     done.append(f"wrote {path} and {config.paths.policy_dir / POLICY_NAME} (validated)")
+    for former in (config.paths.policy_dir / name for name in FORMER_POLICY_NAMES):
+        if former.is_symlink() or former.exists():
+            former.unlink()
+            done.append(f"removed {former} (the generated policy's former name)")
     layout.rpc_dir.mkdir(parents=True, exist_ok=True)
     for link in layout.links():
         if link.is_symlink() or link.exists():
@@ -245,7 +258,7 @@ def install(
 def uninstall(root: Path, *, purge: bool = False) -> list[str]:
     layout = Layout(root)
     done = []
-    for path in [layout.policy, *layout.links(), layout.unit]:
+    for path in [layout.policy, *layout.former_policies(), *layout.links(), layout.unit]:
         if path.is_symlink() or path.exists():
             path.unlink()
             done.append(f"removed {path}")
