@@ -42,7 +42,9 @@ def policy(**files: str) -> Policy:
 
 
 def test_the_generated_file_sorts_before_the_user_and_global_config_files() -> None:
-    names = sorted([POLICY_NAME, "30-user.policy", "50-config-clipboard.policy", "35-compat.policy"])
+    names = sorted(
+        [POLICY_NAME, "30-user.policy", "50-config-clipboard.policy", "35-compat.policy"]
+    )
     assert names[0] == POLICY_NAME
     # the operator's documented exception slot sorts before it
     assert sorted([POLICY_NAME, "20-qubes-mcp-local.policy"])[0] == "20-qubes-mcp-local.policy"
@@ -61,7 +63,10 @@ def test_user_rules_for_our_qubes_are_shadowed_and_still_do_not_apply() -> None:
     # the engine agrees: the sandbox's copy is denied at our file
     try:
         p.evaluate(
-            service="qubes.Filecopy", argument="+", source="ai-dev", target="personal",
+            service="qubes.Filecopy",
+            argument="+",
+            source="ai-dev",
+            target="personal",
             system_info=INFO,
         )
         raise AssertionError("a 30-user rule widened a sandbox")

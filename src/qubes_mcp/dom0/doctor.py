@@ -144,11 +144,7 @@ async def _policy_findings(config: GateConfig) -> list[Finding]:
     except PolicyError as exc:
         return [Finding("error", f"the qrexec policy does not load (qrexec denies all): {exc}")]
     registry = Registry.load(registry_path(config.paths.state_dir))
-    qubes = {
-        name: "enrolled"
-        for scope in registry.scopes()
-        for name in registry.entries(scope)
-    }
+    qubes = {name: "enrolled" for scope in registry.scopes() for name in registry.entries(scope)}
     qubes.update({p.qube: "principal" for p in config.principals.values()})
     info = await system_info(config)
     return [

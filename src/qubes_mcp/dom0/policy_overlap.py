@@ -70,7 +70,7 @@ def _is_stock(rule: Rule) -> bool:
 
 
 def _targets(info: SystemInfo, source: str) -> list[str]:
-    names = sorted(n for n in info if n != source and n != "dom0")
+    names = sorted(n for n in info if n not in (source, "dom0"))
     return ["@adminvm", *names, "@default", "@dispvm"]
 
 
