@@ -72,7 +72,7 @@ WantedBy=multi-user.target
 """
 
 CONFIG_TEMPLATE = """# qubes-mcp gate configuration. See docs/operator-guide.md; every key is
-# documented in src/qubes_mcp/dom0/config.py. While this file is broken, the gate refuses
+# documented in docs/configuration.md. While this file is broken, the gate refuses
 # every request.
 default_tier = "read"
 {egress}
