@@ -9,7 +9,8 @@
                                  [--scope ai]   (enrolment is by name: decision record 0010)
 
 ``--config`` (default /etc/qubes-mcp/config.toml) names the configuration; with ``--root``
-the default becomes ROOT/etc/qubes-mcp/config.toml, so the same commands drive an emulator.
+(every operator subcommand takes it) the default becomes ROOT/etc/qubes-mcp/config.toml, so the
+same commands drive an emulator.
 """
 
 from __future__ import annotations
