@@ -146,7 +146,10 @@ async def _policy_findings(config: GateConfig) -> list[Finding]:
     registry = Registry.load(registry_path(config.paths.state_dir))
     qubes = {name: "enrolled" for scope in registry.scopes() for name in registry.entries(scope)}
     qubes.update({p.qube: "principal" for p in config.principals.values()})
-    info = await system_info(config)
+    try:
+        info = await system_info(config)
+    except PolicyError as exc:  # qubesd's system info does not parse
+        return [Finding("error", f"cannot read the fleet as qrexec sees it: {exc}")]
     return [
         Finding(severity, message)
         for severity, message in describe(overlaps(policy, POLICY_NAME, qubes, info), POLICY_NAME)
