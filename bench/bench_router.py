@@ -32,7 +32,7 @@ from qubes_mcp.sim.qrexec.client import CallResult, call
 
 SOURCE = "mcp-control"
 SHELL_TARGET = "work"
-POLICY_NAME = "20-bench.policy"  # before the gate's 30-qubes-mcp.policy
+POLICY_NAME = "20-bench.policy"  # before the gate's 25-qubes-mcp.policy
 POLICY = f"""\
 bench.Echo * {SOURCE} @adminvm allow
 bench.Denied * {SOURCE} @adminvm deny notify=no

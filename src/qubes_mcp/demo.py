@@ -5,17 +5,27 @@ It starts an emulated dom0 with the demo fleet, installs the gate into it
 qrexec router, and drives it with FastMCP's client exactly as an agent would — printing what
 the agent asks, what dom0 answers, and what the operator sees. With ``--serve`` it then keeps
 everything running and serves MCP over HTTP on localhost for your own client.
+
+The root is recreated, so a second demo on the same root must not start: a lock beside the
+root (``.ROOT.lock``, ``flock``) makes it say who holds it instead. With ``--serve`` the port is
+checked before anything is played, so a busy port is a clear line, not a traceback at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import errno
+import fcntl
 import json
+import os
 import shutil
+import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -174,8 +184,62 @@ async def session(stack: Stack) -> None:
     show("[dom0]", verified.stdout.strip() or verified.stderr.strip(), CYAN)
 
 
+class DemoBusyError(Exception):
+    """The root is in use by another demo, or the port is taken (the message says which)."""
+
+
+def check_port(port: int, host: str = "127.0.0.1") -> None:
+    """Raise DemoBusyError if nothing could listen on ``host:port`` now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not busy
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            why = "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc})"
+            raise DemoBusyError(
+                f"port {port} on {host} {why} (another `make run`?): stop it, or pass --port N"
+            ) from None
+
+
+def lock_path(root: Path) -> Path:
+    return root.parent / f".{root.name}.lock"
+
+
+@contextlib.contextmanager
+def locked_root(root: Path) -> Iterator[None]:
+    """Hold the root's lock for the whole demo; DemoBusyError if another demo holds it."""
+    path = lock_path(root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            raise DemoBusyError(
+                f"another demo is running on {root} (pid {holder}): stop it (Ctrl-C), "
+                "or pass --root DIR"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
 def main(args: argparse.Namespace) -> int:
     root = Path(args.root).resolve()
+    try:
+        with locked_root(root):
+            if args.serve:
+                check_port(args.port)
+            return _play(root, args)
+    except DemoBusyError as exc:
+        print(f"qubes-mcp demo: {exc}", file=sys.stderr)
+        return 1
+
+
+def _play(root: Path, args: argparse.Namespace) -> int:
     if root.exists():
         shutil.rmtree(root)
     say(f"Starting an emulated Qubes dom0 under {root} and installing the gate …")
@@ -194,6 +258,7 @@ def main(args: argparse.Namespace) -> int:
 
 def serve(stack: Stack, port: int) -> None:
     from qubes_mcp.server.app import build_server
+    from qubes_mcp.server.cli import http_options
     from qubes_mcp.server.transport import SimTransport
 
     admin = f".venv/bin/qubes-mcp-admin {{pending|approve ID|deny ID}} --config {stack.config}"
@@ -210,7 +275,7 @@ def serve(stack: Stack, port: int) -> None:
     )
     time.sleep(0.1)
     build_server(SimTransport(stack.root)).run(
-        transport="http", host="127.0.0.1", port=port, show_banner=False
+        transport="http", host="127.0.0.1", port=port, show_banner=False, **http_options()
     )
 
 

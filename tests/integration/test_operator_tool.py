@@ -50,7 +50,7 @@ def test_enrol_tier_and_unenrol(stack: Stack) -> None:
 def test_doctor_finds_what_weakens_the_boundary(stack: Stack) -> None:
     dom0_admin(stack, "personal", "admin.vm.tag.Set", "ai-full")  # tier, not enrolled
     dom0_admin(stack, "ai-notes", "admin.vm.tag.Set", "ai-dump")  # hybrid
-    policy = stack.root / "etc/qubes/policy.d/30-qubes-mcp.policy"
+    policy = stack.root / "etc/qubes/policy.d/25-qubes-mcp.policy"
     saved = policy.read_text()
     policy.write_text(saved + "\nqubes.Filecopy * @anyvm @anyvm allow\n")  # drift
     try:
@@ -73,7 +73,7 @@ def test_doctor_finds_what_weakens_the_boundary(stack: Stack) -> None:
 
 def test_policy_render_is_what_install_wrote(stack: Stack) -> None:
     rendered = stack.admin("policy", "render").stdout
-    assert rendered == (stack.root / "etc/qubes/policy.d/30-qubes-mcp.policy").read_text()
+    assert rendered == (stack.root / "etc/qubes/policy.d/25-qubes-mcp.policy").read_text()
 
 
 def test_the_systemd_unit_starts_the_gate_with_a_command_line_that_parses(stack: Stack) -> None:
@@ -94,7 +94,7 @@ def test_uninstall_removes_everything_install_wrote_and_keeps_the_log(stack: Sta
     root = stack.root
     out = stack.admin("uninstall", "--root", str(root))
     assert out.returncode == 0
-    assert not (root / "etc/qubes/policy.d/30-qubes-mcp.policy").exists()
+    assert not (root / "etc/qubes/policy.d/25-qubes-mcp.policy").exists()
     assert not list((root / "etc/qubes-rpc").glob("qmcp.*"))
     assert not (root / "etc/systemd/system/qubes-mcp-gate.service").exists()
     assert (root / "var/log/qubes-mcp/audit.log").exists()

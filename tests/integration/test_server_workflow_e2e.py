@@ -13,12 +13,13 @@ from collections.abc import Iterator
 
 import pytest
 
+from qubes_mcp.dom0.render import POLICY_NAME
 from qubes_mcp.stack import Stack, start_stack
 from tests.integration.test_server_e2e import operator, refusal, tool
 
 pytestmark = pytest.mark.bwrap
 
-POLICY = "etc/qubes/policy.d/30-qubes-mcp.policy"
+POLICY = f"etc/qubes/policy.d/{POLICY_NAME}"
 
 
 @pytest.fixture(scope="module")

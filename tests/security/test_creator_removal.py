@@ -24,14 +24,14 @@ import pytest
 
 from qubes_mcp.dom0.config import load_config
 from qubes_mcp.dom0.enrolment import Registry, commit, registry_path
-from qubes_mcp.dom0.render import render_policy
+from qubes_mcp.dom0.render import POLICY_NAME, render_policy
 from qubes_mcp.stack import Stack, start_stack
 from tests.enrolment_helpers import enrol
 from tests.gate_e2e import answer_when_pending, audit_lines, code, dom0_admin, gate_call, ok
 
 pytestmark = pytest.mark.bwrap
 
-POLICY = "etc/qubes/policy.d/30-qubes-mcp.policy"
+POLICY = f"etc/qubes/policy.d/{POLICY_NAME}"
 OWNER = "ai-owner-mcp-control"
 
 

@@ -425,7 +425,7 @@ def test_ledger_installer_never_installs_a_policy_that_breaks_the_directory(
     stack: Stack,
 ) -> None:
     broken = stack.root / "etc/qubes/policy.d/31-broken.policy"
-    ours = stack.root / "etc/qubes/policy.d/30-qubes-mcp.policy"
+    ours = stack.root / "etc/qubes/policy.d/25-qubes-mcp.policy"
     before = ours.read_bytes()
     broken.write_text("qubes.Filecopy * @anyvm\n")
     try:

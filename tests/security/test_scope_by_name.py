@@ -38,7 +38,7 @@ from tests.gate_e2e import dom0_admin, gate_call, ok
 pytestmark = pytest.mark.bwrap
 
 QUBE_OPS = [op for op in OPERATIONS if op.target is Target.QUBE]
-POLICY = "etc/qubes/policy.d/30-qubes-mcp.policy"
+POLICY = "etc/qubes/policy.d/25-qubes-mcp.policy"
 
 
 @pytest.fixture(scope="module")

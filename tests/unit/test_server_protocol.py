@@ -195,12 +195,15 @@ def test_cancelling_the_mcp_call_cancels_the_dom0_call() -> None:
     assert dom0.cancelled.is_set()
 
 
-def test_an_emulator_that_is_not_running_is_not_found(tmp_path: Any) -> None:
+def test_an_emulator_that_is_not_running_is_unavailable(tmp_path: Any) -> None:
+    # a transport that reaches nothing names no qube: unavailable, for a qube and for dom0
     from qubes_mcp.server.transport import SimTransport
 
     async def go() -> None:
         async with Client(build_server(SimTransport(tmp_path))) as c:
-            with pytest.raises(ToolError, match=r"^not-found: no such qube, or not yours$"):
+            with pytest.raises(ToolError, match=r"^unavailable: dom0 cannot be reached"):
                 await c.call_tool("qube_list", {})
+            with pytest.raises(ToolError, match=r"^unavailable: dom0 cannot be reached"):
+                await c.call_tool("qube_info", {"qube": "ai-dev"})
 
     run(go())

@@ -111,8 +111,35 @@ def test_transport_failures_are_the_gates_not_found(tmp_path: Path, body: str) -
     assert refusal(fake_client(tmp_path, body)) == NOT_FOUND
 
 
-def test_a_missing_client_is_not_found(tmp_path: Path) -> None:
-    assert refusal(tmp_path / "absent") == NOT_FOUND
+UNAVAILABLE = (tr.UNAVAILABLE_CODE, tr.UNAVAILABLE_MESSAGE)
+
+
+@pytest.mark.parametrize("target", ["ai-dev", "@adminvm"])
+def test_a_missing_client_is_unavailable_for_every_target(tmp_path: Path, target: str) -> None:
+    # no qrexec-client-vm reaches nothing at all: it says nothing about any qube (issue 9)
+    assert refusal(tmp_path / "absent", target=target) == UNAVAILABLE
+    (tmp_path / "not-executable").write_text("#!/bin/sh\n")
+    assert refusal(tmp_path / "not-executable", target=target) == UNAVAILABLE
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("exit 127", UNAVAILABLE),  # no qmcp.* service in dom0, or the gate is not listening
+        ("echo 'qrexec-agent not running' >&2; exit 1", UNAVAILABLE),
+        ("kill -9 $$", UNAVAILABLE),
+        ("echo 'Request refused' >&2; exit 126", NOT_FOUND),  # a policy refusal stays one
+        ("echo garbage", NOT_FOUND),
+    ],
+    ids=["service-missing-127", "qrexec-error", "client-killed", "policy-refused", "garbage"],
+)
+def test_a_broken_transport_to_adminvm_is_unavailable(
+    tmp_path: Path, body: str, expected: tuple[str, str]
+) -> None:
+    exe = fake_client(tmp_path, body)
+    assert refusal(exe, target="@adminvm") == expected
+    # the same failure on a call to a qube is the existence-hiding not-found
+    assert refusal(exe, target="ai-dev") == NOT_FOUND
 
 
 def test_an_oversized_reply_is_not_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

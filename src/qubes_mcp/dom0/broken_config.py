@@ -55,7 +55,7 @@ def fallback_paths(path: Path) -> Paths:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
-        return Paths(**{k: Path(v) for k, v in values.items()})
+        return Paths(**{k: Path(str(v)) for k, v in values.items()})
     section: list[str] = []
     inside = False
     for line in text.splitlines():
@@ -73,7 +73,7 @@ def fallback_paths(path: Path) -> Paths:
         value = table.get(key)
         if isinstance(value, str) and value.startswith("/"):
             values[key] = value
-    return Paths(**{k: Path(v) for k, v in values.items()})
+    return Paths(**{k: Path(str(v)) for k, v in values.items()})
 
 
 def load_for_gate(path: Path) -> GateConfig | BrokenConfig:

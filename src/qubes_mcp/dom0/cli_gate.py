@@ -9,7 +9,8 @@
                                  [--scope ai]   (enrolment is by name: decision record 0010)
 
 ``--config`` (default /etc/qubes-mcp/config.toml) names the configuration; with ``--root``
-the default becomes ROOT/etc/qubes-mcp/config.toml, so the same commands drive an emulator.
+(every operator subcommand takes it) the default becomes ROOT/etc/qubes-mcp/config.toml, so the
+same commands drive an emulator.
 """
 
 from __future__ import annotations
@@ -405,7 +406,7 @@ def register(sub: Any, policy_sub: Any | None = None) -> None:
     gate.add_argument("--ready-file", help=argparse.SUPPRESS)
     inst = add("install", cmd_install, "install config, policy, service links, unit", root=True)
     inst.add_argument(
-        "--principal", default="mcp-control", help="control qube to put in a new config"
+        "--principal", help="control qube to put in a new config (default: mcp-control)"
     )
     inst.add_argument("--egress", help="egress qube to put in a new config")
     inst.add_argument("--exe", default="/usr/bin/qubes-mcp-admin", help=argparse.SUPPRESS)
@@ -413,13 +414,13 @@ def register(sub: Any, policy_sub: Any | None = None) -> None:
     un.add_argument("--purge", action="store_true", help="also remove config and audit log")
     add("status", cmd_status, "show what is installed", root=True)
     add("doctor", cmd_doctor, "find misconfigurations in config, files and fleet", root=True)
-    pending = add("pending", cmd_pending, "list requests waiting for your consent")
+    pending = add("pending", cmd_pending, "list requests waiting for your consent", root=True)
     pending.add_argument("--json", action="store_true")
-    show = add("show", cmd_show, "print the whole of a pending request, escaped")
+    show = add("show", cmd_show, "print the whole of a pending request, escaped", root=True)
     show.add_argument("id")
     show.add_argument("--json", action="store_true")
     for answer in ("approve", "deny"):
-        p = add(answer, cmd_answer, f"{answer} a pending request")
+        p = add(answer, cmd_answer, f"{answer} a pending request", root=True)
         p.add_argument("id")
         p.add_argument("--digest", help="the digest `pending` showed (binds the answer)")
         p.set_defaults(answer=answer)
@@ -472,15 +473,17 @@ def register(sub: Any, policy_sub: Any | None = None) -> None:
     show.add_argument("--json", action="store_true", help="one JSON object per line")
     show.add_argument("--follow", action="store_true", help="keep printing new requests")
     show.set_defaults(func=cmd_audit_show)
-    tier = add("tier", cmd_tier, "enrol a qube at a tier (none = unenrol)")
+    tier = add("tier", cmd_tier, "enrol a qube at a tier (none = unenrol)", root=True)
     tier.add_argument("qube")
     tier.add_argument("tier", choices=("read", "exec", "net", "full", "none"))
-    enrol = add("enrol", cmd_tier, "enrol a qube by name in a scope (registers and tags it)")
+    enrol = add(
+        "enrol", cmd_tier, "enrol a qube by name in a scope (registers and tags it)", root=True
+    )
     enrol.add_argument("qube")
     how = enrol.add_mutually_exclusive_group()
     how.add_argument("--tier", choices=("read", "exec", "net", "full"), default=None)
     how.add_argument("--dump", action="store_true", help="as the scope's copy-in-only sink")
-    unenrol = add("unenrol", cmd_tier, "unregister a qube and remove its scope tags")
+    unenrol = add("unenrol", cmd_tier, "unregister a qube and remove its scope tags", root=True)
     unenrol.add_argument("qube")
     for p in (tier, *(sub.choices[n] for n in ("enrol", "unenrol"))):
         p.add_argument("--scope", default="ai")

@@ -1,5 +1,8 @@
 """The operator's configuration: one TOML file, read into a frozen, typed object of limits.
 
+Which keys exist, their defaults and their integer bounds come from one table,
+``config_schema.SCHEMA``, which also generates ``docs/configuration.md``.
+
 Only ``load_config`` touches the file system; ``parse_config`` is pure. Every mistake is a
 :class:`~qubes_mcp.dom0.errors.ConfigError` naming the key, and the gate refuses every request
 while the configuration is missing or malformed (fail closed). Unknown keys are mistakes too:
@@ -73,7 +76,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qubes_mcp.dom0.audit_clean import ARGV_CAP_DEFAULT, ARGV_CAP_MAX
+from qubes_mcp.dom0.audit_clean import ARGV_CAP_DEFAULT
+from qubes_mcp.dom0.config_schema import SECTIONS, bounds, defaults, keys
 from qubes_mcp.dom0.errors import ConfigError
 from qubes_mcp.dom0.names import QUBE_NAME_RE, is_valid_qube_name
 from qubes_mcp.dom0.tiers import Scope, Tier
@@ -173,57 +177,16 @@ class GateConfig:
     audit: AuditSettings = AuditSettings()
 
 
-DEFAULT_BUDGET = {
-    "pool_cap": 64 << 30,
-    "private_cap": 20 << 30,
-    "default_private": 2 << 30,
-    "max_qubes": 32,
-}
-DEFAULT_CONSENT = {"timeout": 120, "operations": [], "guarded": [], "dialog": []}
-DEFAULT_LIMITS = {
-    "request_bytes": 65536,
-    "output_bytes": 1 << 20,
-    "run_timeout": 600,
-    "event_window": 120,
-    "concurrent_requests": 16,
-    "rate": 20,
-    "burst": 100,
-    "refused_rate": 5,
-    "refused_burst": 50,
-    "copy_bytes": 1 << 30,
-    "copy_files": 10_000,
-    "open_requests": 64,
-    "request_read_timeout": 5,
-}
-DEFAULT_AUDIT = {"commands": "argv", "argv_bytes": ARGV_CAP_DEFAULT}
+DEFAULT_BUDGET = defaults("budget")
+DEFAULT_CONSENT = defaults("consent")
+DEFAULT_LIMITS = defaults("limits")
+DEFAULT_AUDIT = defaults("audit")
 AUDIT_COMMANDS = ("argv", "hash")
-DEFAULT_PATHS = {
-    "qubesd_socket": "/var/run/qubesd.sock",
-    "gate_socket": "/run/qubes-mcp/gate.sock",
-    "operator_socket": "/run/qubes-mcp/operator.sock",
-    "audit_log": "/var/log/qubes-mcp/audit.log",
-    "state_dir": "/var/lib/qubes-mcp",
-    "qrexec_client": "/usr/lib/qubes/qrexec-client",
-    "console_logs": "/var/log/xen/console",
-    "policy_dir": "/etc/qubes/policy.d",
-}
-_BOUNDS = {
-    "timeout": (5, 3600),
-    "max_qubes": (1, 10000),
-    "request_bytes": (1024, 1 << 20),
-    "output_bytes": (1024, 64 << 20),
-    "run_timeout": (1, 24 * 3600),
-    "event_window": (1, 3600),
-    "concurrent_requests": (1, 256),
-    "rate": (1, 100_000),
-    "burst": (1, 1_000_000),
-    "refused_rate": (1, 100_000),
-    "refused_burst": (1, 1_000_000),
-    "copy_files": (1, 1_000_000),
-    "open_requests": (1, 1024),
-    "request_read_timeout": (1, 60),
-    "argv_bytes": (256, ARGV_CAP_MAX),
-}
+DEFAULT_PATHS = defaults("paths")
+_PRINCIPAL = defaults("principal")
+_TOPLEVEL = defaults("")
+_TOP = frozenset({*keys(""), *(s for s in SECTIONS if s)})
+_BOUNDS = bounds()
 #: the largest copy_bytes an operator may configure (a relayed copy passes through dom0)
 COPY_BYTES_MAX = 1 << 40
 
@@ -241,8 +204,7 @@ def _table(data: Mapping[str, Any], key: str, defaults: Mapping[str, Any]) -> di
 def _int(where: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{where} must be an integer")
-    name = where.rsplit(".", 1)[-1]
-    low, high = _BOUNDS.get(name, (0, 1 << 62))
+    low, high = _BOUNDS.get(where, (0, 1 << 62))
     if not low <= value <= high:
         raise ConfigError(f"{where} must be between {low} and {high}")
     return value
@@ -281,7 +243,7 @@ def _principal(index: int, raw: object) -> Principal:
     where = f"[[principal]] #{index + 1}"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a table")
-    known = {"qube", "scope", "ceiling", "name_prefix", "may_create"}
+    known = set(_PRINCIPAL)
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(
@@ -291,14 +253,14 @@ def _principal(index: int, raw: object) -> Principal:
     if not isinstance(qube, str) or not is_valid_qube_name(qube) or qube == "dom0":
         raise ConfigError(f"{where}: qube must be a qube name ({QUBE_NAME_RE.pattern}), not dom0")
     try:
-        scope = Scope(str(raw.get("scope", "ai")))
-        ceiling = Tier.parse(str(raw.get("ceiling", "full")))
+        scope = Scope(str(raw.get("scope", _PRINCIPAL["scope"])))
+        ceiling = Tier.parse(str(raw.get("ceiling", _PRINCIPAL["ceiling"])))
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     prefix = raw.get("name_prefix", f"{scope.prefix}-")
     if not isinstance(prefix, str) or not PREFIX_RE.match(prefix):
         raise ConfigError(f"{where}: name_prefix must match {PREFIX_RE.pattern}")
-    may_create = raw.get("may_create", False)
+    may_create = raw.get("may_create", _PRINCIPAL["may_create"])
     if not isinstance(may_create, bool):
         raise ConfigError(f"{where}: may_create must be true or false")
     return Principal(qube, scope, ceiling, prefix, may_create)
@@ -310,10 +272,7 @@ def parse_config(text: str, source: str = "<string>") -> GateConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    top = {
-        *("default_tier", "egress_qube", "principal", "budget", "consent", "limits", "paths"),
-        "audit",
-    }
+    top = _TOP
     unknown = sorted(set(data) - top)
     if unknown:
         raise ConfigError(f"{source}: unknown key {unknown[0]!r} (known: {', '.join(sorted(top))})")
@@ -327,7 +286,7 @@ def parse_config(text: str, source: str = "<string>") -> GateConfig:
             raise ConfigError(f"{source}: principal {principal.qube!r} is configured twice")
         principals[principal.qube] = principal
     try:
-        default_tier = Tier.parse(str(data.get("default_tier", "read")))
+        default_tier = Tier.parse(str(data.get("default_tier", _TOPLEVEL["default_tier"])))
     except ValueError as exc:
         raise ConfigError(f"{source}: default_tier: {exc}") from None
     egress = data.get("egress_qube")

@@ -16,8 +16,11 @@ from qubes_mcp.dom0.config import GateConfig, load_config
 from qubes_mcp.dom0.enrolment import Registry, live_uuids, registry_path
 from qubes_mcp.dom0.errors import GateError
 from qubes_mcp.dom0.install import Layout, status
+from qubes_mcp.dom0.policy_overlap import describe, overlaps
 from qubes_mcp.dom0.reader import parse_getall
+from qubes_mcp.dom0.render import POLICY_NAME
 from qubes_mcp.dom0.tiers import Tier
+from qubes_mcp.policy import Policy, PolicyError
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,28 @@ async def _birth_leftover_findings(config: GateConfig) -> list[Finding]:
     return found
 
 
+async def _policy_findings(config: GateConfig) -> list[Finding]:
+    """The operator's own qrexec rules that the generated file overrides or is overridden by,
+    for each principal and each registered qube (``policy_overlap``, decision record 0011)."""
+    from qubes_mcp.dom0.explain import system_info
+
+    try:
+        policy = Policy.load([config.paths.policy_dir])
+    except PolicyError as exc:
+        return [Finding("error", f"the qrexec policy does not load (qrexec denies all): {exc}")]
+    registry = Registry.load(registry_path(config.paths.state_dir))
+    qubes = {name: "enrolled" for scope in registry.scopes() for name in registry.entries(scope)}
+    qubes.update({p.qube: "principal" for p in config.principals.values()})
+    try:
+        info = await system_info(config)
+    except PolicyError as exc:  # qubesd's system info does not parse
+        return [Finding("error", f"cannot read the fleet as qrexec sees it: {exc}")]
+    return [
+        Finding(severity, message)
+        for severity, message in describe(overlaps(policy, POLICY_NAME, qubes, info), POLICY_NAME)
+    ]
+
+
 async def doctor(root: Path, config_path: Path) -> list[Finding]:
     try:
         config = load_config(config_path)
@@ -169,6 +194,7 @@ async def doctor(root: Path, config_path: Path) -> list[Finding]:
     try:
         findings += await _fleet_findings(config)
         findings += await _birth_leftover_findings(config)
+        findings += await _policy_findings(config)
     except GateError as exc:
         findings.append(Finding("error", f"cannot read the fleet from qubesd ({exc.reason})"))
     return findings

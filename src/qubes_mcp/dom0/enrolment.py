@@ -254,12 +254,18 @@ def commit(
     policy_dir: Path,
     change: Change,
     render: Callable[[Registry], str],
+    *,
+    check: Callable[[str], None] | None = None,
+    write: Callable[[str], None] | None = None,
 ) -> Registry:
     """Apply ``change`` to the registry and install the policy it renders, or nothing.
 
     ``render`` turns a registry into the text of the generated policy file; it is validated
     with our engine together with the other files of ``policy_dir`` before anything is
-    written (``render.stage_policy``).
+    written (``render.stage_policy``), then by ``check`` if given (``install`` passes Qubes'
+    ``qubes-policy-lint``; it raises ``PolicyRefusedError``). ``write`` replaces the file
+    instead of our atomic write (``install`` passes ``qubes-policy --replace``); if it raises,
+    the registry is put back.
 
     Raises:
         PolicyRefusedError: the policy does not validate (nothing written).
@@ -276,10 +282,15 @@ def commit(
             text = stage_policy(policy_dir, render(new))
         except PolicyError as exc:
             raise PolicyRefusedError(reason=str(exc)) from None
+        if check is not None:
+            check(text)
         if new != old:
             atomic_write(path, new.to_bytes(), 0o600)
         try:
-            atomic_write(policy_dir / POLICY_NAME, text.encode(), 0o644)
+            if write is not None:
+                write(text)
+            else:
+                atomic_write(policy_dir / POLICY_NAME, text.encode(), 0o644)
         except OSError:
             if new != old:
                 atomic_write(path, old.to_bytes(), 0o600)

@@ -26,11 +26,18 @@ from qubes_mcp.dom0.admin import AdminClient
 from qubes_mcp.dom0.audit import AuditLog, chain_exists
 from qubes_mcp.dom0.config import GateConfig, load_config
 from qubes_mcp.dom0.enrolment import Change, Registry, commit, registry_path
-from qubes_mcp.dom0.errors import GateError
+from qubes_mcp.dom0.errors import GateError, InvalidInputError
 from qubes_mcp.dom0.fsutil import atomic_write
+from qubes_mcp.dom0.names import is_valid_qube_name
 from qubes_mcp.dom0.operations import OPERATIONS
+from qubes_mcp.dom0.qubes_policy_tools import PolicyTools
 from qubes_mcp.dom0.reader import parse_vm_list_line
-from qubes_mcp.dom0.render import POLICY_NAME, render_policy, validated_policy
+from qubes_mcp.dom0.render import (
+    FORMER_POLICY_NAMES,
+    POLICY_NAME,
+    render_policy,
+    validated_policy,
+)
 from qubes_mcp.dom0.tiers import DUMP, MEMBER, Tier
 
 
@@ -65,7 +72,7 @@ WantedBy=multi-user.target
 """
 
 CONFIG_TEMPLATE = """# qubes-mcp gate configuration. See docs/operator-guide.md; every key is
-# documented in src/qubes_mcp/dom0/config.py. While this file is broken, the gate refuses
+# documented in docs/configuration.md. While this file is broken, the gate refuses
 # every request.
 default_tier = "read"
 {egress}
@@ -103,6 +110,10 @@ class Layout:
     @property
     def policy(self) -> Path:
         return self.policy_dir / POLICY_NAME
+
+    def former_policies(self) -> list[Path]:
+        """The generated file under a name it had before (decision record 0011)."""
+        return [self.policy_dir / name for name in FORMER_POLICY_NAMES]
 
     @property
     def rpc_dir(self) -> Path:
@@ -196,16 +207,38 @@ def _migrate(scan: FleetScan) -> Change:
 def install(
     root: Path,
     *,
-    principal: str = "mcp-control",
+    principal: str | None = None,
     egress: str | None = None,
     exe: str = "/usr/bin/qubes-mcp-admin",
+    tools: PolicyTools | None = None,
 ) -> list[str]:
-    """Install into ``root``; returns what was done, one line each."""
+    """Install into ``root``; returns what was done, one line each.
+
+    ``principal`` (default ``mcp-control``) and ``egress`` only seed a new configuration: with
+    one already there they are reported as ignored, never silently dropped. A name qubesd
+    would not accept (or ``dom0``) is refused before anything is written.
+    ``tools``: Qubes' own policy tools (default: whichever dom0 has, ``PolicyTools.find``).
+
+    Raises:
+        InvalidInputError: a bad ``principal`` or ``egress`` (nothing written).
+    """
+    for flag, value in (("--principal", principal), ("--egress", egress)):
+        if value is not None and (not is_valid_qube_name(value) or value == "dom0"):
+            raise InvalidInputError(f"{flag} {value!r} is not a qube name that may be used here")
     layout = Layout(root)
+    tools = tools if tools is not None else PolicyTools.find()
     done = []
     if not layout.config.exists():
-        atomic_write(layout.config, default_config_text(layout, principal, egress).encode(), 0o644)
+        text = default_config_text(layout, principal or "mcp-control", egress)
+        atomic_write(layout.config, text.encode(), 0o644)
         done.append(f"wrote {layout.config}")
+    else:
+        for flag, value in (("--principal", principal), ("--egress", egress)):
+            if value is not None:
+                done.append(
+                    f"note: ignored {flag} {value}: {layout.config} exists and is kept; "
+                    "edit it to change principals or the egress qube, then run install"
+                )
     config = load_config(layout.config)
     path = registry_path(config.paths.state_dir)
     first = not path.exists()
@@ -214,16 +247,31 @@ def install(
         raise InstallRefusedError(scan.strays)
     config.paths.state_dir.mkdir(parents=True, exist_ok=True)
     config.paths.state_dir.chmod(0o700)
+    policy_dir = config.paths.policy_dir
+    through_qubes = tools.writes(policy_dir)
     commit(
         config.paths.state_dir,
-        config.paths.policy_dir,
+        policy_dir,
         _migrate(scan),
         lambda registry: render_policy(config, registry),
+        check=lambda text: tools.check(policy_dir, POLICY_NAME, text),
+        write=(lambda text: tools.replace(POLICY_NAME, text)) if through_qubes else None,
     )
+    if tools.lint is not None:
+        done.append(f"checked the policy directory with {tools.lint}")
     for scope, name, _, klass, role in scan.migrate:
         what = "dump sink" if role == DUMP else klass
         done.append(f"enrolled {name} ({what}) in scope {scope}: it carried the scope's tag")
-    done.append(f"wrote {path} and {config.paths.policy_dir / POLICY_NAME} (validated)")
+    how = f" through {tools.policy} --replace" if through_qubes else ""
+    done.append(f"wrote {path} and {policy_dir / POLICY_NAME} (validated){how}")
+    for name in FORMER_POLICY_NAMES:
+        former = policy_dir / name
+        if former.is_symlink() or former.exists():
+            if through_qubes:
+                tools.remove(name)
+            else:
+                former.unlink()
+            done.append(f"removed {former} (the generated policy's former name)")
     layout.rpc_dir.mkdir(parents=True, exist_ok=True)
     for link in layout.links():
         if link.is_symlink() or link.exists():
@@ -246,7 +294,7 @@ def install(
 def uninstall(root: Path, *, purge: bool = False) -> list[str]:
     layout = Layout(root)
     done = []
-    for path in [layout.policy, *layout.links(), layout.unit]:
+    for path in [layout.policy, *layout.former_policies(), *layout.links(), layout.unit]:
         if path.is_symlink() or path.exists():
             path.unlink()
             done.append(f"removed {path}")

@@ -6,6 +6,8 @@
 - ``--transport http [--host 127.0.0.1] [--port 8765]``: streamable HTTP on a loopback address
   only (anything that can reach the port can drive the agent's authority).
 - ``--read-only``, ``--tools GROUP,...``, ``--disable GROUP,...``: trim the tools offered.
+- ``--check``: make one harmless call to dom0 (``qmcp.List``) through that transport, say
+  exactly what is wrong (or OK, with the size of the principal's scope) and exit.
 """
 
 from __future__ import annotations
@@ -57,9 +59,21 @@ def http_options() -> dict[str, Any]:
     }
 
 
+def _check(transport: Any) -> int:
+    import asyncio
+
+    from qubes_mcp.server.check import check
+
+    result = asyncio.run(check(transport))
+    print(
+        f"qubes-mcp serve --check: {result.message}", file=sys.stdout if result.ok else sys.stderr
+    )
+    return 0 if result.ok else 1
+
+
 def _serve(args: argparse.Namespace) -> int:
     from qubes_mcp.server.app import UnknownGroupError, build_server, select_groups
-    from qubes_mcp.server.transport import QrexecTransport, SimTransport, Timeouts, Transport
+    from qubes_mcp.server.transport import Prober, QrexecTransport, SimTransport, Timeouts
 
     try:
         groups = select_groups(_groups(args.tools), _groups(args.disable) or ())
@@ -67,11 +81,13 @@ def _serve(args: argparse.Namespace) -> int:
     except (UnknownGroupError, NotLoopbackError) as exc:
         print(f"qubes-mcp serve: {exc}", file=sys.stderr)
         return 2
-    transport: Transport
+    transport: Prober
     if args.sim:
         transport = SimTransport(Path(args.sim), args.principal)
     else:
         transport = QrexecTransport(args.qrexec_client)
+    if args.check:
+        return _check(transport)
     mcp = build_server(
         transport,
         groups=groups,
@@ -104,6 +120,11 @@ def add_parser(sub: Any) -> None:
     serve.add_argument("--transport", choices=("stdio", "http"), default="stdio")
     serve.add_argument("--host", default="127.0.0.1", help="HTTP address (loopback only)")
     serve.add_argument("--port", type=int, default=8765, help="HTTP port (default: %(default)s)")
+    serve.add_argument(
+        "--check",
+        action="store_true",
+        help="make one harmless call to dom0, say what is wrong (or OK) and exit",
+    )
     serve.add_argument("--read-only", action="store_true", help="offer only read tools")
     serve.add_argument("--tools", metavar="GROUP,...", help=f"offer only: {','.join(GROUPS)}")
     serve.add_argument("--disable", metavar="GROUP,...", help="do not offer these groups")

@@ -5,10 +5,17 @@ control qube (production); :class:`SimTransport` goes through the emulator's qre
 the principal (development, tests, demos). Both return the gate's ``result`` object or raise
 :class:`GateRefusalError`.
 
-Every failure of the transport itself (qrexec refused the call, the client crashed or timed
-out, the reply is not the gate's JSON) becomes the gate's not-found refusal, byte for byte:
-qrexec policy refuses out-of-scope targets before the gate sees them, so an agent must not be
-able to tell "refused by policy" from "refused by the gate" from "broken pipe".
+A failure of a call to a qube (qrexec refused it, the client crashed or timed out, the reply
+is not the gate's JSON) becomes the gate's not-found refusal, byte for byte: qrexec policy
+refuses out-of-scope targets before the gate sees them, so an agent must not be able to tell
+"refused by policy" from "refused by the gate" from "broken pipe".
+
+A failure of the transport itself is ``unavailable``, because it says nothing about any qube:
+the client cannot be started (no ``qrexec-client-vm``: not a qube, or no qubes-core-agent), the
+emulator is not running, or a call to ``@adminvm`` -- dom0 always exists -- fails other than
+by a policy refusal (exit 127: the ``qmcp.*`` service is missing or the gate is not listening;
+any other exit: qrexec's own error). :func:`probe` gives ``qubes-mcp serve --check`` the raw
+exit code and stderr to say which.
 """
 
 from __future__ import annotations
@@ -52,10 +59,44 @@ class _TransportFailureError(Exception):
     """The call did not produce a reply from the gate (reason for the server log only)."""
 
 
+class _TransportUnavailableError(_TransportFailureError):
+    """The transport itself does not work: no answer from dom0 for any call."""
+
+
+#: qrexec's exit code when the service does not exist in dom0 (or its socket does not listen)
+EXIT_NO_SERVICE = 127
+UNAVAILABLE_CODE = "unavailable"
+UNAVAILABLE_MESSAGE = "dom0 cannot be reached from this qube: the qubes-mcp gate is unavailable"
+
+
 def not_found() -> GateRefusalError:
-    """The one refusal every transport failure turns into."""
+    """The refusal every failure of a call to a qube turns into."""
     table = load_table()
     return GateRefusalError(table.not_found_code, table.not_found_message)
+
+
+def unavailable() -> GateRefusalError:
+    """The refusal a failure of the transport itself turns into (it names no qube)."""
+    assert UNAVAILABLE_CODE in load_table().codes
+    return GateRefusalError(UNAVAILABLE_CODE, UNAVAILABLE_MESSAGE)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One call's raw outcome, for ``serve --check``: ``exit_code`` None when the call never
+    started (``problem`` says why)."""
+
+    exit_code: int | None
+    stdout: bytes = b""
+    stderr: bytes = b""
+    problem: str = ""
+
+
+def _failure(target: str, exit_code: int) -> _TransportFailureError:
+    """A non-zero exit: a policy refusal, or for ``@adminvm`` a broken transport."""
+    if target == ADMINVM and exit_code != EXIT_REFUSED:
+        return _TransportUnavailableError(f"exit {exit_code}")
+    return _TransportFailureError(f"exit {exit_code}")
 
 
 def decode_reply(untrusted_stdout: bytes) -> dict[str, Any]:
@@ -134,8 +175,17 @@ class Transport(Protocol):
         """Call ``service`` on ``target`` with ``payload``; return the gate's raw stdout.
 
         Raises:
-            GateRefusalError: the call was refused or failed (always the not-found refusal).
+            GateRefusalError: the call was refused or failed (the not-found refusal), or the
+                transport does not work (``unavailable``).
         """
+        ...
+
+
+class Prober(Transport, Protocol):
+    """A transport that can also report a call's raw outcome (``serve --check``)."""
+
+    async def probe(self, target: str, service: str, payload: bytes, timeout: float) -> Probe:
+        """The same call, raw: exit code, stdout, stderr; never raises for a failed call."""
         ...
 
 
@@ -165,24 +215,49 @@ class QrexecTransport:
 
     async def call(self, target: str, service: str, payload: bytes, timeout: float) -> bytes:
         try:
-            return await self._call(target, service, payload, timeout)
+            code, out, _ = await self._call(target, service, payload, timeout)
+            if code != 0:
+                raise _failure(target, code)
+            return out
+        except _TransportUnavailableError as exc:
+            _log.warning("%s on %s: transport unavailable: %s", service, target, exc)
+            raise unavailable() from None
         except (_TransportFailureError, TimeoutError, OSError) as exc:
             # for whoever runs the server (its stderr), never for the agent
             _log.warning("%s on %s: %s %s", service, target, type(exc).__name__, exc)
             raise not_found() from None
 
-    async def _call(self, target: str, service: str, payload: bytes, timeout: float) -> bytes:
+    async def probe(self, target: str, service: str, payload: bytes, timeout: float) -> Probe:
+        try:
+            code, out, err = await self._call(target, service, payload, timeout, stderr=True)
+        except _TransportUnavailableError as exc:
+            return Probe(None, problem=str(exc))
+        except TimeoutError:
+            return Probe(None, problem=f"no answer within {timeout:g} s")
+        except (_TransportFailureError, OSError) as exc:
+            return Probe(None, problem=f"{type(exc).__name__}: {exc}")
+        return Probe(code, out, err)
+
+    async def _call(
+        self, target: str, service: str, payload: bytes, timeout: float, *, stderr: bool = False
+    ) -> tuple[int, bytes, bytes]:
         # own session: a timeout or cancellation kills the client and anything it started
-        proc = await asyncio.create_subprocess_exec(
-            self.client,
-            target,
-            service,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.client,
+                target,
+                service,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE if stderr else asyncio.subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except OSError as exc:  # no client, or not executable: nothing reaches dom0 at all
+            raise _TransportUnavailableError(
+                f"cannot run {self.client}: {exc.strerror or type(exc).__name__}"
+            ) from None
         feeder: asyncio.Task[None] | None = None
+        err = b""
         try:
             async with asyncio.timeout(timeout):
                 assert proc.stdin is not None and proc.stdout is not None
@@ -193,6 +268,8 @@ class QrexecTransport:
                     out += chunk
                     if len(out) > MAX_REPLY_BYTES:
                         raise _TransportFailureError("reply too large")
+                if proc.stderr is not None:
+                    err = await proc.stderr.read(1 << 16)
                 code = await proc.wait()
         finally:
             if feeder is not None:
@@ -204,9 +281,7 @@ class QrexecTransport:
                     os.killpg(proc.pid, signal.SIGKILL)
                 # reap it even when this task is being cancelled
                 await asyncio.shield(proc.wait())
-        if code != 0:
-            raise _TransportFailureError(f"exit {code}")
-        return bytes(out)
+        return code, bytes(out), err
 
 
 class SimTransport:
@@ -217,6 +292,27 @@ class SimTransport:
         self.principal = principal
 
     async def call(self, target: str, service: str, payload: bytes, timeout: float) -> bytes:
+        try:
+            probe = await self._call(target, service, payload, timeout)
+        except _TransportUnavailableError as exc:
+            _log.warning("%s on %s: transport unavailable: %s", service, target, exc)
+            raise unavailable() from None
+        if probe.exit_code is None:
+            raise not_found()
+        if probe.exit_code != 0:
+            _log.info("%s on %s: exit %d", service, target, probe.exit_code)
+            if isinstance(_failure(target, probe.exit_code), _TransportUnavailableError):
+                raise unavailable()
+            raise not_found()
+        return probe.stdout
+
+    async def probe(self, target: str, service: str, payload: bytes, timeout: float) -> Probe:
+        try:
+            return await self._call(target, service, payload, timeout)
+        except _TransportUnavailableError as exc:
+            return Probe(None, problem=str(exc))
+
+    async def _call(self, target: str, service: str, payload: bytes, timeout: float) -> Probe:
         # the emulator is a development dependency of this transport only
         from qubes_mcp.sim.paths import SimPaths
         from qubes_mcp.sim.qrexec.client import RouterUnavailableError, call
@@ -229,6 +325,7 @@ class SimTransport:
             if len(out) > MAX_REPLY_BYTES:
                 raise _TransportFailureError("reply too large")
 
+        err = bytearray()
         try:
             result = await call(
                 SimPaths(self.root),
@@ -238,18 +335,13 @@ class SimTransport:
                 stdin=payload,
                 timeout=timeout,
                 on_stdout=collect,
-                on_stderr=lambda _chunk: None,
+                on_stderr=lambda chunk: err.extend(chunk[: max(0, (1 << 16) - len(err))]),
             )
-        except (
-            _TransportFailureError,
-            RouterUnavailableError,
-            WireError,
-            TimeoutError,
-            OSError,
-        ) as exc:
+        except RouterUnavailableError as exc:
+            raise _TransportUnavailableError(
+                f"the emulator at {self.root} is not running ({exc})"
+            ) from None
+        except (_TransportFailureError, WireError, TimeoutError, OSError) as exc:
             _log.warning("%s on %s: %s %s", service, target, type(exc).__name__, exc)
-            raise not_found() from None
-        if result.exit_code != 0:
-            _log.info("%s on %s: exit %d", service, target, result.exit_code)
-            raise not_found()
-        return bytes(out)
+            return Probe(None, problem=f"{type(exc).__name__}: {exc}")
+        return Probe(result.exit_code, bytes(out), bytes(err))
