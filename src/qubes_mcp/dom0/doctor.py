@@ -165,7 +165,7 @@ async def _birth_leftover_findings(config: GateConfig) -> list[Finding]:
 
 async def _policy_findings(config: GateConfig) -> list[Finding]:
     """The operator's own qrexec rules that the generated file overrides or is overridden by,
-    for each principal and each registered qube (``policy_overlap``, decision record 0011)."""
+    for each principal and each registered qube (``policy_overlap``, decision record 0016)."""
     from qubes_mcp.dom0.explain import system_info
 
     try:

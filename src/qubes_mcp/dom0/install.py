@@ -112,7 +112,7 @@ class Layout:
         return self.policy_dir / POLICY_NAME
 
     def former_policies(self) -> list[Path]:
-        """The generated file under a name it had before (decision record 0011)."""
+        """The generated file under a name it had before (decision record 0016)."""
         return [self.policy_dir / name for name in FORMER_POLICY_NAMES]
 
     @property

@@ -1,4 +1,4 @@
-"""Where the operator's own qrexec rules meet the generated policy file (decision record 0011).
+"""Where the operator's own qrexec rules meet the generated policy file (decision record 0016).
 
 The generated file sorts before ``30-user.policy`` and Global Config's ``50-config-*`` files,
 so for the principals and the enrolled qubes it decides first: a rule the operator wrote

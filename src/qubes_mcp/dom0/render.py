@@ -4,7 +4,7 @@ enrolment registry (``enrolment.py``).
 The operator never edits it; the gate re-renders and replaces it whenever the registry changes.
 It sorts before ``30-user.policy``, Global Config's ``50-config-*`` and the stock files, so
 no rule written for the operator's own qubes reaches a principal or a registered qube
-(decision record 0011); ``doctor`` lists the operator's rules it shadows. It says, for each
+(decision record 0016); ``doctor`` lists the operator's rules it shadows. It says, for each
 principal and each scope:
 
 - a principal may call exactly its ``qmcp.*`` services (those its ceiling and ``may_create``
@@ -44,7 +44,7 @@ from qubes_mcp.dom0.tiers import MEMBER, Scope
 from qubes_mcp.policy import Policy, PolicySyntaxError
 
 POLICY_NAME = "25-qubes-mcp.policy"
-#: names the generated file had before; install and uninstall remove them (decision 0011)
+#: names the generated file had before; install and uninstall remove them (decision 0016)
 FORMER_POLICY_NAMES = ("30-qubes-mcp.policy",)
 #: dom0 services every qube calls just to run (R4.3 stock policy allows them to all qubes)
 HOUSEKEEPING = (
