@@ -4,6 +4,7 @@ journal entry may remove, and what each request's ``interrupted`` line says."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 from typing import cast
@@ -188,3 +189,65 @@ def test_a_birth_whose_rollback_failed_is_swept_once_while_the_gate_serves(
     assert asyncio.run(recovery.sweep(lock)) == []
     assert asyncio.run(Recovery(config(), cast(AdminClient, fake), log).reconcile()) == []
     assert "ai-new" in fake.qubes
+
+
+def _recording_line(tmp_path: Path, exit_code: int) -> Path:
+    """A stand-in for dom0's qrexec-client that records each call and answers ``exit_code``."""
+    script = tmp_path / "qrexec-client"
+    script.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\nexit {exit_code}\n')
+    script.chmod(0o755)
+    return script
+
+
+@pytest.mark.parametrize(
+    ("op", "targets"),
+    [
+        ("qube.run", ["ai-dev"]),
+        ("file.write", ["ai-dev"]),
+        ("file.copy", ["ai-dev", "ai-build"]),
+    ],
+)
+def test_a_command_the_gate_died_relaying_is_ended_in_its_qubes(
+    tmp_path: Path, op: str, targets: list[str]
+) -> None:
+    """Killing dom0's end of the line does not stop a command in a qube (issue 11 §4): at
+    start, recovery kills every process carrying the request's run marker in each qube."""
+    log = AuditLog(tmp_path / "audit.log")
+    log.append(
+        principal="mcp-control",
+        op=op,
+        decision="allowed",
+        outcome="pending",
+        targets=targets,
+        request_id=RID,
+    )
+    cfg = _config(tmp_path)
+    cfg = dataclasses.replace(
+        cfg, paths=dataclasses.replace(cfg.paths, qrexec_client=_recording_line(tmp_path, 0))
+    )
+    recovery = Recovery(cfg, cast(AdminClient, FakeQubesd({})), log)
+    assert len(asyncio.run(recovery.reconcile())) == 1
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert [c.split()[1] for c in calls] == targets  # -d QUBE, once per qube
+    assert all(RID in c and c.startswith("-d ") for c in calls)
+    last = json.loads(log.path.read_text().splitlines()[-1])
+    assert last["detail"]["reason"] == f"ended its run in {', '.join(targets)}"
+
+
+def test_a_run_whose_qube_does_not_answer_is_recorded_as_nothing_to_do(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.log")
+    log.append(
+        principal="mcp-control",
+        op="qube.run",
+        decision="allowed",
+        outcome="pending",
+        targets=["ai-dev"],
+        request_id=RID,
+    )
+    cfg = _config(tmp_path)
+    cfg = dataclasses.replace(
+        cfg, paths=dataclasses.replace(cfg.paths, qrexec_client=_recording_line(tmp_path, 1))
+    )
+    asyncio.run(Recovery(cfg, cast(AdminClient, FakeQubesd({})), log).reconcile())
+    last = json.loads(log.path.read_text().splitlines()[-1])
+    assert (last["outcome"], last["detail"]["reason"]) == ("interrupted", "nothing to do")

@@ -25,6 +25,10 @@ reconciled, before any new request is served, with the create lock held:
     only ambiguity, and it needs the operator's own action.
 
 - **a consent never answered** (``consent=asked``): recorded as such; nothing was done.
+- **a command in a qube** (``qube.run``, ``file.read``/``write``/``copy``): killing dom0's end
+  of the line does not stop it in the qube, so every process carrying the request's run
+  marker (relay.py) is killed in each qube the request named; recorded as ``ended its run in
+  QUBE`` (or ``nothing to do`` when no qube answered: halted, or gone).
 - **any other request**: recorded; what it did is what qubesd now shows.
 - **a birth that ended ``failed`` with ``rolled_back: false``** (its rollback could not reach
   qubesd): its qube, identified by the same rules, is removed now, recorded as a
@@ -57,6 +61,10 @@ from qubes_mcp.dom0.enrolment import Registry, registry_path
 from qubes_mcp.dom0.errors import GateError
 from qubes_mcp.dom0.journal import SWEEP_OP, scan_tail
 from qubes_mcp.dom0.reader import property_value
+from qubes_mcp.dom0.relay import cancel_in_qube
+
+#: requests that run commands in qubes through relay.py, marked with their request id
+RUN_OPS = frozenset({"qube.run", "file.read", "file.write", "file.copy"})
 
 log = logging.getLogger("qubes_mcp.gate")
 
@@ -129,6 +137,17 @@ class Recovery:
             return f"could not remove {name}"
         return f"removed {name}"
 
+    async def _end_runs(self, record: AuditRecord) -> str:
+        """A command the previous gate relayed may still run in its qube (killing dom0's end
+        of the line does not stop it there): kill every process marked with the request's id
+        (relay.py's run marker) in each qube the request named."""
+        ended = [
+            qube
+            for qube in dict.fromkeys(record.targets)
+            if await cancel_in_qube(self.config.paths.qrexec_client, qube, [record.request_id])
+        ]
+        return f"ended its run in {', '.join(ended)}" if ended else "nothing to do"
+
     async def _registered(self, scope: str, name: str) -> str | None:
         """The registry's role for ``name`` under its current uuid (decision record 0010): a
         birth is complete only once its name is registered, the last step of ``_enter_scope``."""
@@ -176,6 +195,8 @@ class Recovery:
                 detail["rolled_back"] = True
             elif reason.startswith("could not remove "):
                 detail["rolled_back"] = False
+        elif record.op in RUN_OPS:
+            reason = await self._end_runs(record)
         else:
             reason = "nothing to do"
         detail["reason"] = reason
