@@ -12,14 +12,13 @@ unusable (bad arguments, unreadable system info).
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-# the package root is part of the dom0 bundle: one version string, standard library only
-from qubes_mcp import __version__
 from qubes_mcp.policy import (
     AccessDenied,
     AllowResolution,
@@ -194,12 +193,27 @@ def _register_policy(
     return psub
 
 
+def project_version() -> str:
+    """The project's one version string, ``__version__`` in the package root's ``__init__.py``
+    (installed with every dom0 bundle and RPM). Read, not imported: dom0 code imports nothing
+    outside ``dom0/`` and ``policy/``."""
+    root = Path(__file__).resolve().parent.parent / "__init__.py"
+    for node in ast.parse(root.read_text(encoding="utf-8")).body:
+        if (
+            isinstance(node, ast.Assign)
+            and [getattr(t, "id", None) for t in node.targets] == ["__version__"]
+            and isinstance(node.value, ast.Constant)
+        ):
+            return str(node.value.value)
+    return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``qubes-mcp-admin`` argument parser with every subcommand group."""
     parser = argparse.ArgumentParser(
         prog="qubes-mcp-admin", description="qubes-mcp operator tool (runs in dom0)."
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {project_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     psub = _register_policy(sub)
     from qubes_mcp.dom0 import cli_gate
