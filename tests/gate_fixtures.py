@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
-from qubes_mcp.dom0.config import GateConfig, parse_config
+from qubes_mcp.dom0.config import GateConfig, Principal, parse_config
+from qubes_mcp.dom0.decide import Verdict, decide, names_to_read
 from qubes_mcp.dom0.facts import Facts, Prop, QubeFacts
+from qubes_mcp.dom0.operations import OPERATIONS_BY_NAME
 
 CONFIG_TEXT = """
 default_tier = "read"
@@ -111,3 +114,27 @@ def facts(names: Iterable[str], extra: Iterable[QubeFacts] = ()) -> Facts:
         if q.registered == "member" and "ai-managed" in q.tags and "ai-dump" not in q.tags
     )
     return Facts(qubes={n: fleet.get(n) for n in names}, scope_qubes=scope)
+
+
+def decide_request(
+    cfg: GateConfig,
+    op: str,
+    target: str | None,
+    *,
+    principal: Principal | None,
+    extra: Iterable[QubeFacts] = (),
+    **args: Any,
+) -> Verdict:
+    """``decide`` for one request as the gate calls it: the operation's defaults filled in,
+    and the facts of every name the decision reads (and the egress qube)."""
+    operation = OPERATIONS_BY_NAME[op]
+    full_args = {f.name: f.default for f in operation.fields} | args
+    names = [*names_to_read(operation, target, full_args), "ai-egress"]
+    return decide(
+        principal=principal,
+        op=operation,
+        target=target,
+        args=full_args,
+        facts=facts(names, extra),
+        config=cfg,
+    )

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from qubes_mcp.dom0.decide import Verdict, decide, names_to_read
+from qubes_mcp.dom0.decide import Verdict, decide
 from qubes_mcp.dom0.errors import (
     BudgetExceededError,
     ConflictError,
@@ -21,7 +21,7 @@ from qubes_mcp.dom0.errors import (
 )
 from qubes_mcp.dom0.operations import OPERATIONS_BY_NAME
 from qubes_mcp.dom0.tiers import Tier
-from tests.gate_fixtures import CONFIG_TEXT, config, facts, qube
+from tests.gate_fixtures import CONFIG_TEXT, config, decide_request, facts, qube
 
 CFG = config()
 AGENT = CFG.principals["mcp-control"]
@@ -31,17 +31,7 @@ AUDITOR = CFG.principals["auditor"]
 def run(
     op: str, target: str | None, principal: Any = AGENT, extra: Any = (), **args: Any
 ) -> Verdict:
-    operation = OPERATIONS_BY_NAME[op]
-    full_args = {f.name: f.default for f in operation.fields} | args
-    names = [*names_to_read(operation, target, full_args), "ai-egress"]
-    return decide(
-        principal=principal,
-        op=operation,
-        target=target,
-        args=full_args,
-        facts=facts(names, extra),
-        config=CFG,
-    )
+    return decide_request(CFG, op, target, principal=principal, extra=extra, **args)
 
 
 def refusal(exc_type: type[GateError], *a: Any, **kw: Any) -> GateError:

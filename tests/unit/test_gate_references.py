@@ -13,18 +13,17 @@ from typing import Any
 
 import pytest
 
-from qubes_mcp.dom0.decide import VM_PROPERTIES, Verdict, decide, names_to_read
+from qubes_mcp.dom0.decide import VM_PROPERTIES, Verdict
 from qubes_mcp.dom0.errors import GateError, InsufficientTierError, NotAllowedError, NotFoundError
 from qubes_mcp.dom0.facts import Prop, QubeFacts
 from qubes_mcp.dom0.operations import (
-    OPERATIONS_BY_NAME,
     REFERENCES,
     REFERENCES_BY_PROPERTY,
     reference_needs,
 )
 from qubes_mcp.dom0.tiers import Tier
 from qubes_mcp.sim.qubesd.props import CLASS_PROPS
-from tests.gate_fixtures import CONFIG_TEXT, config, facts, qube
+from tests.gate_fixtures import CONFIG_TEXT, config, decide_request, qube
 
 #: the shared test configuration, with room for the extra qubes these tests add to the scope
 CFG = config(CONFIG_TEXT.replace("max_qubes = 12", "max_qubes = 100"))
@@ -32,17 +31,7 @@ AGENT = CFG.principals["mcp-control"]
 
 
 def run(op: str, target: str, extra: Any = (), **args: Any) -> Verdict:
-    operation = OPERATIONS_BY_NAME[op]
-    full_args = {f.name: f.default for f in operation.fields} | args
-    names = [*names_to_read(operation, target, full_args), "ai-egress"]
-    return decide(
-        principal=AGENT,
-        op=operation,
-        target=target,
-        args=full_args,
-        facts=facts(names, extra),
-        config=CFG,
-    )
+    return decide_request(CFG, op, target, principal=AGENT, extra=extra, **args)
 
 
 def refusal(exc_type: type[GateError], *a: Any, **kw: Any) -> GateError:
