@@ -123,6 +123,7 @@ def decide_request(
     *,
     principal: Principal | None,
     extra: Iterable[QubeFacts] = (),
+    now: bool = True,
     **args: Any,
 ) -> Verdict:
     """``decide`` for one request as the gate calls it: the operation's defaults filled in,
@@ -137,4 +138,5 @@ def decide_request(
         args=full_args,
         facts=facts(names, extra),
         config=cfg,
+        now=now,
     )

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from qubes_mcp.dom0.config import parse_config
-from qubes_mcp.dom0.decide import Verdict, created_by, decide, names_to_read
+from qubes_mcp.dom0.decide import Verdict, created_by
 from qubes_mcp.dom0.enrolment import Registry
 from qubes_mcp.dom0.errors import InsufficientTierError, InvalidStateError, NotFoundError
 from qubes_mcp.dom0.facts import Facts, QubeFacts
@@ -28,7 +28,7 @@ from qubes_mcp.dom0.operations import (
 )
 from qubes_mcp.dom0.render import render_policy
 from qubes_mcp.dom0.tiers import Tier
-from tests.gate_fixtures import CONFIG_TEXT, config, facts, qube
+from tests.gate_fixtures import CONFIG_TEXT, config, decide_request, qube
 
 CFG = config()
 AGENT = CFG.principals["mcp-control"]
@@ -52,18 +52,7 @@ def run(
     cfg: Any = CFG,
     **args: Any,
 ) -> Verdict:
-    operation = OPERATIONS_BY_NAME[op]
-    full_args = {f.name: f.default for f in operation.fields} | args
-    names = [*names_to_read(operation, target, full_args), "ai-egress"]
-    return decide(
-        principal=principal,
-        op=operation,
-        target=target,
-        args=full_args,
-        facts=facts(names, extra),
-        config=cfg,
-        now=now,
-    )
+    return decide_request(cfg, op, target, principal=principal, extra=extra, now=now, **args)
 
 
 # --- remove what you created ----------------------------------------------------------------

@@ -4,7 +4,6 @@ journal entry may remove, and what each request's ``interrupted`` line says."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 from pathlib import Path
 from typing import cast
@@ -54,9 +53,27 @@ class FakeQubesd:
         raise AssertionError(method)
 
 
-def _config(tmp_path: Path, registered: tuple[str, ...] = ()) -> GateConfig:
-    """The test configuration with its registry under ``tmp_path``, ``registered`` enrolled."""
-    cfg = config(CONFIG_TEXT + f'\n[paths]\nstate_dir = "{tmp_path}/state"\n')
+def _journal(tmp_path: Path, op: str, targets: list[str]) -> AuditLog:
+    """An audit log whose last line is request RID's ``pending``: the gate died after it."""
+    log = AuditLog(tmp_path / "audit.log")
+    log.append(
+        principal="mcp-control",
+        op=op,
+        decision="allowed",
+        outcome="pending",
+        targets=targets,
+        request_id=RID,
+    )
+    return log
+
+
+def _config(
+    tmp_path: Path, registered: tuple[str, ...] = (), line: Path | None = None
+) -> GateConfig:
+    """The test configuration with its registry under ``tmp_path``, ``registered`` enrolled,
+    and ``line`` as dom0's qrexec-client when given."""
+    extra = f'qrexec_client = "{line}"\n' if line else ""
+    cfg = config(CONFIG_TEXT + f'\n[paths]\nstate_dir = "{tmp_path}/state"\n{extra}')
     registry = Registry()
     for name in registered:
         registry = registry.enrolled("ai", name, uuid_of(name), "AppVM", by="gate:mcp-control")
@@ -73,15 +90,7 @@ def _recover(
     qubes: dict[str, tuple[str, set[str]]],
     registered: tuple[str, ...] = (),
 ) -> tuple[FakeQubesd, dict[str, object]]:
-    log = AuditLog(tmp_path / "audit.log")
-    log.append(
-        principal="mcp-control",
-        op=op,
-        decision="allowed",
-        outcome="pending",
-        targets=targets,
-        request_id=RID,
-    )
+    log = _journal(tmp_path, op, targets)
     fake = FakeQubesd(qubes)
     recovery = Recovery(_config(tmp_path, registered), cast(AdminClient, fake), log)
     assert len(asyncio.run(recovery.reconcile())) == 1
@@ -212,19 +221,8 @@ def test_a_command_the_gate_died_relaying_is_ended_in_its_qubes(
 ) -> None:
     """Killing dom0's end of the line does not stop a command in a qube (issue 11 §4): at
     start, recovery kills every process carrying the request's run marker in each qube."""
-    log = AuditLog(tmp_path / "audit.log")
-    log.append(
-        principal="mcp-control",
-        op=op,
-        decision="allowed",
-        outcome="pending",
-        targets=targets,
-        request_id=RID,
-    )
-    cfg = _config(tmp_path)
-    cfg = dataclasses.replace(
-        cfg, paths=dataclasses.replace(cfg.paths, qrexec_client=_recording_line(tmp_path, 0))
-    )
+    log = _journal(tmp_path, op, targets)
+    cfg = _config(tmp_path, line=_recording_line(tmp_path, 0))
     recovery = Recovery(cfg, cast(AdminClient, FakeQubesd({})), log)
     assert len(asyncio.run(recovery.reconcile())) == 1
     calls = (tmp_path / "calls").read_text().splitlines()
@@ -235,19 +233,8 @@ def test_a_command_the_gate_died_relaying_is_ended_in_its_qubes(
 
 
 def test_a_run_whose_qube_does_not_answer_is_recorded_as_nothing_to_do(tmp_path: Path) -> None:
-    log = AuditLog(tmp_path / "audit.log")
-    log.append(
-        principal="mcp-control",
-        op="qube.run",
-        decision="allowed",
-        outcome="pending",
-        targets=["ai-dev"],
-        request_id=RID,
-    )
-    cfg = _config(tmp_path)
-    cfg = dataclasses.replace(
-        cfg, paths=dataclasses.replace(cfg.paths, qrexec_client=_recording_line(tmp_path, 1))
-    )
+    log = _journal(tmp_path, "qube.run", ["ai-dev"])
+    cfg = _config(tmp_path, line=_recording_line(tmp_path, 1))
     asyncio.run(Recovery(cfg, cast(AdminClient, FakeQubesd({})), log).reconcile())
     last = json.loads(log.path.read_text().splitlines()[-1])
     assert (last["outcome"], last["detail"]["reason"]) == ("interrupted", "nothing to do")

@@ -94,25 +94,19 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gate_state(args: argparse.Namespace) -> str:
-    """What the running gate says about itself (via the operator socket)."""
+def _gate_lines(args: argparse.Namespace) -> list[str]:
+    """What the running gate says about itself, from one ``status`` on the operator socket:
+    its mode, then its request path and log (``Gate.status``)."""
     try:
         answer = _operator(args, {"cmd": "status"})
     except (GateError, OSError, ValueError):
-        return "not reachable"
+        return ["gate: not reachable"]
     if answer.get("mode") == "refuse-all":
-        return f"refusing every request: the configuration does not load: {answer['config_error']}"
-    return str(answer.get("mode", "running"))
-
-
-def _gate_status(args: argparse.Namespace) -> dict[str, Any]:
-    """The running gate's request path and log (``Gate.status``); empty when not reachable."""
-    try:
-        answer = _operator(args, {"cmd": "status"})
-    except (GateError, OSError, ValueError):
-        return {}
+        why = answer["config_error"]
+        return [f"gate: refusing every request: the configuration does not load: {why}"]
     status = answer.get("status", {})
-    return status if isinstance(status, dict) else {}
+    details = status.items() if isinstance(status, dict) else ()
+    return [f"gate: {answer.get('mode', 'running')}", *(f"gate {k}: {v}" for k, v in details)]
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -122,13 +116,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         report = status(Path(args.root))
     except GateError as exc:
         print(f"config: error: {exc}")
-        print(f"gate: {_gate_state(args)}")
+        print(*_gate_lines(args), sep="\n")
         return 1
     for key, value in report.items():
         print(f"{key}: {value}")
-    print(f"gate: {_gate_state(args)}")
-    for key, value in _gate_status(args).items():
-        print(f"gate {key}: {value}")
+    print(*_gate_lines(args), sep="\n")
     return 0
 
 

@@ -477,7 +477,7 @@ def run_gate(config: GateConfig | BrokenConfig, ready_file: Path | None = None) 
             # and watch qubesd's deletions, before the first request; if qubesd is down, the
             # first request tries again
             try:
-                await daemon.gate.reconcile_registry()
+                await daemon.gate.ensure_reconciled()
             except (GateError, OSError) as exc:
                 log.error("qubes-mcp gate: registry not reconciled yet: %s", type(exc).__name__)
         await daemon.start()

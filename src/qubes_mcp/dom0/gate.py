@@ -210,11 +210,7 @@ class Gate:
         self._flushers: set[asyncio.Task[None]] = set()
         self._resume_lock = asyncio.Lock()
 
-    async def reconcile_registry(self) -> None:
-        """At start, before serving: what :meth:`_ensure_reconciled` does for a first request."""
-        await self._ensure_reconciled()
-
-    async def _ensure_reconciled(self) -> None:
+    async def ensure_reconciled(self) -> None:
         """Once per process, before the first decision: drop registrations of qubes that are
         gone or were re-created (new uuid), then keep doing so on qubesd's domain-delete."""
         async with self._reconciled:
@@ -451,7 +447,7 @@ class Gate:
         elif target is None or target == "dom0" or not is_valid_qube_name(target):
             raise NotFoundError(reason="operation needs a target qube")
         args = check_payload(op, call.request.untrusted_payload, name_prefix=principal.name_prefix)
-        await self._ensure_reconciled()
+        await self.ensure_reconciled()
         if op.name == "plan.propose":
             return await self._propose(principal, args)
         if op.name == "plan.apply":
