@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from bench.common import Budget, Result, Sample
-from qubes_mcp.dom0.audit import AuditLog
+from qubes_mcp.dom0.audit.log import AuditLog
 
 BUDGET = Budget(count=2000, seconds=4.0, warmup=0)
 #: the second phase starts from a log at least this long (quick: a quarter)

@@ -45,7 +45,7 @@ from bench.common import (
     skipped,
     unix_request,
 )
-from qubes_mcp.dom0.audit import AuditLog
+from qubes_mcp.dom0.audit.log import AuditLog
 from qubes_mcp.dom0.config import GateConfig, load_config
 from qubes_mcp.dom0.consent import ConsentBroker
 from qubes_mcp.dom0.gate import Gate, Request

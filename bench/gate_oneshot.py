@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qubes_mcp.dom0.audit import AuditLog
+from qubes_mcp.dom0.audit.log import AuditLog
 from qubes_mcp.dom0.config import load_config
 from qubes_mcp.dom0.consent import ConsentBroker, desktop_notifier
 from qubes_mcp.dom0.daemon import parse_descriptor

@@ -50,7 +50,7 @@ def migrate_tagged(config: GateConfig) -> Registry:
     """Register every qube carrying a scope tag, as the first ``install`` does (for tests
     that run the gate in-process against an emulated qubesd)."""
     from qubes_mcp.dom0.enrolment import commit, registry_path
-    from qubes_mcp.dom0.install import _migrate, scan_fleet
+    from qubes_mcp.dom0.operator.install import _migrate, scan_fleet
     from qubes_mcp.dom0.render import render_policy
 
     scan = asyncio.run(

@@ -22,7 +22,7 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 LAUNCHER = b"""#!/usr/bin/python3 -I
 import os, sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.realpath(__file__)), ".."))
-from qubes_mcp.dom0.cli import main
+from qubes_mcp.dom0.operator.cli import main
 sys.exit(main())
 """
 

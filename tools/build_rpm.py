@@ -24,7 +24,7 @@ SPEC = TOP / "packaging" / "rpm" / "qubes-mcp-dom0.spec"
 sys.path.insert(0, str(TOP / "src"))
 
 from qubes_mcp import __version__  # noqa: E402 - after the path is set
-from qubes_mcp.dom0.install import UNIT_TEXT, Layout, default_config_text  # noqa: E402
+from qubes_mcp.dom0.operator.install import UNIT_TEXT, Layout, default_config_text  # noqa: E402
 
 
 def _bundle_builder():  # type: ignore[no-untyped-def]

@@ -107,7 +107,14 @@ class Stack:
     def admin(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """``qubes-mcp-admin ARGS --config ROOT/...`` (operator commands)."""
         return subprocess.run(
-            [sys.executable, "-m", "qubes_mcp.dom0.cli", *args, "--config", str(self.config)],
+            [
+                sys.executable,
+                "-m",
+                "qubes_mcp.dom0.operator.cli",
+                *args,
+                "--config",
+                str(self.config),
+            ],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -155,7 +162,7 @@ def start_stack(
     try:
         stack.procs.append(start_emulator(root, fleet, timeout=timeout))
         if config_edit is not None:
-            from qubes_mcp.dom0.install import Layout, default_config_text
+            from qubes_mcp.dom0.operator.install import Layout, default_config_text
 
             text = config_edit(default_config_text(Layout(root), PRINCIPAL, EGRESS))
             stack.config.parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +171,7 @@ def start_stack(
             [
                 sys.executable,
                 "-m",
-                "qubes_mcp.dom0.cli",
+                "qubes_mcp.dom0.operator.cli",
                 "install",
                 "--root",
                 str(root),
@@ -173,7 +180,7 @@ def start_stack(
                 "--egress",
                 EGRESS,
                 "--exe",
-                f"{sys.executable} -m qubes_mcp.dom0.cli",
+                f"{sys.executable} -m qubes_mcp.dom0.operator.cli",
             ],
             capture_output=True,
             text=True,
@@ -190,7 +197,7 @@ def start_stack(
                 [
                     sys.executable,
                     "-m",
-                    "qubes_mcp.dom0.cli",
+                    "qubes_mcp.dom0.operator.cli",
                     "gate",
                     "--config",
                     str(stack.config),

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from qubes_mcp.dom0.admin import AdminClient, QubesdError
-from qubes_mcp.dom0.audit_verify import verify_log
+from qubes_mcp.dom0.audit.verify import verify_log
 from qubes_mcp.dom0.create import BIRTH_TAG_PREFIX, DISPOSABLE_PREFIX
 from qubes_mcp.dom0.journal import SWEEP_OP
 from qubes_mcp.stack import Stack, start_stack
@@ -49,7 +49,7 @@ class FaultStack:
         ready = self.root / "run/qubes-mcp/gate.ready"
         ready.unlink(missing_ok=True)
         log = (self.root.parent / f"{self.root.name}.gate.log").open("ab")
-        argv = [sys.executable, "-m", "qubes_mcp.dom0.cli", "gate"]
+        argv = [sys.executable, "-m", "qubes_mcp.dom0.operator.cli", "gate"]
         proc = subprocess.Popen(
             [*argv, "--config", str(self.stack.config), "--ready-file", str(ready)],
             stdout=log,

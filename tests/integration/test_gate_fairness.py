@@ -235,7 +235,7 @@ def test_large_requests_through_qrexec_get_the_ordinary_refusal(stack: Stack) ->
             "message": "request is larger than 65536 bytes",
         }, (size, done.stdout)
     # each one is recorded: in full, or (past the first few of a window) counted in the
-    # window's summary line, written when the window ends (audit_summary.py)
+    # window's summary line, written when the window ends (audit/summary.py)
     wait_for(
         lambda: _refusals_recorded(stack) == before + len(sizes),
         timeout=30,

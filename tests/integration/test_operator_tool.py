@@ -79,7 +79,7 @@ def test_policy_render_is_what_install_wrote(stack: Stack) -> None:
 def test_the_systemd_unit_starts_the_gate_with_a_command_line_that_parses(stack: Stack) -> None:
     import shlex
 
-    from qubes_mcp.dom0 import cli, cli_gate
+    from qubes_mcp.dom0.operator import cli, cli_gate
 
     unit = (stack.root / "etc/systemd/system/qubes-mcp-gate.service").read_text()
     exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))

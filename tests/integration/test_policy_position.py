@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from qubes_mcp.dom0 import qubes_policy_tools as tools_module
+from qubes_mcp.dom0.operator import qubes_policy_tools as tools_module
 from qubes_mcp.dom0.enrolment import PolicyRefusedError
-from qubes_mcp.dom0.install import install
-from qubes_mcp.dom0.qubes_policy_tools import PolicyTools
+from qubes_mcp.dom0.operator.install import install
+from qubes_mcp.dom0.operator.qubes_policy_tools import PolicyTools
 from qubes_mcp.stack import Stack, start_stack
 
 pytestmark = pytest.mark.bwrap

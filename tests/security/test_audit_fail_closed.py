@@ -21,13 +21,13 @@ from typing import Any
 import pytest
 
 from qubes_mcp.dom0.admin import AdminClient
-from qubes_mcp.dom0.audit import AuditError, AuditLog
-from qubes_mcp.dom0.audit_export import audit_checkpoint_main
-from qubes_mcp.dom0.audit_files import archives
-from qubes_mcp.dom0.audit_record import MAX_LINE_BYTES, parse_line
-from qubes_mcp.dom0.audit_verify import verify_log
+from qubes_mcp.dom0.audit.files import archives
+from qubes_mcp.dom0.audit.log import AuditError, AuditLog
+from qubes_mcp.dom0.audit.record import MAX_LINE_BYTES, parse_line
+from qubes_mcp.dom0.audit.verify import verify_log
 from qubes_mcp.dom0.consent import ConsentBroker
 from qubes_mcp.dom0.gate import Gate, Request
+from qubes_mcp.dom0.operator.audit_cli import audit_checkpoint_main
 from tests.enrolment_helpers import in_process_config
 from tests.fs_faults import fill, small_tmpfs
 from tests.qubesd_fixtures import Qubesd, demo_app

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from qubes_mcp.dom0.audit import AuditError, AuditLog
-from qubes_mcp.dom0.audit_files import anchor_path, archives
-from qubes_mcp.dom0.audit_record import (
+from qubes_mcp.dom0.audit.files import anchor_path, archives
+from qubes_mcp.dom0.audit.log import AuditError, AuditLog
+from qubes_mcp.dom0.audit.record import (
     MAX_LINE_BYTES,
     Anchor,
     AuditRecord,
@@ -24,7 +24,7 @@ from qubes_mcp.dom0.audit_record import (
     parse_anchor,
     parse_line,
 )
-from qubes_mcp.dom0.audit_verify import verify_log
+from qubes_mcp.dom0.audit.verify import verify_log
 
 SMALL_MAX = 2 * MAX_LINE_BYTES
 

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from qubes_mcp.dom0.admin import AdminClient
-from qubes_mcp.dom0.audit import AuditLog
+from qubes_mcp.dom0.audit.log import AuditLog
 from qubes_mcp.dom0.consent import ConsentBroker
 from qubes_mcp.dom0.describe import VIEW_MAX_CHARS, VIEW_MAX_LINES
 from qubes_mcp.dom0.gate import Gate, Request

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from qubes_mcp.dom0.admin import AdminClient
-from qubes_mcp.dom0.audit import AuditLog
+from qubes_mcp.dom0.audit.log import AuditLog
 from qubes_mcp.dom0.config import parse_config
 from qubes_mcp.dom0.consent import ConsentBroker
 from qubes_mcp.dom0.gate import Gate, Request

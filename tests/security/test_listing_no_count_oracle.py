@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from qubes_mcp.dom0.admin import AdminClient
-from qubes_mcp.dom0.audit import AuditLog
+from qubes_mcp.dom0.audit.log import AuditLog
 from qubes_mcp.dom0.consent import ConsentBroker
 from qubes_mcp.dom0.gate import Gate, Request
 from qubes_mcp.sim.fleet import demo_fleet_text, load_fleet

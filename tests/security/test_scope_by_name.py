@@ -28,8 +28,8 @@ import pytest
 from qubes_mcp.dom0.admin import AdminClient
 from qubes_mcp.dom0.config import load_config
 from qubes_mcp.dom0.enrolment import Registry, registry_path
-from qubes_mcp.dom0.install import Layout
 from qubes_mcp.dom0.operations import OPERATIONS, Target
+from qubes_mcp.dom0.operator.install import Layout
 from qubes_mcp.sim.qrexec.client import call as router_call
 from qubes_mcp.stack import Stack, start_emulator, start_stack, stop_process
 from tests.enrolment_helpers import enrol, unenrol
@@ -185,7 +185,7 @@ def test_first_install_migrates_tagged_qubes_and_says_so_and_later_installs_do_n
     root = tmp_path / "root"
     emulator = start_emulator(root)
     try:
-        argv = [sys.executable, "-m", "qubes_mcp.dom0.cli", "install", "--root", str(root)]
+        argv = [sys.executable, "-m", "qubes_mcp.dom0.operator.cli", "install", "--root", str(root)]
         first = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
         assert first.returncode == 0, first.stderr
         said = set(re.findall(r"^enrolled (\S+) \((.*?)\) in scope ai", first.stdout, re.M))
@@ -273,7 +273,7 @@ def test_a_birth_whose_policy_would_not_validate_is_refused_and_rolled_back(
     """In-process gate on an emulated qubesd: registration is the last step of a birth, and a
     registry change is written only with a policy that validates; otherwise nothing is
     registered and the new qube is removed again."""
-    from qubes_mcp.dom0.audit import AuditLog
+    from qubes_mcp.dom0.audit.log import AuditLog
     from qubes_mcp.dom0.config import parse_config
     from qubes_mcp.dom0.consent import ConsentBroker
     from qubes_mcp.dom0.gate import Gate, Request

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from qubes_mcp.dom0.audit_clean import (
+from qubes_mcp.dom0.audit.clean import (
     ARGV_CAP_MAX,
     LIST_CAP,
     TEXT_CAP,
@@ -23,7 +23,7 @@ from qubes_mcp.dom0.audit_clean import (
     clean_argv,
     clean_detail,
 )
-from qubes_mcp.dom0.audit_record import GENESIS, MAX_LINE_BYTES, build_record, parse_line
+from qubes_mcp.dom0.audit.record import GENESIS, MAX_LINE_BYTES, build_record, parse_line
 from qubes_mcp.dom0.config import AuditSettings, parse_config
 from qubes_mcp.dom0.errors import ConfigError
 from qubes_mcp.dom0.handlers_write import relay

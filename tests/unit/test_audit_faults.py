@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from qubes_mcp.dom0.audit import AuditError, AuditLog, chain_exists
-from qubes_mcp.dom0.audit_export import audit_checkpoint_main
-from qubes_mcp.dom0.audit_files import anchor_path, archives, exported_path
-from qubes_mcp.dom0.audit_record import MAX_LINE_BYTES, parse_anchor, parse_line
-from qubes_mcp.dom0.audit_repair import audit_recover_main
-from qubes_mcp.dom0.audit_verify import audit_verify_main, verify_log
-from qubes_mcp.dom0.install import install
+from qubes_mcp.dom0.audit.files import anchor_path, archives, exported_path
+from qubes_mcp.dom0.audit.log import AuditError, AuditLog, chain_exists
+from qubes_mcp.dom0.audit.record import MAX_LINE_BYTES, parse_anchor, parse_line
+from qubes_mcp.dom0.audit.verify import audit_verify_main, verify_log
+from qubes_mcp.dom0.operator.audit_cli import audit_checkpoint_main, audit_recover_main
+from qubes_mcp.dom0.operator.install import install
 from tests.emulator_process import RunningEmulator
 from tests.fs_faults import fill, remount, small_tmpfs
 
@@ -264,7 +263,7 @@ def test_checkpoint_refuses_a_broken_log_or_an_unknown_record(tmp_path: Path) ->
 
 def admin(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "qubes_mcp.dom0.cli", *argv],
+        [sys.executable, "-m", "qubes_mcp.dom0.operator.cli", *argv],
         capture_output=True,
         text=True,
         timeout=60,

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from qubes_mcp.dom0.audit import AuditError, AuditLog
-from qubes_mcp.dom0.audit_files import anchor_path, archives, lock_path
-from qubes_mcp.dom0.audit_record import (
+from qubes_mcp.dom0.audit.files import anchor_path, archives, lock_path
+from qubes_mcp.dom0.audit.log import AuditError, AuditLog
+from qubes_mcp.dom0.audit.record import (
     ANCHOR_CAP,
     GENESIS,
     MAX_LINE_BYTES,
@@ -25,7 +25,7 @@ from qubes_mcp.dom0.audit_record import (
     parse_anchor,
     parse_line,
 )
-from qubes_mcp.dom0.audit_verify import audit_verify_main, verify_log
+from qubes_mcp.dom0.audit.verify import audit_verify_main, verify_log
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 SMALL_MAX = 2 * MAX_LINE_BYTES  # the smallest rotation size allowed: rotates every ~100 lines
@@ -366,7 +366,7 @@ WRITER = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from qubes_mcp.dom0.audit import AuditLog
+    from qubes_mcp.dom0.audit.log import AuditLog
     log = AuditLog(Path(sys.argv[1]), max_bytes=int(sys.argv[3]))
     print("ready", flush=True)
     sys.stdin.readline()  # start together with the other writers
@@ -444,7 +444,7 @@ def test_verify_main_without_a_log_is_a_usage_error(tmp_path: Path) -> None:
 
 
 def test_recover_main_repairs_a_crash_and_refuses_otherwise(log_path: Path) -> None:
-    from qubes_mcp.dom0.audit_repair import audit_recover_main
+    from qubes_mcp.dom0.operator.audit_cli import audit_recover_main
 
     log = AuditLog(log_path)
     entry(log, 1)
@@ -482,7 +482,7 @@ def test_a_failed_anchor_update_removes_the_line_and_the_log_stays_usable(
 ) -> None:
     """The line and its anchor are one unit (issue 11 §3): no line the anchor does not vouch
     for survives a failed append, so the next append needs no ``recover``."""
-    import qubes_mcp.dom0.audit as audit_module
+    import qubes_mcp.dom0.audit.log as audit_module
 
     log = AuditLog(log_path)
     entry(log, 1)
@@ -503,7 +503,7 @@ def test_a_failed_anchor_update_removes_the_line_and_the_log_stays_usable(
 def test_a_line_that_cannot_be_cut_back_stops_appends_until_recover(
     log_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import qubes_mcp.dom0.audit as audit_module
+    import qubes_mcp.dom0.audit.log as audit_module
 
     log = AuditLog(log_path)
     entry(log, 1)

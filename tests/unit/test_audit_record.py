@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qubes_mcp.dom0.audit_clean import DETAIL_KEYS, LIST_CAP, TEXT_CAP, clean_text
-from qubes_mcp.dom0.audit_record import (
+from qubes_mcp.dom0.audit.clean import DETAIL_KEYS, LIST_CAP, TEXT_CAP, clean_text
+from qubes_mcp.dom0.audit.record import (
     GENESIS,
     MAX_LINE_BYTES,
     Anchor,

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from qubes_mcp.dom0.audit import AuditLog
-from qubes_mcp.dom0.audit_clean import Argv
-from qubes_mcp.dom0.audit_files import archives
-from qubes_mcp.dom0.audit_record import GENESIS, MAX_LINE_BYTES, AuditRecord, chain_hash
-from qubes_mcp.dom0.audit_show import Bound, Entry, Filters, audit_show_main
+from qubes_mcp.dom0.audit.clean import Argv
+from qubes_mcp.dom0.audit.files import archives
+from qubes_mcp.dom0.audit.log import AuditLog
+from qubes_mcp.dom0.audit.record import GENESIS, MAX_LINE_BYTES, AuditRecord, chain_hash
+from qubes_mcp.dom0.audit.show import Bound, Entry, Filters, audit_show_main
 
 T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z
 
@@ -311,7 +311,7 @@ def test_follow_stops_cleanly_on_sigint(log_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "qubes_mcp.dom0.cli",
+            "qubes_mcp.dom0.operator.cli",
             "audit",
             "show",
             "--follow",
@@ -404,7 +404,7 @@ def test_the_cli_prints_the_timeline(log_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "qubes_mcp.dom0.cli",
+            "qubes_mcp.dom0.operator.cli",
             "audit",
             "show",
             "--log",
@@ -425,7 +425,7 @@ def test_the_cli_prints_the_timeline(log_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "qubes_mcp.dom0.cli",
+            "qubes_mcp.dom0.operator.cli",
             "audit",
             "show",
             "--log",

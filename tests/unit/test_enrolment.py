@@ -234,8 +234,8 @@ def test_an_unregistered_name_costs_what_a_missing_one_costs(qubesd: Any) -> Non
 
 
 def test_doctor_reports_strays_and_recreated_names_as_errors(qubesd: Any, tmp_path: Path) -> None:
-    from qubes_mcp.dom0.doctor import doctor
     from qubes_mcp.dom0.enrolment import registry_path
+    from qubes_mcp.dom0.operator.doctor import doctor
     from tests.gate_fixtures import CONFIG_TEXT
 
     config_path = tmp_path / "config.toml"

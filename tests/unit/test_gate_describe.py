@@ -19,7 +19,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qubes_mcp.dom0.cli_gate import format_request
 from qubes_mcp.dom0.consent import ConsentBroker, dialog_text, request_digest
 from qubes_mcp.dom0.describe import (
     VIEW_MAX_CHARS,
@@ -36,6 +35,7 @@ from qubes_mcp.dom0.describe import (
 from qubes_mcp.dom0.errors import GateError
 from qubes_mcp.dom0.facts import Facts
 from qubes_mcp.dom0.operations import OPERATIONS, OPERATIONS_BY_NAME, Field, Operation
+from qubes_mcp.dom0.operator.cli_gate import format_request
 from qubes_mcp.dom0.plans import Plan, PlanStep
 from tests.gate_fixtures import qube
 

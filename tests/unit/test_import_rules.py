@@ -52,25 +52,25 @@ def test_the_emulator_importing_the_gate_is_caught(tmp_path: Path) -> None:
     root = _tree(
         tmp_path,
         {
-            "sim/a.py": "from qubes_mcp.dom0.install import Layout\n",
+            "sim/a.py": "from qubes_mcp.dom0.operator.install import Layout\n",
             "sim/b.py": "from ..dom0 import gate\n",
             "sim/qrexec/c.py": "import qubes_mcp.dom0\n",
         },
     )
     assert [v.split(": ", 1)[1] for v in check_imports.violations(root)] == [
-        "sim/ may not import qubes_mcp.dom0.install",
+        "sim/ may not import qubes_mcp.dom0.operator.install",
         "sim/ may not import qubes_mcp.dom0",
         "sim/ may not import qubes_mcp.dom0",
     ]
 
 
 def test_the_emulator_running_the_gate_as_a_module_is_caught(tmp_path: Path) -> None:
-    root = _tree(tmp_path, {"sim/s.py": 'ARGV = ["python", "-m", "qubes_mcp.dom0.cli"]\n'})
+    root = _tree(tmp_path, {"sim/s.py": 'ARGV = ["python", "-m", "qubes_mcp.dom0.operator.cli"]\n'})
     assert [v.split(": ", 1)[1] for v in check_imports.violations(root)] == [
-        "sim/ may not import qubes_mcp.dom0.cli"
+        "sim/ may not import qubes_mcp.dom0.operator.cli"
     ]
 
 
 def test_the_composition_outside_the_emulator_may_use_both(tmp_path: Path) -> None:
-    root = _tree(tmp_path, {"stack.py": "from qubes_mcp.dom0.install import Layout\n"})
+    root = _tree(tmp_path, {"stack.py": "from qubes_mcp.dom0.operator.install import Layout\n"})
     assert check_imports.violations(root) == []

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from qubes_mcp.dom0 import cli
+from qubes_mcp.dom0.operator import cli
 from qubes_mcp.dom0.errors import InvalidInputError
-from qubes_mcp.dom0.install import install
+from qubes_mcp.dom0.operator.install import install
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from qubes_mcp.dom0.audit import AuditLog
-from qubes_mcp.dom0.audit_verify import audit_verify_main, verify_log
+from qubes_mcp.dom0.audit.log import AuditLog
+from qubes_mcp.dom0.audit.verify import audit_verify_main, verify_log
 from qubes_mcp.dom0.broken_config import fallback_paths, load_for_gate
 from qubes_mcp.dom0.journal import SWEEP_OP, scan_tail
 

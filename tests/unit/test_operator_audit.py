@@ -14,14 +14,7 @@ from typing import Any
 
 import pytest
 
-from qubes_mcp.dom0.audit import AuditLog
-from qubes_mcp.dom0.audit_files import anchor_path
-from qubes_mcp.dom0.audit_verify import verify_log
-from qubes_mcp.dom0.config import GateConfig, parse_config
-from qubes_mcp.dom0.consent import ConsentBroker
-from qubes_mcp.dom0.daemon import GateDaemon, operator_call
-from qubes_mcp.dom0.errors import ConsentTimeoutError, GateError
-from qubes_mcp.dom0.operator_audit import (
+from qubes_mcp.dom0.audit.acts import (
     ACTS,
     OperatorAct,
     UnrecordedActError,
@@ -29,6 +22,13 @@ from qubes_mcp.dom0.operator_audit import (
     record_operator_act,
     sudo_uid,
 )
+from qubes_mcp.dom0.audit.files import anchor_path
+from qubes_mcp.dom0.audit.log import AuditLog
+from qubes_mcp.dom0.audit.verify import verify_log
+from qubes_mcp.dom0.config import GateConfig, parse_config
+from qubes_mcp.dom0.consent import ConsentBroker
+from qubes_mcp.dom0.daemon import GateDaemon, operator_call
+from qubes_mcp.dom0.errors import ConsentTimeoutError, GateError
 from tests.unit.test_gate_consent import ARGS
 
 

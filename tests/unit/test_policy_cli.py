@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qubes_mcp.dom0.cli import main
+from qubes_mcp.dom0.operator.cli import main
 
 SYSTEM_INFO = Path(__file__).parents[1] / "conformance" / "data" / "policy_qrexec_system_info.json"
 ADMIN = Path(sys.executable).parent / "qubes-mcp-admin"

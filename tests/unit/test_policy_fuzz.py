@@ -12,7 +12,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qubes_mcp.dom0.cli import main
+from qubes_mcp.dom0.operator.cli import main
 from qubes_mcp.policy import Policy, PolicySyntaxError
 from qubes_mcp.policy.rules import parse_rule
 

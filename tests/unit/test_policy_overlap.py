@@ -3,7 +3,7 @@ operator's own rules that meet it, evaluated with the policy engine."""
 
 from __future__ import annotations
 
-from qubes_mcp.dom0.policy_overlap import describe, overlaps
+from qubes_mcp.dom0.operator.policy_overlap import describe, overlaps
 from qubes_mcp.dom0.render import FORMER_POLICY_NAMES, POLICY_NAME
 from qubes_mcp.policy import AccessDenied, Policy, SystemInfo
 

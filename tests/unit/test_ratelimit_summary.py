@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qubes_mcp.dom0.audit_summary import MAX_KEYS, RefusalSummary, Summary
+from qubes_mcp.dom0.audit.summary import MAX_KEYS, RefusalSummary, Summary
 from qubes_mcp.dom0.config import Limits, parse_config
 from qubes_mcp.dom0.errors import CODES, ConfigError, RateLimitedError
 from qubes_mcp.dom0.ratelimit import RateLimiter, TokenBucket

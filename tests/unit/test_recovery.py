@@ -11,7 +11,7 @@ from typing import cast
 import pytest
 
 from qubes_mcp.dom0.admin import AdminClient, QubesdError
-from qubes_mcp.dom0.audit import AuditLog
+from qubes_mcp.dom0.audit.log import AuditLog
 from qubes_mcp.dom0.config import GateConfig
 from qubes_mcp.dom0.enrolment import Registry, registry_path
 from qubes_mcp.dom0.recovery import Recovery

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from qubes_mcp import __version__
-from qubes_mcp.dom0.install import UNIT_TEXT
+from qubes_mcp.dom0.operator.install import UNIT_TEXT
 
 TOP = Path(__file__).resolve().parents[2]
 SRC = TOP / "src"

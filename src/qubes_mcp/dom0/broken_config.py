@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qubes_mcp.dom0.audit import AuditLog
+from qubes_mcp.dom0.audit.log import AuditLog
 from qubes_mcp.dom0.config import DEFAULT_PATHS, GateConfig, Paths, load_config
 from qubes_mcp.dom0.errors import ConfigError, GateError, UnavailableError
 from qubes_mcp.dom0.operations import OPERATIONS_BY_SERVICE

@@ -76,7 +76,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qubes_mcp.dom0.audit_clean import ARGV_CAP_DEFAULT
+from qubes_mcp.dom0.audit.clean import ARGV_CAP_DEFAULT
 from qubes_mcp.dom0.config_schema import SECTIONS, bounds, defaults, keys
 from qubes_mcp.dom0.errors import ConfigError
 from qubes_mcp.dom0.names import QUBE_NAME_RE, is_valid_qube_name

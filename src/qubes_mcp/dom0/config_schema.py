@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from qubes_mcp.dom0.audit_clean import ARGV_CAP_DEFAULT, ARGV_CAP_MAX
+from qubes_mcp.dom0.audit.clean import ARGV_CAP_DEFAULT, ARGV_CAP_MAX
 
 #: the sections, in the order of the reference; "" is the top level, "principal" the
 #: array of tables ``[[principal]]``

@@ -124,7 +124,7 @@ class ConsentBroker:
         self.timeout = timeout
         self.notifier = notifier
         self.dialog = dialog
-        #: records a dialog's answer in the audit chain first (operator_audit.py); ``False``
+        #: records a dialog's answer in the audit chain first (audit/acts.py); ``False``
         #: means it could not be, and the answer is not given (the CLI remains)
         self.record = record
         self._pending: dict[str, PendingRequest] = {}

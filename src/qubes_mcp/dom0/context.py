@@ -45,7 +45,7 @@ class Context:
     reader: FleetReader
     verdict: Verdict
     facts: Facts
-    #: structural audit details (keys from audit_clean.DETAIL_KEYS only)
+    #: structural audit details (keys from audit.clean.DETAIL_KEYS only)
     detail: dict[str, object] = field(default_factory=dict)
     #: the gate's id for this request, as journaled in its ``pending`` audit line: a birth marks
     #: the new qube with it so that start-up recovery can find it (create.py), and a command run

@@ -27,7 +27,8 @@ from typing import Any
 
 from qubes_mcp.dom0.admin import AdminClient
 from qubes_mcp.dom0.admission import Admission
-from qubes_mcp.dom0.audit import AuditLog
+from qubes_mcp.dom0.audit.acts import OperatorAct, UnrecordedActError, record_operator_act
+from qubes_mcp.dom0.audit.log import AuditLog
 from qubes_mcp.dom0.broken_config import BrokenConfig, RefuseAllDaemon
 from qubes_mcp.dom0.config import GateConfig
 from qubes_mcp.dom0.consent import ConsentBroker, PendingRequest, desktop_notifier
@@ -42,7 +43,6 @@ from qubes_mcp.dom0.errors import (
 from qubes_mcp.dom0.gate import Gate, Request, unless_withdrawn
 from qubes_mcp.dom0.hangup import HangupWatcher
 from qubes_mcp.dom0.operations import OPERATIONS_BY_SERVICE
-from qubes_mcp.dom0.operator_audit import OperatorAct, UnrecordedActError, record_operator_act
 from qubes_mcp.dom0.recovery import Recovery, recover_until_done
 
 log = logging.getLogger("qubes_mcp.gate")
@@ -309,7 +309,7 @@ class GateDaemon:
 
     async def _answer(self, command: dict[str, Any], uid: int | None) -> dict[str, Any]:
         """``approve``/``deny``, recorded in the chain before the waiting request may go on,
-        as an act of ``operator:<uid>`` with the peer's uid from the socket (operator_audit.py).
+        as an act of ``operator:<uid>`` with the peer's uid from the socket (audit/acts.py).
         An answer that cannot be recorded is not given."""
         request_id = str(command["id"])
         waiting = [r for r in self.consent.pending() if r.id == request_id]

@@ -11,7 +11,7 @@ Two things keep the log truthful under faults and floods. An outcome line that c
 written (full disk, I/O error) stops the gate from taking state-changing requests: the
 outcome is kept and retried before the next one, and ``status`` says why until it lands.
 And every request passes the caller's rate limits (ratelimit.py); repeated refusals are
-recorded as the first in full plus one summary line per window (audit_summary.py).
+recorded as the first in full plus one summary line per window (audit/summary.py).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from typing import Any, TypeVar
 
 from qubes_mcp.dom0 import create, handlers_files, handlers_read, handlers_write
 from qubes_mcp.dom0.admin import AdminClient, QubesdError
-from qubes_mcp.dom0.audit import AuditLog
-from qubes_mcp.dom0.audit_summary import SUMMARY_ID, RefusalSummary
+from qubes_mcp.dom0.audit.log import AuditLog
+from qubes_mcp.dom0.audit.summary import SUMMARY_ID, RefusalSummary
 from qubes_mcp.dom0.config import GateConfig, Principal
 from qubes_mcp.dom0.consent import ConsentBroker
 from qubes_mcp.dom0.context import Context, Handler
@@ -263,7 +263,7 @@ class Gate:
         )
 
     async def _flush_refusals(self, *, everything: bool = False) -> None:
-        """Write one summary line per ended window of repeated refusals (audit_summary.py)."""
+        """Write one summary line per ended window of repeated refusals (audit/summary.py)."""
         due = self.refusals.due(everything=everything)
         for index, item in enumerate(due):
             principal, op, code = item.key

@@ -9,7 +9,7 @@ import logging
 from typing import Any
 
 from qubes_mcp.dom0.admin import QubesdError
-from qubes_mcp.dom0.audit_clean import Argv
+from qubes_mcp.dom0.audit.clean import Argv
 from qubes_mcp.dom0.context import Context, Handler
 from qubes_mcp.dom0.copy import (
     INCOMING_DIR_NAME,
@@ -69,7 +69,7 @@ async def relay(ctx: Context, qube: str, argv: list[str], data: bytes, timeout: 
 
     Every command an agent runs passes here, so this is where the audit log learns what ran:
     the command line's SHA-256 and size, and with ``[audit] commands = "argv"`` the argv
-    itself (escaped and capped by the log, audit_clean.Argv); stdin's size and SHA-256; the
+    itself (escaped and capped by the log, audit.clean.Argv); stdin's size and SHA-256; the
     exit code and the output sizes — never the output.
     It starts the qube first, like ``qvm-run`` (qrexec-client does not; a no-op when
     running), and marks the run with the request id (how a later gate finds its processes

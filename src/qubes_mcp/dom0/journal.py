@@ -18,7 +18,7 @@ Two readers use this:
 - ``audit verify`` feeds every record it walks into an :class:`OpenRequests`.
 
 The tail scan trusts nothing it reads more than the chain walk would: every line goes through
-:func:`~qubes_mcp.dom0.audit_record.parse_line` (canonical form, hash); a line that does not
+:func:`~qubes_mcp.dom0.audit.record.parse_line` (canonical form, hash); a line that does not
 parse (a torn tail, the partial first line of the window) is skipped — integrity is
 ``verify``'s job, not recovery's.
 """
@@ -29,8 +29,8 @@ import os
 from pathlib import Path
 from typing import Final
 
-from .audit_files import OPEN_FLAGS, archives
-from .audit_record import AuditRecord, RecordError, parse_line
+from qubes_mcp.dom0.audit.files import OPEN_FLAGS, archives
+from qubes_mcp.dom0.audit.record import AuditRecord, RecordError, parse_line
 
 #: how much of the end of the log start-up recovery reads (see the module docstring)
 TAIL_SCAN_BYTES: Final = 4 << 20

@@ -53,8 +53,8 @@ from pathlib import Path
 from typing import Any
 
 from qubes_mcp.dom0.admin import AdminClient, QubesdError
-from qubes_mcp.dom0.audit import AuditLog
-from qubes_mcp.dom0.audit_record import AuditRecord
+from qubes_mcp.dom0.audit.log import AuditLog
+from qubes_mcp.dom0.audit.record import AuditRecord
 from qubes_mcp.dom0.config import GateConfig
 from qubes_mcp.dom0.create import BIRTH_TAG_PREFIX, birth_tag, disposable_name
 from qubes_mcp.dom0.enrolment import Registry, registry_path

@@ -23,14 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qubes_mcp.dom0.admin import AdminClient
-from qubes_mcp.dom0.audit import AuditLog, chain_exists
+from qubes_mcp.dom0.audit.log import AuditLog, chain_exists
 from qubes_mcp.dom0.config import GateConfig, load_config
 from qubes_mcp.dom0.enrolment import Change, Registry, commit, registry_path
 from qubes_mcp.dom0.errors import GateError, InvalidInputError
 from qubes_mcp.dom0.fsutil import atomic_write
 from qubes_mcp.dom0.names import is_valid_qube_name
 from qubes_mcp.dom0.operations import OPERATIONS
-from qubes_mcp.dom0.qubes_policy_tools import PolicyTools
+from qubes_mcp.dom0.operator.qubes_policy_tools import PolicyTools
 from qubes_mcp.dom0.reader import parse_vm_list_line
 from qubes_mcp.dom0.render import (
     FORMER_POLICY_NAMES,

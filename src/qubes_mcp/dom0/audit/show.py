@@ -2,7 +2,7 @@
 
 One line per request: the ``pending`` line a state-changing request writes before it acts is
 paired with its outcome line by ``request_id``; a refused request (one line) is one line; an
-operator's act (operator_audit.py) likewise. Each line shows the time, the principal, the
+operator's act (audit/acts.py) likewise. Each line shows the time, the principal, the
 operation, the qube(s), decision and outcome, and the key arguments from ``detail`` (the
 argv, a path, a property, a destination …). Lines appear in the order requests *finished*
 (so ``--follow`` can print each as soon as it is complete); the ``seq`` range says where its
@@ -10,7 +10,7 @@ records are.
 
 Reading is also verifying. The rotated files are read oldest first, then the current file,
 and every record goes through the same checks as ``audit verify``: ``parse_line`` (canonical
-bytes, hash) and :class:`~qubes_mcp.dom0.audit_verify.ChainWalk` (seq, prev, the anchor at
+bytes, hash) and :class:`~qubes_mcp.dom0.audit.verify.ChainWalk` (seq, prev, the anchor at
 both ends). Where a check fails a marker line says so, and every line after it is marked
 ``UNVERIFIED`` — the reader goes on, because an operator investigating an edit needs to see
 what is there, but is never led to trust it.
@@ -39,11 +39,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, TextIO
 
-from .audit_clean import DetailValue
-from .audit_files import OPEN_FLAGS, AuditError, ReadCounter, archives, read_anchor
-from .audit_record import MAX_LINE_BYTES, AuditRecord, RecordError, load_json, parse_line
-from .audit_verify import ChainBrokenError, ChainWalk, shared_lock
-from .describe import escape
+from qubes_mcp.dom0.audit.clean import DetailValue
+from qubes_mcp.dom0.audit.files import OPEN_FLAGS, AuditError, ReadCounter, archives, read_anchor
+from qubes_mcp.dom0.audit.record import (
+    MAX_LINE_BYTES,
+    AuditRecord,
+    RecordError,
+    load_json,
+    parse_line,
+)
+from qubes_mcp.dom0.audit.verify import ChainBrokenError, ChainWalk, shared_lock
+from qubes_mcp.dom0.describe import escape
 
 #: the ``detail`` keys shown on a timeline line, in this order (the rest is in ``--json``)
 KEY_ARGS: Final = (

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from qubes_mcp.dom0.admin import AdminClient, QubesdError
+from qubes_mcp.dom0.audit.acts import audited, sudo_uid
 from qubes_mcp.dom0.config import DEFAULT_CONFIG_PATH, GateConfig, load_config
 from qubes_mcp.dom0.describe import escape
 from qubes_mcp.dom0.errors import GateError
-from qubes_mcp.dom0.install import Layout
-from qubes_mcp.dom0.operator_audit import audited, sudo_uid
+from qubes_mcp.dom0.operator.install import Layout
 from qubes_mcp.dom0.tiers import Scope, Tier
 from qubes_mcp.policy import PolicyError
 
@@ -71,7 +71,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
 @audited(_config, "install")
 def cmd_install(args: argparse.Namespace) -> int:
-    from qubes_mcp.dom0.install import install
+    from qubes_mcp.dom0.operator.install import install
 
     try:
         for line in install(
@@ -87,7 +87,7 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 @audited(_config, "uninstall")
 def cmd_uninstall(args: argparse.Namespace) -> int:
-    from qubes_mcp.dom0.install import uninstall
+    from qubes_mcp.dom0.operator.install import uninstall
 
     for line in uninstall(Path(args.root), purge=args.purge):
         print(line)
@@ -110,7 +110,7 @@ def _gate_lines(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from qubes_mcp.dom0.install import status
+    from qubes_mcp.dom0.operator.install import status
 
     try:
         report = status(Path(args.root))
@@ -125,7 +125,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from qubes_mcp.dom0.doctor import doctor
+    from qubes_mcp.dom0.operator.doctor import doctor
 
     findings = asyncio.run(doctor(Path(args.root), _config_path(args)))
     for finding in findings:
@@ -149,7 +149,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from qubes_mcp.dom0.explain import explain
+    from qubes_mcp.dom0.operator.explain import explain
 
     try:
         config = _config(args)
@@ -255,7 +255,7 @@ def _log_path(args: argparse.Namespace) -> Path:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from qubes_mcp.dom0.audit_verify import audit_verify_main
+    from qubes_mcp.dom0.audit.verify import audit_verify_main
 
     checkpoint = None
     if args.checkpoint:
@@ -270,7 +270,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_show(args: argparse.Namespace) -> int:
-    from qubes_mcp.dom0.audit_show import audit_show_main, describe_filters
+    from qubes_mcp.dom0.audit.show import audit_show_main, describe_filters
 
     try:
         filters = describe_filters(vars(args))
@@ -286,7 +286,7 @@ def _seq_hash(text: str) -> tuple[int, str] | None:
 
 
 def cmd_audit_checkpoint(args: argparse.Namespace) -> int:
-    from qubes_mcp.dom0.audit_export import audit_checkpoint_main
+    from qubes_mcp.dom0.operator.audit_cli import audit_checkpoint_main
 
     through = None
     if args.through:
@@ -302,7 +302,7 @@ def cmd_audit_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_recover(args: argparse.Namespace) -> int:
-    from qubes_mcp.dom0.audit_repair import audit_recover_main
+    from qubes_mcp.dom0.operator.audit_cli import audit_recover_main
 
     try:
         return audit_recover_main(

@@ -1,4 +1,6 @@
-"""The operator's export checkpoint: which records are safely off the machine.
+"""The operator's repairs of the audit log: the export checkpoint and crash recovery.
+
+The export checkpoint says which records are safely off the machine.
 
 Rotation bounds the disk the log uses by deleting the oldest rotated files. Deleting a
 record nobody has copied would let a flood of refusals wash evidence away while ``verify``
@@ -18,8 +20,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TextIO
 
-from .audit_files import AuditError
-from .audit_verify import verify_log
+from qubes_mcp.dom0.audit.files import AuditError
+from qubes_mcp.dom0.audit.log import AuditLog
+from qubes_mcp.dom0.audit.verify import verify_log
 
 
 def audit_checkpoint_main(
@@ -31,8 +34,6 @@ def audit_checkpoint_main(
         0 when the checkpoint is recorded; 1 when the log is broken or ``through`` is not a
         record of its retained chain (nothing changed); 2 when there is no log.
     """
-    from .audit import AuditLog
-
     result = verify_log(path, checkpoint=through)
     if not result.ok or result.anchor is None:
         print(f"audit checkpoint refused ({result.kind}): {result.error}", file=out)
@@ -49,4 +50,33 @@ def audit_checkpoint_main(
         file=out,
     )
     print(f"checkpoint: {seq}:{digest}", file=out)
+    return 0
+
+
+def audit_recover_main(
+    path: Path, out: TextIO, *, reason: str = "", accept_loss: bool = False
+) -> int:
+    """``qubes-mcp-admin audit recover [--log PATH] [--reason TEXT] [--accept-loss]``.
+
+    Returns:
+        0 when a crash signature was repaired and the repair recorded; 1 when the log's end
+        shows no crash signature (nothing changed; run ``audit verify`` and investigate).
+    """
+    try:
+        record = AuditLog(path, create=False).recover(reason=reason, accept_loss=accept_loss)
+    except AuditError as err:
+        print(f"audit recover refused: {err.reason}", file=out)
+        return 1
+    detail = record.detail
+    print(
+        f"audit log recovered: moved aside {detail.get('torn_bytes', 0)} torn bytes, "
+        f"anchored {detail.get('anchor_lag', 0)} record(s); recorded as seq {record.seq}",
+        file=out,
+    )
+    if "lost_seq" in detail:
+        print(
+            f"record seq {detail['lost_seq']} (hash {detail['lost_hash']}) was lost; "
+            "the recover record names it",
+            file=out,
+        )
     return 0

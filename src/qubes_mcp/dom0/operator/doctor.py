@@ -15,8 +15,8 @@ from qubes_mcp.dom0.admin import AdminClient
 from qubes_mcp.dom0.config import GateConfig, load_config
 from qubes_mcp.dom0.enrolment import Registry, live_uuids, registry_path
 from qubes_mcp.dom0.errors import GateError
-from qubes_mcp.dom0.install import Layout, status
-from qubes_mcp.dom0.policy_overlap import describe, overlaps
+from qubes_mcp.dom0.operator.install import Layout, status
+from qubes_mcp.dom0.operator.policy_overlap import describe, overlaps
 from qubes_mcp.dom0.reader import parse_getall
 from qubes_mcp.dom0.render import POLICY_NAME
 from qubes_mcp.dom0.tiers import Tier
@@ -166,7 +166,7 @@ async def _birth_leftover_findings(config: GateConfig) -> list[Finding]:
 async def _policy_findings(config: GateConfig) -> list[Finding]:
     """The operator's own qrexec rules that the generated file overrides or is overridden by,
     for each principal and each registered qube (``policy_overlap``, decision record 0016)."""
-    from qubes_mcp.dom0.explain import system_info
+    from qubes_mcp.dom0.operator.explain import system_info
 
     try:
         policy = Policy.load([config.paths.policy_dir])

@@ -197,7 +197,7 @@ def project_version() -> str:
     """The project's one version string, ``__version__`` in the package root's ``__init__.py``
     (installed with every dom0 bundle and RPM). Read, not imported: dom0 code imports nothing
     outside ``dom0/`` and ``policy/``."""
-    root = Path(__file__).resolve().parent.parent / "__init__.py"
+    root = Path(__file__).resolve().parents[2] / "__init__.py"
     for node in ast.parse(root.read_text(encoding="utf-8")).body:
         if (
             isinstance(node, ast.Assign)
@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {project_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     psub = _register_policy(sub)
-    from qubes_mcp.dom0 import cli_gate
+    from qubes_mcp.dom0.operator import cli_gate
 
     cli_gate.register(sub, psub)
     return parser

@@ -17,7 +17,7 @@ system), the line is cut off again, so the log never holds a line its anchor doe
 for and the next append needs no repair.
 
 Rotation deletes old files only when every record in them is at or before the operator's
-export checkpoint (``audit checkpoint``, audit_export.py); when the retained space is full of
+export checkpoint (``audit checkpoint``, operator/audit_cli.py); when the retained space is full of
 unexported records, new requests are refused instead of old records forgotten.
 
 The anchor is what makes the end of the chain tamper-evident: after a truncated tail, a
@@ -40,9 +40,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import Final, TypeVar
 
-from .audit_files import (
+from qubes_mcp.dom0.audit.files import (
     OPEN_FLAGS,
     AuditError,
     ReadCounter,
@@ -62,7 +62,7 @@ from .audit_files import (
     stage_anchor,
     write_anchor,
 )
-from .audit_record import (
+from qubes_mcp.dom0.audit.record import (
     GENESIS,
     MAX_LINE_BYTES,
     Anchor,
@@ -73,9 +73,8 @@ from .audit_record import (
     parse_line,
     utc_stamp,
 )
-
-if TYPE_CHECKING:
-    from .audit_verify import VerifyResult
+from qubes_mcp.dom0.audit.repair import repair_tail
+from qubes_mcp.dom0.audit.verify import VerifyResult, verify_log
 
 __all__ = ["AuditError", "AuditLog", "AuditRecord", "chain_exists"]
 
@@ -145,7 +144,7 @@ class AuditLog:
     ) -> AuditRecord:
         """Record one request durably (written and fsynced) and return the record.
 
-        Values are tamed (escaped, capped, ``detail`` allowlisted) by audit_clean.py, so a
+        Values are tamed (escaped, capped, ``detail`` allowlisted) by audit/clean.py, so a
         caller may pass what the agent sent.
 
         Raises:
@@ -171,9 +170,7 @@ class AuditLog:
             return self._append_locked(fields)
 
     def verify(self) -> VerifyResult:
-        """Check every retained file against the chain and the anchor (audit_verify.py)."""
-        from .audit_verify import verify_log
-
+        """Check every retained file against the chain and the anchor (audit/verify.py)."""
         return verify_log(self.path)
 
     def recover(self, *, reason: str = "", accept_loss: bool = False) -> AuditRecord:
@@ -190,8 +187,6 @@ class AuditLog:
             AuditError: the end of the log matches no crash signature (an edit, a
                 truncation, a missing anchor): that is for a human to investigate.
         """
-        from .audit_repair import repair_tail
-
         with self._locked():
             self._tail = None
             facts = self._guard(lambda: repair_tail(self.path, self.reads, accept_loss=accept_loss))
@@ -208,7 +203,7 @@ class AuditLog:
     def checkpoint(self, *, seq: int, digest: str, reason: str = "") -> AuditRecord:
         """Operator action: records through (``seq``, ``digest``) are exported (backed up).
 
-        The caller proves first that the record is in the intact chain (audit_export.py
+        The caller proves first that the record is in the intact chain (operator/audit_cli.py
         runs verify with it as a checkpoint). Rotation may then delete rotated files whose
         records all precede it, never a later one. The checkpoint is recorded in the chain.
         """

@@ -23,9 +23,8 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import TextIO
 
-from .audit_files import (
+from qubes_mcp.dom0.audit.files import (
     OPEN_FLAGS,
     AuditError,
     ReadCounter,
@@ -35,7 +34,7 @@ from .audit_files import (
     read_anchor,
     write_anchor,
 )
-from .audit_record import MAX_LINE_BYTES, Anchor, RecordError, parse_line
+from qubes_mcp.dom0.audit.record import MAX_LINE_BYTES, Anchor, RecordError, parse_line
 
 #: a fragment longer than this is not one interrupted record
 _FRAGMENT_CAP = 2 * MAX_LINE_BYTES
@@ -206,34 +205,3 @@ def _free_name(candidate: Path) -> Path:
         found = candidate.with_name(f"{candidate.name}.{number}")
         number += 1
     return found
-
-
-def audit_recover_main(
-    path: Path, out: TextIO, *, reason: str = "", accept_loss: bool = False
-) -> int:
-    """``qubes-mcp-admin audit recover [--log PATH] [--reason TEXT] [--accept-loss]``.
-
-    Returns:
-        0 when a crash signature was repaired and the repair recorded; 1 when the log's end
-        shows no crash signature (nothing changed; run ``audit verify`` and investigate).
-    """
-    from .audit import AuditLog
-
-    try:
-        record = AuditLog(path, create=False).recover(reason=reason, accept_loss=accept_loss)
-    except AuditError as err:
-        print(f"audit recover refused: {err.reason}", file=out)
-        return 1
-    detail = record.detail
-    print(
-        f"audit log recovered: moved aside {detail.get('torn_bytes', 0)} torn bytes, "
-        f"anchored {detail.get('anchor_lag', 0)} record(s); recorded as seq {record.seq}",
-        file=out,
-    )
-    if "lost_seq" in detail:
-        print(
-            f"record seq {detail['lost_seq']} (hash {detail['lost_hash']}) was lost; "
-            "the recover record names it",
-            file=out,
-        )
-    return 0

@@ -71,7 +71,7 @@ DETAIL_KEYS: Final = frozenset(
         *("duration_ms", "error_class", "qubesd_error"),
         # written by the log itself (callers may not set the first two)
         *("dropped_keys", "overflow", "torn_bytes", "torn_sha256", "anchor_lag", "reason"),
-        # an operator's act (operator_audit.py): the uid that ran it, sudo's SUDO_UID, the
+        # an operator's act (audit/acts.py): the uid that ran it, sudo's SUDO_UID, the
         # act's own arguments, and "dialog" when a consent answer came from the desktop dialog
         *("uid", "sudo_uid", "purge", "scope", "answered_by"),
         # recover after a cut tail: the anchored record that was lost, for the record

@@ -4,7 +4,7 @@ A record is one line of canonical JSON (sorted keys, no spaces, UTF-8, ``\\n``-t
 ``hash`` is SHA-256 over a domain tag and the canonical JSON of every other field, and
 ``prev`` is the ``hash`` of the record before it, so the file is a hash chain.
 
-Callers' values are tamed by :mod:`qubes_mcp.dom0.audit_clean` (escaped, capped,
+Callers' values are tamed by :mod:`qubes_mcp.dom0.audit.clean` (escaped, capped,
 allowlisted). The finished line is at most :data:`MAX_LINE_BYTES`: if ``detail`` would push it
 over, ``detail`` becomes ``{"overflow": <bytes>}``, so the request is still recorded.
 
@@ -23,7 +23,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, NotRequired, TypedDict
 
-from .audit_clean import DETAIL_KEYS, DetailValue, clean_detail, clean_targets, clean_text
+from qubes_mcp.dom0.audit.clean import (
+    DETAIL_KEYS,
+    DetailValue,
+    clean_detail,
+    clean_targets,
+    clean_text,
+)
 
 VERSION: Final = 1
 GENESIS: Final = "0" * 64

@@ -15,8 +15,8 @@ from pathlib import Path
 from qubes_mcp.dom0.admin import AdminClient
 from qubes_mcp.dom0.config import GateConfig
 from qubes_mcp.dom0.enrolment import Registry, registry_path
-from qubes_mcp.dom0.install import Layout
 from qubes_mcp.dom0.operations import OPERATIONS
+from qubes_mcp.dom0.operator.install import Layout
 from qubes_mcp.policy import AccessDenied, AllowResolution, Policy, SystemInfo
 
 PROBED_SERVICES = (

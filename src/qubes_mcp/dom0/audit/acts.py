@@ -3,7 +3,7 @@
 ``install``, ``reload``, ``enrol``, ``unenrol``, ``tier``, ``approve``, ``deny`` and
 ``uninstall`` change what an agent may do as surely as a request does, so each is recorded,
 with the operator's uid, by :func:`record_operator_act` — one function, appending through the
-same :class:`~qubes_mcp.dom0.audit.AuditLog` API and therefore under the log's file lock
+same :class:`~qubes_mcp.dom0.audit.log.AuditLog` API and therefore under the log's file lock
 (the gate may be appending at the same moment from its own process).
 
 An act is recorded like a request: a ``pending`` line before it is done, then its outcome
@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from qubes_mcp.dom0.audit import AuditLog
-from qubes_mcp.dom0.audit_files import chain_exists
-from qubes_mcp.dom0.audit_record import AuditRecord
+from qubes_mcp.dom0.audit.files import chain_exists
+from qubes_mcp.dom0.audit.log import AuditLog
+from qubes_mcp.dom0.audit.record import AuditRecord
 from qubes_mcp.dom0.config import GateConfig
 from qubes_mcp.dom0.errors import GateError
 

@@ -1,7 +1,7 @@
 """Walking the whole audit log: every retained file, every line, the chain, the anchor.
 
 :func:`verify_log` reads the rotated files oldest first, then the current file, and checks
-each line with :func:`~qubes_mcp.dom0.audit_record.parse_line` (canonical bytes, hash) and
+each line with :func:`~qubes_mcp.dom0.audit.record.parse_line` (canonical bytes, hash) and
 its place in the chain (``seq`` one more, ``prev`` the previous ``hash``), across files.
 Then the ends:
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from .audit_files import (
+from qubes_mcp.dom0.audit.files import (
     OPEN_FLAGS,
     AuditError,
     ReadCounter,
@@ -39,8 +39,8 @@ from .audit_files import (
     lock_path,
     read_anchor,
 )
-from .audit_record import MAX_LINE_BYTES, Anchor, AuditRecord, RecordError, parse_line
-from .journal import OpenRequests
+from qubes_mcp.dom0.audit.record import MAX_LINE_BYTES, Anchor, AuditRecord, RecordError, parse_line
+from qubes_mcp.dom0.journal import OpenRequests
 
 #: at most this many requests without an outcome are listed by ``audit verify``
 UNFINISHED_SHOWN = 20
@@ -98,7 +98,7 @@ class ChainBrokenError(Exception):
 class ChainWalk:
     """The one chain checker: fed records in order (:meth:`take`), then :meth:`finish`.
 
-    ``verify_log`` walks the whole log with it; ``audit show`` (audit_show.py) feeds it as it
+    ``verify_log`` walks the whole log with it; ``audit show`` (audit/show.py) feeds it as it
     reads, replacing ``anchor`` with the newest one before each batch when it follows.
     """
 

@@ -2,7 +2,7 @@
 
 Layout, all in one directory (mode 0700, owned by the gate's user; files 0600)::
 
-    audit.log                  the current file, one record per line (audit_record.py)
+    audit.log                  the current file, one record per line (audit/record.py)
     audit.log.000000012345     rotated files, named by the seq of their first record
     audit.log.head             the anchor: last seq + hash, and where the retained chain starts
     audit.log.lock             flock'd by every writer (threads and processes) and by verify
@@ -23,7 +23,7 @@ import stat
 from pathlib import Path
 from typing import Final
 
-from .audit_record import (
+from qubes_mcp.dom0.audit.record import (
     ANCHOR_CAP,
     MAX_LINE_BYTES,
     Anchor,
@@ -32,7 +32,7 @@ from .audit_record import (
     parse_anchor,
     parse_line,
 )
-from .errors import UnavailableError
+from qubes_mcp.dom0.errors import UnavailableError
 
 OPEN_FLAGS: Final = os.O_CLOEXEC | os.O_NOFOLLOW
 
