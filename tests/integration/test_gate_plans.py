@@ -161,3 +161,29 @@ def test_apply_stops_at_the_first_step_refused_at_run_time(stack: Stack) -> None
         stack.admin("tier", "ai-web", "net")
     assert result["stopped_at"] == 0 and result["completed"] == 0
     assert result["steps"][0]["error"]["code"] == "insufficient-tier"
+
+
+def test_the_operator_reads_a_proposed_plan_and_its_salt_state(stack: Stack) -> None:
+    import yaml
+
+    steps = [
+        {"op": "qube.create", "target": "ai-debian", "args": {"name": "ai-salt", "label": "blue"}},
+        {"op": "qube.start", "target": "ai-salt", "args": {}},
+        {"op": "qube.remove", "target": "ai-salt", "args": {}},
+    ]
+    plan = propose(stack, steps, "salt {{ view }}")
+    assert plan["plan_id"], plan
+    listed = stack.admin("plan", "list")
+    assert listed.returncode == 0 and plan["plan_id"] in listed.stdout
+    shown = stack.admin("plan", "show", plan["plan_id"])
+    assert "1. qube.start on ai-salt [deferred]" in shown.stdout
+    assert "2. qube.remove on ai-salt [" in shown.stdout
+    salt = stack.admin("plan", "show", plan["plan_id"], "--salt")
+    assert salt.returncode == 0, salt.stderr
+    states = yaml.safe_load(salt.stdout)
+    functions = [next(iter(body)) for body in states.values()]
+    assert functions == ["qvm.present", "qvm.prefs", "cmd.run", "qvm.start", "qvm.absent"]
+    assert "{{" not in salt.stdout  # the agent's title is escaped data
+    missing = stack.admin("plan", "show", "0000")
+    assert missing.returncode == 1 and "no proposed plan 0000" in missing.stderr
+    assert not exists(stack, "ai-salt")  # reading a plan changes nothing

@@ -297,6 +297,8 @@ class GateDaemon:
             return {"mode": "serving", "status": self.gate.status()}
         if cmd == "pending":
             return {"pending": [r.public() for r in self.consent.pending()]}
+        if cmd == "plans":
+            return {"plans": self.gate.plans.public()}
         if cmd in ("approve", "deny"):
             result = self.consent.answer(
                 str(command["id"]), approve=cmd == "approve", digest=str(command.get("digest", ""))

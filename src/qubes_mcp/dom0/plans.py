@@ -84,6 +84,33 @@ class PlanBook:
         self._plans[plan.id] = plan
         return plan
 
+    def public(self) -> list[dict[str, Any]]:
+        """Every kept plan as the operator may read it (``qubes-mcp-admin plan``): its steps'
+        operations, targets and schema-checked arguments, in order."""
+        self._expire()
+        now = time.monotonic()
+        return [
+            {
+                "id": plan.id,
+                "digest": plan.digest,
+                "principal": plan.principal,
+                "title": plan.title,
+                "seconds_left": int(plan.expires - now),
+                "steps": [
+                    {
+                        "index": step.index,
+                        "op": step.op.name,
+                        "target": step.target,
+                        "args": json.loads(json.dumps(step.args, default=str)),
+                        "deferred": step.deferred,
+                        "consent": step.consent,
+                    }
+                    for step in plan.steps
+                ],
+            }
+            for plan in self._plans.values()
+        ]
+
     def take(self, principal: str, plan_id: str, digest: str) -> Plan:
         """The plan, removed from the book (a plan is applied once)."""
         self._expire()

@@ -216,9 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {project_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     psub = _register_policy(sub)
-    from qubes_mcp.dom0.operator import cli_gate
+    from qubes_mcp.dom0.operator import cli_gate, plan_cli
 
     cli_gate.register(sub, psub)
+    plan_cli.register(sub)
     return parser
 
 
