@@ -132,3 +132,10 @@ def test_bounds_are_enforced_exactly(key: Key) -> None:
 def test_a_key_outside_the_schema_is_refused(section: str) -> None:
     with pytest.raises(ConfigError, match="unknown key 'no_such_key'"):
         cfg.parse_config(f"{PRINCIPAL}[{section}]\nno_such_key = 1\n")
+
+
+def test_a_removed_key_says_what_replaced_it() -> None:
+    """An upgraded dom0 keeps its old config.toml: a key the gate no longer reads is refused
+    with the name of what replaced it, not as an unknown word."""
+    with pytest.raises(ConfigError, match=r"'qvm_run' is no longer a setting: .*qrexec_client"):
+        cfg.parse_config(f'{PRINCIPAL}[paths]\nqvm_run = "/usr/bin/qvm-run"\n')

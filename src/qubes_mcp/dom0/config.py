@@ -74,7 +74,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from qubes_mcp.dom0.audit.clean import ARGV_CAP_DEFAULT
 from qubes_mcp.dom0.config_schema import SECTIONS, bounds, defaults, keys
@@ -191,11 +191,21 @@ _BOUNDS = bounds()
 COPY_BYTES_MAX = 1 << 40
 
 
+#: keys an earlier version accepted, and what replaced them (an upgrade's config says so)
+_REMOVED: Final = {
+    ("paths", "qvm_run"): "the gate reaches qubes through [paths] qrexec_client "
+    "(dom0's /usr/lib/qubes/qrexec-client); delete the line",
+}
+
+
 def _table(data: Mapping[str, Any], key: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
     raw = data.get(key, {})
     if not isinstance(raw, dict):
         raise ConfigError(f"[{key}] must be a table")
     unknown = sorted(set(raw) - set(defaults))
+    for name in unknown:
+        if (key, name) in _REMOVED:
+            raise ConfigError(f"[{key}]: {name!r} is no longer a setting: {_REMOVED[key, name]}")
     if unknown:
         raise ConfigError(f"[{key}]: unknown key {unknown[0]!r} (known: {', '.join(defaults)})")
     return {**defaults, **raw}
