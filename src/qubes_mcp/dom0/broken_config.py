@@ -32,6 +32,11 @@ from qubes_mcp.dom0.errors import ConfigError, GateError, UnavailableError
 from qubes_mcp.dom0.operations import OPERATIONS_BY_SERVICE
 
 log = logging.getLogger("qubes_mcp.gate")
+#: why a gate in refuse-all mode does not reload: it never had a configuration to keep
+REFUSE_ALL_RELOAD = (
+    "the gate refuses everything because its configuration did not load when it started; "
+    "restart it (systemctl restart qubes-mcp-gate) once the configuration loads"
+)
 _DESCRIPTOR_MAX = 1024
 _DRAIN_BYTES = 1 << 20
 _READ_SECONDS = 5.0
@@ -136,6 +141,8 @@ class RefuseAllDaemon:
             return {"mode": "refuse-all", "config_error": self.broken.problem}
         if cmd == "pending":
             return {"pending": [], "config_error": self.broken.problem}
+        if cmd == "reload":
+            return {"error": f"reload refused: {REFUSE_ALL_RELOAD}"}
         return {"error": "the gate refuses everything: the configuration does not load"}
 
     async def _serve_operator(

@@ -7,7 +7,13 @@ whatever the gate writes back. The source and target in the descriptor come from
 daemon, so they are trusted; the payload after the NUL is the agent's.
 
 The operator socket (mode 0600, dom0 root only) serves ``qubes-mcp-admin pending / show /
-approve / deny / status`` as one JSON line each way.
+approve / deny / status / reload`` as one JSON line each way.
+
+Reloading (``qubes-mcp-admin reload``, ``install``, or SIGHUP) reads the configuration file
+again and puts it in place at one point, :meth:`GateDaemon.use`; a request keeps the
+configuration it arrived under to its end. A configuration that does not load, or that changes
+what cannot change while the gate runs (``[paths]``), is refused: the running one stays, and
+the refusal is logged, recorded and answered.
 """
 
 from __future__ import annotations
@@ -29,11 +35,12 @@ from qubes_mcp.dom0.admin import AdminClient
 from qubes_mcp.dom0.admission import Admission
 from qubes_mcp.dom0.audit.acts import OperatorAct, UnrecordedActError, record_operator_act
 from qubes_mcp.dom0.audit.log import AuditLog
-from qubes_mcp.dom0.broken_config import BrokenConfig, RefuseAllDaemon
-from qubes_mcp.dom0.config import GateConfig
+from qubes_mcp.dom0.broken_config import REFUSE_ALL_RELOAD, BrokenConfig, RefuseAllDaemon
+from qubes_mcp.dom0.config import GateConfig, config_digest, load_config, restart_only_changes
 from qubes_mcp.dom0.consent import ConsentBroker, PendingRequest, desktop_notifier
 from qubes_mcp.dom0.errors import (
     BusyError,
+    ConfigError,
     GateError,
     InvalidInputError,
     NotFoundError,
@@ -130,8 +137,12 @@ class GateDaemon:
         *,
         audit: AuditLog | None = None,
         consent: ConsentBroker | None = None,
+        config_path: Path | None = None,
     ) -> None:
         self.config = config
+        #: where ``reload`` reads the configuration again (None: this gate cannot reload)
+        self.config_path = config_path
+        self._reloading = asyncio.Lock()
         self.consent = consent or ConsentBroker(
             config.consent.timeout, desktop_notifier, config.consent.dialog, self._dialog_answer
         )
@@ -152,14 +163,112 @@ class GateDaemon:
         self._servers: list[asyncio.AbstractServer] = []
         self._requests: set[asyncio.Task[None]] = set()
 
+    def use(self, config: GateConfig) -> None:
+        """Put ``config`` in place: the one point where a reload changes what the gate does.
+
+        Everything derived from the configuration follows it here: the gate's decisions,
+        budgets, tiers and consent rules (``Gate.config``), the rate limits, the consent
+        timeout and dialog, each principal's share of the daemon, and the request bounds read
+        from ``self.config`` as each request arrives. A request already in flight keeps the
+        object it started with (``Gate.handle``), so it ends under the rules it began under.
+        """
+        self.config = config
+        self.gate.config = config
+        self.gate.limiter.configure(config.limits)
+        self.consent.timeout = config.consent.timeout
+        self.consent.dialog = config.consent.dialog
+        self.admission.configure(
+            config.principals,
+            open_max=config.limits.open_requests,
+            acting_max=config.limits.concurrent_requests,
+        )
+        _raise_open_files_limit(self.admission.bound)
+
+    async def reload(
+        self,
+        *,
+        uid: int | None,
+        claimed_sudo_uid: int | str | None = None,
+        signal_name: str | None = None,
+    ) -> dict[str, Any]:
+        """Read the configuration file again and put it in place, or keep the running one and
+        say why. Recorded as the operator act ``reload`` (not done if it cannot be)."""
+        async with self._reloading:
+            old = self.config
+            if self.config_path is None:
+                return {"error": "reload refused: this gate was not started from a file"}
+            detail: dict[str, object] = {} if signal_name is None else {"signal": signal_name}
+            act = OperatorAct(
+                self.gate.audit, "reload", "", detail, uid=uid, claimed_sudo_uid=claimed_sudo_uid
+            )
+            try:
+                if uid is None:
+                    raise UnrecordedActError(act.act, "the peer's uid is unknown")
+                await asyncio.to_thread(act.begin)
+            except UnrecordedActError as exc:
+                log.error("qubes-mcp gate: %s", exc)
+                return {"error": str(exc), "running": old.digest}
+            problem, new = await asyncio.to_thread(self._read_config, old, detail)
+            if new is None:
+                log.error(
+                    "qubes-mcp gate: RELOAD REFUSED, still running the configuration with "
+                    "sha256 %s: %s",
+                    old.digest,
+                    problem,
+                )
+                await self._finish(act, ok=False)
+                return {
+                    "error": f"reload refused: {problem}; the gate keeps running the "
+                    f"configuration it had (sha256 {old.digest})",
+                    "running": old.digest,
+                }
+            self.use(new)
+            log.info(
+                "qubes-mcp gate: configuration reloaded from %s (sha256 %s, was %s)",
+                self.config_path,
+                new.digest,
+                old.digest,
+            )
+            await self._finish(act, ok=True)
+            return {"result": "reloaded", "running": new.digest, "previous": old.digest}
+
+    def _read_config(
+        self, old: GateConfig, detail: dict[str, object]
+    ) -> tuple[str, GateConfig | None]:
+        """The file's configuration, or why it may not replace ``old``."""
+        assert self.config_path is not None
+        with contextlib.suppress(OSError):
+            detail["config_sha256"] = config_digest(self.config_path.read_bytes())
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            return f"the configuration does not load: {exc}", None
+        detail["config_sha256"] = new.digest
+        fixed = restart_only_changes(old, new)
+        if fixed:
+            return (
+                f"{', '.join(fixed)} cannot change while the gate runs "
+                "(restart the gate to take it on, or put the old value back)",
+                None,
+            )
+        return "", new
+
+    @staticmethod
+    async def _finish(act: OperatorAct, *, ok: bool) -> None:
+        try:
+            await asyncio.to_thread(act.finish, ok=ok, code="" if ok else "invalid-input")
+        except GateError as exc:
+            log.error("the outcome of reload could not be recorded: %s", exc)
+
     async def _serve_request(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._requests.add(task)
+        config = self.config  # this request's, to its end, whatever a reload does meanwhile
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.limits.request_read_timeout
+        deadline = loop.time() + config.limits.request_read_timeout
         reply: dict[str, Any] | None = None
         try:
             with self.admission.anonymous(writer.transport):
@@ -178,6 +287,7 @@ class GateDaemon:
                         reply = await self._serve_identified(
                             reader,
                             writer,
+                            config,
                             deadline=deadline,
                             service=service,
                             source=source,
@@ -207,6 +317,7 @@ class GateDaemon:
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        config: GateConfig,
         *,
         deadline: float,
         service: str,
@@ -218,14 +329,14 @@ class GateDaemon:
         Returns None when nobody is left to answer (the caller hung up)."""
         try:
             async with asyncio.timeout_at(deadline):
-                untrusted_payload = await _read_payload(reader, self.config.limits.request_bytes)
+                untrusted_payload = await _read_payload(reader, config.limits.request_bytes)
         except InvalidInputError as exc:
-            return await self.gate.refuse_unread(service, source, target, exc)
+            return await self.gate.refuse_unread(service, source, target, exc, config)
         except TimeoutError:
             late = InvalidInputError("request was not completed in time")
-            return await self.gate.refuse_unread(service, source, target, late)
+            return await self.gate.refuse_unread(service, source, target, late, config)
         except ConnectionError:
-            await self.gate.refuse_unread(service, source, target, WithdrawnError())
+            await self.gate.refuse_unread(service, source, target, WithdrawnError(), config)
             return None
         sock = writer.get_extra_info("socket")
         with self.hangups.watch(sock.fileno()) as hangup:
@@ -234,10 +345,10 @@ class GateDaemon:
             try:
                 await unless_withdrawn(request, slots.acquire(), undo=lambda _: slots.release())
             except WithdrawnError as exc:
-                await self.gate.refuse_unread(service, source, target, exc)
+                await self.gate.refuse_unread(service, source, target, exc, config)
                 return None
             try:
-                return await self.gate.handle(request)
+                return await self.gate.handle(request, config)
             finally:
                 slots.release()
 
@@ -279,6 +390,12 @@ class GateDaemon:
                 command = json.loads(line[:_OPERATOR_LINE_MAX])
                 if isinstance(command, dict) and command.get("cmd") in ("approve", "deny"):
                     answer = await self._answer(command, _peer_uid(writer))
+                elif isinstance(command, dict) and command.get("cmd") == "reload":
+                    claimed = command.get("sudo_uid")
+                    answer = await self.reload(
+                        uid=_peer_uid(writer),
+                        claimed_sudo_uid=claimed if isinstance(claimed, int | str) else None,
+                    )
                 else:
                     answer = self._operator(command)
             except (ValueError, TypeError, KeyError, AttributeError):
@@ -294,7 +411,13 @@ class GateDaemon:
     def _operator(self, command: dict[str, Any]) -> dict[str, Any]:
         cmd = command["cmd"]
         if cmd == "status":
-            return {"mode": "serving", "status": self.gate.status()}
+            return {
+                "mode": "serving",
+                "status": self.gate.status(),
+                "config_sha256": self.config.digest,
+                "config_path": str(self.config_path or ""),
+                "pending": [r.id for r in self.consent.pending()],
+            }
         if cmd == "pending":
             return {"pending": [r.public() for r in self.consent.pending()]}
         if cmd in ("approve", "deny"):
@@ -443,8 +566,13 @@ def _raise_open_files_limit(connections: int) -> None:
             log.warning("qubes-mcp gate: open files limited to %d (%d wanted)", new, wanted)
 
 
-def run_gate(config: GateConfig | BrokenConfig, ready_file: Path | None = None) -> int:
-    """Foreground entry point (``qubes-mcp-admin gate``): serve until SIGINT/SIGTERM.
+def run_gate(
+    config: GateConfig | BrokenConfig,
+    ready_file: Path | None = None,
+    config_path: Path | None = None,
+) -> int:
+    """Foreground entry point (``qubes-mcp-admin gate``): serve until SIGINT/SIGTERM; on
+    SIGHUP, reload ``config_path`` (:meth:`GateDaemon.reload`, recorded as the gate's uid).
 
     With a configuration that did not load (``load_for_gate``), serve in refuse-all mode
     instead of exiting. Otherwise reconcile what the previous run left unfinished
@@ -461,7 +589,7 @@ def run_gate(config: GateConfig | BrokenConfig, ready_file: Path | None = None) 
         if isinstance(config, BrokenConfig):
             daemon = RefuseAllDaemon(config)
         else:
-            daemon = GateDaemon(config)
+            daemon = GateDaemon(config, config_path=config_path)
             _raise_open_files_limit(daemon.admission.bound)
             first = asyncio.Event()
             recovery = Recovery(
@@ -480,6 +608,17 @@ def run_gate(config: GateConfig | BrokenConfig, ready_file: Path | None = None) 
                 await daemon.gate.ensure_reconciled()
             except (GateError, OSError) as exc:
                 log.error("qubes-mcp gate: registry not reconciled yet: %s", type(exc).__name__)
+        reloads: set[asyncio.Task[dict[str, Any]]] = set()
+
+        def hangup() -> None:
+            if isinstance(daemon, RefuseAllDaemon):
+                log.error("qubes-mcp gate: SIGHUP ignored: %s", REFUSE_ALL_RELOAD)
+                return
+            task = loop.create_task(daemon.reload(uid=os.getuid(), signal_name="SIGHUP"))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, hangup)
         await daemon.start()
         if ready_file is not None:
             ready_file.write_text(f"{os.getpid()}\n")
@@ -488,6 +627,8 @@ def run_gate(config: GateConfig | BrokenConfig, ready_file: Path | None = None) 
         finally:
             if recovering is not None:
                 recovering.cancel()
+            if reloads:
+                await asyncio.wait(reloads)
             await daemon.close()
             if ready_file is not None:
                 ready_file.unlink(missing_ok=True)

@@ -66,7 +66,8 @@ def cmd_gate(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     # a broken configuration does not stop the gate: it refuses everything (decision 0011)
     config = load_for_gate(_config_path(args))
-    return run_gate(config, Path(args.ready_file) if args.ready_file else None)
+    ready = Path(args.ready_file) if args.ready_file else None
+    return run_gate(config, ready, _config_path(args))
 
 
 @audited(_config, "install")
