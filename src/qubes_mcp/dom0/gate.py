@@ -487,12 +487,13 @@ class Gate:
 
     async def _read_and_decide(
         self,
-        config: GateConfig,
         reader: FleetReader,
         principal: Principal,
         op: Operation,
         target: str | None,
         args: dict[str, Any],
+        *,
+        config: GateConfig,
     ) -> tuple[Verdict, Facts]:
         """Fresh facts, then the pure decision (the same for a request and a plan's step)."""
         facts = await reader.facts(self._names(config, op, target, args), with_scope=op.creates)
@@ -516,7 +517,7 @@ class Gate:
         reader = FleetReader(self.admin, principal.scope, self.registry)
         call.targets = list(dict.fromkeys(names_to_read(op, target, args)))
         verdict, facts = await self._read_and_decide(
-            call.config, reader, principal, op, target, args
+            reader, principal, op, target, args, config=call.config
         )
         if target is not None:
             call.detail["tier"] = verdict.tiers[target].word
