@@ -50,6 +50,7 @@ def install(stack: Stack, edit: Callable[[str], str]) -> str:
     done = stack.admin("install", "--root", str(stack.root))
     assert done.returncode == 0, done.stderr
     assert "the running gate reloaded its configuration" in done.stdout, done.stdout
+    assert "warning" not in done.stdout  # install wrote the policy before the reload
     return done.stdout
 
 

@@ -109,7 +109,12 @@ def test_reload_puts_every_derived_setting_in_place(qubesd: Qubesd, tmp_path: Pa
 
     out = asyncio.run(go())
     new = daemon.config
-    assert out["reply"] == {"result": "reloaded", "running": new.digest, "previous": old.digest}
+    assert out["reply"] == {
+        "result": "reloaded",
+        "running": new.digest,
+        "previous": old.digest,
+        "policy_current": True,  # none of these settings is in the qrexec policy
+    }
     assert new.digest == config_digest(path.read_bytes()) != old.digest
     assert out["budget"]["result"]["max_qubes"] == 3
     # everything that was cached at start follows the one swap
@@ -179,6 +184,16 @@ def test_a_configuration_that_does_not_load_keeps_the_running_one(
     done = records(old)[-1]
     assert (done["op"], done["outcome"]) == ("operator.reload", "failed")
     assert done["detail"]["config_sha256"] == config_digest(path.read_bytes())
+
+
+def test_reload_says_when_the_installed_policy_lags_the_configuration(
+    qubesd: Qubesd, tmp_path: Path
+) -> None:
+    """The egress qube is in the qrexec policy, which ``install`` writes, not a reload."""
+    daemon, path = daemon_for(qubesd, tmp_path)
+    path.write_text(config_text(qubesd, tmp_path, edit={'"ai-egress"': '"ai-web"'}))
+    reply = asyncio.run(daemon.reload(uid=os.getuid()))
+    assert reply["result"] == "reloaded" and reply["policy_current"] is False
 
 
 def test_a_path_cannot_change_while_the_gate_runs(qubesd: Qubesd, tmp_path: Path) -> None:

@@ -51,6 +51,7 @@ from qubes_mcp.dom0.gate import Gate, Request, unless_withdrawn
 from qubes_mcp.dom0.hangup import HangupWatcher
 from qubes_mcp.dom0.operations import OPERATIONS_BY_SERVICE
 from qubes_mcp.dom0.recovery import Recovery, recover_until_done
+from qubes_mcp.dom0.render import POLICY_NAME, render_policy
 
 log = logging.getLogger("qubes_mcp.gate")
 _DESCRIPTOR_MAX = 1024
@@ -67,6 +68,11 @@ DESCRIPTOR_TIMEOUT = 2.0
 SHUTDOWN_GRACE = 5.0
 #: seconds a caller has to take its reply (command output can be megabytes)
 REPLY_TIMEOUT = 60.0
+#: what a reload says when the qrexec policy on disk lags the configuration it put in place
+POLICY_NOT_CURRENT = (
+    "the installed qrexec policy is not what this configuration renders (who may call the "
+    "gate is still decided by the old one): run `qubes-mcp-admin install`"
+)
 #: state-changing requests refused busy are recorded as one line per qube and service per window
 BUSY_WINDOW = 1.0
 
@@ -230,7 +236,25 @@ class GateDaemon:
                 old.digest,
             )
             await self._finish(act, ok=True)
-            return {"result": "reloaded", "running": new.digest, "previous": old.digest}
+            answer: dict[str, Any] = {
+                "result": "reloaded",
+                "running": new.digest,
+                "previous": old.digest,
+                "policy_current": await asyncio.to_thread(self._policy_current),
+            }
+            if not answer["policy_current"]:
+                log.warning("qubes-mcp gate: %s", POLICY_NOT_CURRENT)
+            return answer
+
+    def _policy_current(self) -> bool:
+        """Whether the installed qrexec policy is what the running configuration renders
+        (a reload does not write it: ``install`` does, before it asks for the reload)."""
+        installed = self.config.paths.policy_dir / POLICY_NAME
+        try:
+            text = installed.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return False
+        return text == render_policy(self.config, self.gate.registry.current())
 
     def _read_config(
         self, old: GateConfig, detail: dict[str, object]

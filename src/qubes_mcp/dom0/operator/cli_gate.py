@@ -108,6 +108,10 @@ def _reload(args: argparse.Namespace, *, none_running: str | None) -> int:
         f"the running gate reloaded its configuration: sha256 {answer['running']} "
         f"(was {answer['previous']})"
     )
+    if answer.get("policy_current") is False:
+        from qubes_mcp.dom0.daemon import POLICY_NOT_CURRENT
+
+        print(f"warning: {POLICY_NOT_CURRENT}")
     return 0
 
 
