@@ -1,14 +1,16 @@
 """A broken configuration refuses everything; it never makes the gate vanish (decision 0011).
 
-:func:`load_for_gate` is the one place the daemon loads its configuration (at start, and for
-a later reload). A configuration that does not load is not a reason to exit: qrexec would then
+:func:`load_for_gate` is where the daemon loads its configuration at start. (A later reload,
+``GateDaemon.reload``, reads the file with the same ``load_config`` but keeps the configuration
+it runs when the new one does not load, and fails the operator's command: decision 0017.)
+A configuration that does not load is not a reason to exit: qrexec would then
 answer every agent with exit 127, which reads as ``not-found``, and nothing would be recorded.
 Instead the gate runs :class:`RefuseAllDaemon`: every request is answered ``unavailable`` and
 every state-changing (or unknown) one is recorded as refused, where the audit log is usable;
 the operator socket answers ``status`` and ``pending`` with the configuration error, so the
 operator sees *why* rather than "the gate is not reachable".
 
-It does not fall back to the last configuration that loaded: an operator who edits the
+At start it does not fall back to the last configuration that loaded: an operator who edits the
 configuration is most often taking authority away, and a typo must not keep the old authority
 alive. Where the sockets and the log are, though, has to come from somewhere: the ``[paths]``
 table is read on its own (:func:`fallback_paths`), and defaults are used if even that fails.
