@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from qubes_mcp.dom0.admin import AdminClient
-from qubes_mcp.dom0.admission import Admission
+from qubes_mcp.dom0.admission import Admission, Share
 from qubes_mcp.dom0.audit.acts import OperatorAct, UnrecordedActError, record_operator_act
 from qubes_mcp.dom0.audit.log import AuditLog
 from qubes_mcp.dom0.broken_config import REFUSE_ALL_RELOAD, BrokenConfig, RefuseAllDaemon
@@ -307,11 +307,14 @@ class GateDaemon:
                     return  # never said who it is (or was dropped to make room)
             if reply is None:
                 try:
-                    with self.admission.share(source).hold():
+                    # one share for the whole request, whatever a reload does meanwhile
+                    share = self.admission.share(source)
+                    with share.hold():
                         reply = await self._serve_identified(
                             reader,
                             writer,
                             config,
+                            share,
                             deadline=deadline,
                             service=service,
                             source=source,
@@ -342,6 +345,7 @@ class GateDaemon:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         config: GateConfig,
+        share: Share,
         *,
         deadline: float,
         service: str,
@@ -365,7 +369,7 @@ class GateDaemon:
         sock = writer.get_extra_info("socket")
         with self.hangups.watch(sock.fileno()) as hangup:
             request = Request(service, source, target, untrusted_payload, hangup)
-            slots = self.admission.share(source).acting
+            slots = share.acting
             try:
                 await unless_withdrawn(request, slots.acquire(), undo=lambda _: slots.release())
             except WithdrawnError as exc:
