@@ -104,10 +104,8 @@ def _reload(args: argparse.Namespace, *, none_running: str | None) -> int:
         return 0
     if "result" not in answer:
         return _fail(str(answer.get("error", answer)))
-    print(
-        f"the running gate reloaded its configuration: sha256 {answer['running']} "
-        f"(was {answer['previous']})"
-    )
+    was = "unchanged" if answer["running"] == answer["previous"] else f"was {answer['previous']}"
+    print(f"the running gate reloaded its configuration: sha256 {answer['running']} ({was})")
     if answer.get("policy_current") is False:
         from qubes_mcp.dom0.daemon import POLICY_NOT_CURRENT
 
