@@ -25,8 +25,12 @@ HEADER = """\
 The gate reads one TOML file, `/etc/qubes-mcp/config.toml` in dom0 (`install` writes a first
 one). Every key is listed here with its type, default and bounds, from the same table the
 parser uses. An unknown key, a value of the wrong type or out of bounds is an error naming the
-key; while the file is broken the gate refuses every request. `qubes-mcp-admin install`
-validates it; see [the operator guide](operator-guide.md) for what each setting is for.
+key; a gate that starts with a broken file refuses every request. `qubes-mcp-admin install`
+validates it and makes the running gate reload it (or `qubes-mcp-admin reload`, or SIGHUP):
+every key takes effect at once except those of `[paths]`, which need a restart (a reload that
+changes one is refused, and so is one of a broken file: the running configuration stays, and
+the command says so and exits non-zero). See [the operator guide](operator-guide.md) for what
+each setting is for.
 """
 
 KINDS = {

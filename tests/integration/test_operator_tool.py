@@ -3,12 +3,17 @@ and the tagging commands the operator uses instead of remembering the vocabulary
 
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from qubes_mcp.dom0.operations import OPERATIONS
-from qubes_mcp.stack import Stack, start_stack
+from qubes_mcp.stack import EGRESS, PRINCIPAL, Stack, start_emulator, start_stack, stop_process
 from tests.gate_e2e import dom0_admin, gate_call
 
 pytestmark = pytest.mark.bwrap
@@ -99,3 +104,46 @@ def test_uninstall_removes_everything_install_wrote_and_keeps_the_log(stack: Sta
     assert not (root / "etc/systemd/system/qubes-mcp-gate.service").exists()
     assert (root / "var/log/qubes-mcp/audit.log").exists()
     assert gate_call(stack, "@adminvm", "qmcp.List") == {"refused": 126}
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """Every path under ``root`` with its kind, mode and content (hash) or link target."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        st = path.lstat()
+        if path.is_symlink():
+            found[rel] = f"link {os.readlink(path)}"
+        elif path.is_dir():
+            found[rel] = f"dir {oct(st.st_mode)}"
+        elif path.is_file():
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            found[rel] = f"file {oct(st.st_mode)} {digest}"
+        else:
+            found[rel] = f"other {oct(st.st_mode)}"
+    return found
+
+
+def test_uninstall_purge_leaves_the_root_as_it_was_before_install(tmp_path: Path) -> None:
+    root = (tmp_path / "root").resolve()
+    root.mkdir()
+    emulator = start_emulator(root)
+    try:
+        before = _tree(root)
+
+        def admin(*args: str) -> subprocess.CompletedProcess[str]:
+            argv = [sys.executable, "-m", "qubes_mcp.dom0.operator.cli", *args, "--root", str(root)]
+            return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+        installed = admin("install", "--principal", PRINCIPAL, "--egress", EGRESS)
+        assert installed.returncode == 0, installed.stderr
+        assert "no gate is running: it reads the configuration when it starts" in installed.stdout
+        assert (root / "var/lib/qubes-mcp/enrolment.json").exists()
+        purged = admin("uninstall", "--purge")
+        assert purged.returncode == 0, purged.stderr
+        assert _tree(root) == before, purged.stdout
+        again = admin("uninstall", "--purge")
+        assert (again.returncode, again.stdout) == (0, "nothing installed\n")
+        assert _tree(root) == before
+    finally:
+        stop_process(emulator)

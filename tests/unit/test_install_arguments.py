@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from qubes_mcp.dom0.operator import cli
 from qubes_mcp.dom0.errors import InvalidInputError
+from qubes_mcp.dom0.operator import cli
 from qubes_mcp.dom0.operator.install import install
 
 
@@ -49,7 +49,9 @@ def test_the_cli_refuses_it_with_one_line(
         ["install"],
         ["uninstall"],
         ["status"],
+        ["status", "--json"],
         ["doctor"],
+        ["reload"],
     ],
 )
 def test_every_operator_subcommand_takes_root(argv: list[str]) -> None:

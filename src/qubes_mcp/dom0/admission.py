@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 
 from qubes_mcp.dom0.errors import BusyError
@@ -44,13 +44,55 @@ OTHER_OPEN_MAX = 4
 OTHER = "<other>"
 
 
+class Slots:
+    """A semaphore whose size the operator may change while it is held (a reload): waiters
+    are served first come, first served; a smaller size takes effect as slots are released."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.used = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self) -> bool:
+        if self.used < self.size and not self._waiters:
+            self.used += 1
+            return True
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed a slot just as it was cancelled: give it back
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+        return True
+
+    def release(self) -> None:
+        self.used -= 1
+        self._hand_on()
+
+    def resize(self, size: int) -> None:
+        self.size = size
+        self._hand_on()
+
+    def _hand_on(self) -> None:
+        while self._waiters and self.used < self.size:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.used += 1
+                waiter.set_result(None)
+
+
 class Share:
     """One calling qube's part of the gate: its open requests and its acting slots."""
 
     def __init__(self, open_max: int, acting_max: int) -> None:
         self.open_max = open_max
         self.open = 0
-        self.acting = asyncio.Semaphore(acting_max)
+        self.acting = Slots(acting_max)
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
@@ -76,6 +118,19 @@ class Admission:
 
     def share(self, source: str) -> Share:
         return self._shares.get(source, self._other)
+
+    def configure(self, principals: Iterable[str], *, open_max: int, acting_max: int) -> None:
+        """New bounds from a reloaded configuration. A share keeps what it holds: requests in
+        flight stay counted, so a smaller bound takes effect as they end; a principal no longer
+        configured falls to the small share of the others."""
+        shares = {}
+        for principal in principals:
+            share = self._shares.get(principal) or Share(open_max, acting_max)
+            share.open_max = open_max
+            share.acting.resize(acting_max)
+            shares[principal] = share
+        self._shares = shares
+        self._other.open_max = min(OTHER_OPEN_MAX, open_max)
 
     @property
     def bound(self) -> int:

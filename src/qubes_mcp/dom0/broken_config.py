@@ -1,14 +1,16 @@
 """A broken configuration refuses everything; it never makes the gate vanish (decision 0011).
 
-:func:`load_for_gate` is the one place the daemon loads its configuration (at start, and for
-a later reload). A configuration that does not load is not a reason to exit: qrexec would then
+:func:`load_for_gate` is where the daemon loads its configuration at start. (A later reload,
+``GateDaemon.reload``, reads the file with the same ``load_config`` but keeps the configuration
+it runs when the new one does not load, and fails the operator's command: decision 0017.)
+A configuration that does not load is not a reason to exit: qrexec would then
 answer every agent with exit 127, which reads as ``not-found``, and nothing would be recorded.
 Instead the gate runs :class:`RefuseAllDaemon`: every request is answered ``unavailable`` and
 every state-changing (or unknown) one is recorded as refused, where the audit log is usable;
 the operator socket answers ``status`` and ``pending`` with the configuration error, so the
 operator sees *why* rather than "the gate is not reachable".
 
-It does not fall back to the last configuration that loaded: an operator who edits the
+At start it does not fall back to the last configuration that loaded: an operator who edits the
 configuration is most often taking authority away, and a typo must not keep the old authority
 alive. Where the sockets and the log are, though, has to come from somewhere: the ``[paths]``
 table is read on its own (:func:`fallback_paths`), and defaults are used if even that fails.
@@ -32,6 +34,11 @@ from qubes_mcp.dom0.errors import ConfigError, GateError, UnavailableError
 from qubes_mcp.dom0.operations import OPERATIONS_BY_SERVICE
 
 log = logging.getLogger("qubes_mcp.gate")
+#: why a gate in refuse-all mode does not reload: it never had a configuration to keep
+REFUSE_ALL_RELOAD = (
+    "the gate refuses everything because its configuration did not load when it started; "
+    "restart it (systemctl restart qubes-mcp-gate) once the configuration loads"
+)
 _DESCRIPTOR_MAX = 1024
 _DRAIN_BYTES = 1 << 20
 _READ_SECONDS = 5.0
@@ -136,6 +143,8 @@ class RefuseAllDaemon:
             return {"mode": "refuse-all", "config_error": self.broken.problem}
         if cmd == "pending":
             return {"pending": [], "config_error": self.broken.problem}
+        if cmd == "reload":
+            return {"error": f"reload refused: {REFUSE_ALL_RELOAD}"}
         return {"error": "the gate refuses everything: the configuration does not load"}
 
     async def _serve_operator(

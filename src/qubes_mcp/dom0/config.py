@@ -69,10 +69,12 @@ Example (every key shown; only ``[[principal]]`` is required)::
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
 
@@ -175,6 +177,9 @@ class GateConfig:
     paths: Paths
     source: str = field(default="<string>", compare=False)
     audit: AuditSettings = AuditSettings()
+    #: :func:`config_digest` of the file it was read from ("" when parsed from a string):
+    #: ``status`` puts the running gate's beside the file's on disk
+    digest: str = field(default="", compare=False)
 
 
 DEFAULT_BUDGET = defaults("budget")
@@ -346,12 +351,28 @@ def parse_config(text: str, source: str = "<string>") -> GateConfig:
     )
 
 
+def restart_only_changes(old: GateConfig, new: GateConfig) -> list[str]:
+    """The settings a running gate cannot take on by reloading (where its sockets, log, state
+    and qubesd are: it holds them open), each named as in the file, that differ."""
+    return [
+        f"paths.{f.name}"
+        for f in fields(Paths)
+        if getattr(old.paths, f.name) != getattr(new.paths, f.name)
+    ]
+
+
+def config_digest(raw: bytes) -> str:
+    """The one digest of a configuration: SHA-256 of the file's bytes, hex."""
+    return hashlib.sha256(raw).hexdigest()
+
+
 def load_config(path: Path = DEFAULT_CONFIG_PATH) -> GateConfig:
     """Read and parse the configuration file; a missing or unreadable file is a ConfigError."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the configuration: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: the configuration is not UTF-8") from None
-    return parse_config(text, str(path))
+    return dataclasses.replace(parse_config(text, str(path)), digest=config_digest(raw))

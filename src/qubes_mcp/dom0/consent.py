@@ -172,8 +172,10 @@ class ConsentBroker:
         description: Description,
         reasons: tuple[str, ...],
         withdrawn: asyncio.Event | None = None,
+        timeout: float | None = None,
     ) -> str:
-        """Wait for the operator; returns the request id.
+        """Wait for the operator (``timeout`` seconds, the broker's by default: the gate passes
+        the one of the configuration its request started under); returns the request id.
 
         Raises ``ConsentDeniedError`` (the operator said no), ``ConsentTimeoutError`` (no answer
         in time) or ``ConsentWithdrawnError`` (``withdrawn`` was set: the caller hung up). A
@@ -183,6 +185,7 @@ class ConsentBroker:
         if withdrawn is not None and withdrawn.is_set():
             raise ConsentWithdrawnError(reason="the caller hung up before consent was asked")
         loop = asyncio.get_running_loop()
+        wait = self.timeout if timeout is None else timeout
         now = time.time()
         request_id = secrets.token_hex(4)
         request = PendingRequest(
@@ -195,7 +198,7 @@ class ConsentBroker:
             full=description.full_text(),
             reasons=tuple(escape(r) for r in reasons),
             created=now,
-            expires=now + self.timeout,
+            expires=now + wait,
             future=loop.create_future(),
         )
         self._pending[request.id] = request
@@ -209,7 +212,7 @@ class ConsentBroker:
             waiting: set[asyncio.Future[Any]] = {request.future}
             if hangup is not None:
                 waiting.add(hangup)
-            await asyncio.wait(waiting, timeout=self.timeout, return_when=FIRST_COMPLETED)
+            await asyncio.wait(waiting, timeout=wait, return_when=FIRST_COMPLETED)
             if withdrawn is not None and withdrawn.is_set():
                 outcome = "withdrawn"
             elif request.future.done():

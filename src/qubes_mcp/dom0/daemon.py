@@ -7,7 +7,13 @@ whatever the gate writes back. The source and target in the descriptor come from
 daemon, so they are trusted; the payload after the NUL is the agent's.
 
 The operator socket (mode 0600, dom0 root only) serves ``qubes-mcp-admin pending / show /
-approve / deny / status`` as one JSON line each way.
+approve / deny / status / reload`` as one JSON line each way.
+
+Reloading (``qubes-mcp-admin reload``, ``install``, or SIGHUP) reads the configuration file
+again and puts it in place at one point, :meth:`GateDaemon.use`; a request keeps the
+configuration it arrived under to its end. A configuration that does not load, or that changes
+what cannot change while the gate runs (``[paths]``), is refused: the running one stays, and
+the refusal is logged, recorded and answered.
 """
 
 from __future__ import annotations
@@ -26,14 +32,15 @@ from pathlib import Path
 from typing import Any
 
 from qubes_mcp.dom0.admin import AdminClient
-from qubes_mcp.dom0.admission import Admission
+from qubes_mcp.dom0.admission import Admission, Share
 from qubes_mcp.dom0.audit.acts import OperatorAct, UnrecordedActError, record_operator_act
 from qubes_mcp.dom0.audit.log import AuditLog
-from qubes_mcp.dom0.broken_config import BrokenConfig, RefuseAllDaemon
-from qubes_mcp.dom0.config import GateConfig
+from qubes_mcp.dom0.broken_config import REFUSE_ALL_RELOAD, BrokenConfig, RefuseAllDaemon
+from qubes_mcp.dom0.config import GateConfig, config_digest, load_config, restart_only_changes
 from qubes_mcp.dom0.consent import ConsentBroker, PendingRequest, desktop_notifier
 from qubes_mcp.dom0.errors import (
     BusyError,
+    ConfigError,
     GateError,
     InvalidInputError,
     NotFoundError,
@@ -44,6 +51,7 @@ from qubes_mcp.dom0.gate import Gate, Request, unless_withdrawn
 from qubes_mcp.dom0.hangup import HangupWatcher
 from qubes_mcp.dom0.operations import OPERATIONS_BY_SERVICE
 from qubes_mcp.dom0.recovery import Recovery, recover_until_done
+from qubes_mcp.dom0.render import POLICY_NAME, render_policy
 
 log = logging.getLogger("qubes_mcp.gate")
 _DESCRIPTOR_MAX = 1024
@@ -60,6 +68,11 @@ DESCRIPTOR_TIMEOUT = 2.0
 SHUTDOWN_GRACE = 5.0
 #: seconds a caller has to take its reply (command output can be megabytes)
 REPLY_TIMEOUT = 60.0
+#: what a reload says when the qrexec policy on disk lags the configuration it put in place
+POLICY_NOT_CURRENT = (
+    "the installed qrexec policy is not what this configuration renders (who may call the "
+    "gate is still decided by the old one): run `qubes-mcp-admin install`"
+)
 #: state-changing requests refused busy are recorded as one line per qube and service per window
 BUSY_WINDOW = 1.0
 
@@ -130,8 +143,12 @@ class GateDaemon:
         *,
         audit: AuditLog | None = None,
         consent: ConsentBroker | None = None,
+        config_path: Path | None = None,
     ) -> None:
         self.config = config
+        #: where ``reload`` reads the configuration again (None: this gate cannot reload)
+        self.config_path = config_path
+        self._reloading = asyncio.Lock()
         self.consent = consent or ConsentBroker(
             config.consent.timeout, desktop_notifier, config.consent.dialog, self._dialog_answer
         )
@@ -152,14 +169,130 @@ class GateDaemon:
         self._servers: list[asyncio.AbstractServer] = []
         self._requests: set[asyncio.Task[None]] = set()
 
+    def use(self, config: GateConfig) -> None:
+        """Put ``config`` in place: the one point where a reload changes what the gate does.
+
+        Everything derived from the configuration follows it here: the gate's decisions,
+        budgets, tiers and consent rules (``Gate.config``), the rate limits, the consent
+        timeout and dialog, each principal's share of the daemon, and the request bounds read
+        from ``self.config`` as each request arrives. A request already in flight keeps the
+        object it started with (``Gate.handle``), so it ends under the rules it began under.
+        """
+        self.config = config
+        self.gate.config = config
+        self.gate.limiter.configure(config.limits)
+        self.consent.timeout = config.consent.timeout
+        self.consent.dialog = config.consent.dialog
+        self.admission.configure(
+            config.principals,
+            open_max=config.limits.open_requests,
+            acting_max=config.limits.concurrent_requests,
+        )
+        _raise_open_files_limit(self.admission.bound)
+
+    async def reload(
+        self,
+        *,
+        uid: int | None,
+        claimed_sudo_uid: int | str | None = None,
+        signal_name: str | None = None,
+    ) -> dict[str, Any]:
+        """Read the configuration file again and put it in place, or keep the running one and
+        say why. Recorded as the operator act ``reload`` (not done if it cannot be)."""
+        async with self._reloading:
+            old = self.config
+            if self.config_path is None:
+                return {"error": "reload refused: this gate was not started from a file"}
+            detail: dict[str, object] = {} if signal_name is None else {"signal": signal_name}
+            act = OperatorAct(
+                self.gate.audit, "reload", "", detail, uid=uid, claimed_sudo_uid=claimed_sudo_uid
+            )
+            try:
+                if uid is None:
+                    raise UnrecordedActError(act.act, "the peer's uid is unknown")
+                await asyncio.to_thread(act.begin)
+            except UnrecordedActError as exc:
+                log.error("qubes-mcp gate: %s", exc)
+                return {"error": str(exc), "running": old.digest}
+            problem, new = await asyncio.to_thread(self._read_config, old, detail)
+            if new is None:
+                log.error(
+                    "qubes-mcp gate: RELOAD REFUSED, still running the configuration with "
+                    "sha256 %s: %s",
+                    old.digest,
+                    problem,
+                )
+                await self._finish(act, ok=False)
+                return {
+                    "error": f"reload refused: {problem}; the gate keeps running the "
+                    f"configuration it had (sha256 {old.digest})",
+                    "running": old.digest,
+                }
+            self.use(new)
+            log.info(
+                "qubes-mcp gate: configuration reloaded from %s (sha256 %s, was %s)",
+                self.config_path,
+                new.digest,
+                old.digest,
+            )
+            await self._finish(act, ok=True)
+            answer: dict[str, Any] = {
+                "result": "reloaded",
+                "running": new.digest,
+                "previous": old.digest,
+                "policy_current": await asyncio.to_thread(self._policy_current),
+            }
+            if not answer["policy_current"]:
+                log.warning("qubes-mcp gate: %s", POLICY_NOT_CURRENT)
+            return answer
+
+    def _policy_current(self) -> bool:
+        """Whether the installed qrexec policy is what the running configuration renders
+        (a reload does not write it: ``install`` does, before it asks for the reload)."""
+        installed = self.config.paths.policy_dir / POLICY_NAME
+        try:
+            text = installed.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return False
+        return text == render_policy(self.config, self.gate.registry.current())
+
+    def _read_config(
+        self, old: GateConfig, detail: dict[str, object]
+    ) -> tuple[str, GateConfig | None]:
+        """The file's configuration, or why it may not replace ``old``."""
+        assert self.config_path is not None
+        with contextlib.suppress(OSError):
+            detail["config_sha256"] = config_digest(self.config_path.read_bytes())
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            return f"the configuration does not load: {exc}", None
+        detail["config_sha256"] = new.digest
+        fixed = restart_only_changes(old, new)
+        if fixed:
+            return (
+                f"{', '.join(fixed)} cannot change while the gate runs "
+                "(restart the gate to take it on, or put the old value back)",
+                None,
+            )
+        return "", new
+
+    @staticmethod
+    async def _finish(act: OperatorAct, *, ok: bool) -> None:
+        try:
+            await asyncio.to_thread(act.finish, ok=ok, code="" if ok else "invalid-input")
+        except GateError as exc:
+            log.error("the outcome of reload could not be recorded: %s", exc)
+
     async def _serve_request(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._requests.add(task)
+        config = self.config  # this request's, to its end, whatever a reload does meanwhile
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.limits.request_read_timeout
+        deadline = loop.time() + config.limits.request_read_timeout
         reply: dict[str, Any] | None = None
         try:
             with self.admission.anonymous(writer.transport):
@@ -174,10 +307,14 @@ class GateDaemon:
                     return  # never said who it is (or was dropped to make room)
             if reply is None:
                 try:
-                    with self.admission.share(source).hold():
+                    # one share for the whole request, whatever a reload does meanwhile
+                    share = self.admission.share(source)
+                    with share.hold():
                         reply = await self._serve_identified(
                             reader,
                             writer,
+                            config,
+                            share,
                             deadline=deadline,
                             service=service,
                             source=source,
@@ -207,6 +344,8 @@ class GateDaemon:
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        config: GateConfig,
+        share: Share,
         *,
         deadline: float,
         service: str,
@@ -218,26 +357,26 @@ class GateDaemon:
         Returns None when nobody is left to answer (the caller hung up)."""
         try:
             async with asyncio.timeout_at(deadline):
-                untrusted_payload = await _read_payload(reader, self.config.limits.request_bytes)
+                untrusted_payload = await _read_payload(reader, config.limits.request_bytes)
         except InvalidInputError as exc:
-            return await self.gate.refuse_unread(service, source, target, exc)
+            return await self.gate.refuse_unread(service, source, target, exc, config)
         except TimeoutError:
             late = InvalidInputError("request was not completed in time")
-            return await self.gate.refuse_unread(service, source, target, late)
+            return await self.gate.refuse_unread(service, source, target, late, config)
         except ConnectionError:
-            await self.gate.refuse_unread(service, source, target, WithdrawnError())
+            await self.gate.refuse_unread(service, source, target, WithdrawnError(), config)
             return None
         sock = writer.get_extra_info("socket")
         with self.hangups.watch(sock.fileno()) as hangup:
             request = Request(service, source, target, untrusted_payload, hangup)
-            slots = self.admission.share(source).acting
+            slots = share.acting
             try:
                 await unless_withdrawn(request, slots.acquire(), undo=lambda _: slots.release())
             except WithdrawnError as exc:
-                await self.gate.refuse_unread(service, source, target, exc)
+                await self.gate.refuse_unread(service, source, target, exc, config)
                 return None
             try:
-                return await self.gate.handle(request)
+                return await self.gate.handle(request, config)
             finally:
                 slots.release()
 
@@ -279,6 +418,12 @@ class GateDaemon:
                 command = json.loads(line[:_OPERATOR_LINE_MAX])
                 if isinstance(command, dict) and command.get("cmd") in ("approve", "deny"):
                     answer = await self._answer(command, _peer_uid(writer))
+                elif isinstance(command, dict) and command.get("cmd") == "reload":
+                    claimed = command.get("sudo_uid")
+                    answer = await self.reload(
+                        uid=_peer_uid(writer),
+                        claimed_sudo_uid=claimed if isinstance(claimed, int | str) else None,
+                    )
                 else:
                     answer = self._operator(command)
             except (ValueError, TypeError, KeyError, AttributeError):
@@ -294,7 +439,13 @@ class GateDaemon:
     def _operator(self, command: dict[str, Any]) -> dict[str, Any]:
         cmd = command["cmd"]
         if cmd == "status":
-            return {"mode": "serving", "status": self.gate.status()}
+            return {
+                "mode": "serving",
+                "status": self.gate.status(),
+                "config_sha256": self.config.digest,
+                "config_path": str(self.config_path or ""),
+                "pending": [r.id for r in self.consent.pending()],
+            }
         if cmd == "pending":
             return {"pending": [r.public() for r in self.consent.pending()]}
         if cmd == "plans":
@@ -445,8 +596,13 @@ def _raise_open_files_limit(connections: int) -> None:
             log.warning("qubes-mcp gate: open files limited to %d (%d wanted)", new, wanted)
 
 
-def run_gate(config: GateConfig | BrokenConfig, ready_file: Path | None = None) -> int:
-    """Foreground entry point (``qubes-mcp-admin gate``): serve until SIGINT/SIGTERM.
+def run_gate(
+    config: GateConfig | BrokenConfig,
+    ready_file: Path | None = None,
+    config_path: Path | None = None,
+) -> int:
+    """Foreground entry point (``qubes-mcp-admin gate``): serve until SIGINT/SIGTERM; on
+    SIGHUP, reload ``config_path`` (:meth:`GateDaemon.reload`, recorded as the gate's uid).
 
     With a configuration that did not load (``load_for_gate``), serve in refuse-all mode
     instead of exiting. Otherwise reconcile what the previous run left unfinished
@@ -463,7 +619,7 @@ def run_gate(config: GateConfig | BrokenConfig, ready_file: Path | None = None) 
         if isinstance(config, BrokenConfig):
             daemon = RefuseAllDaemon(config)
         else:
-            daemon = GateDaemon(config)
+            daemon = GateDaemon(config, config_path=config_path)
             _raise_open_files_limit(daemon.admission.bound)
             first = asyncio.Event()
             recovery = Recovery(
@@ -482,6 +638,17 @@ def run_gate(config: GateConfig | BrokenConfig, ready_file: Path | None = None) 
                 await daemon.gate.ensure_reconciled()
             except (GateError, OSError) as exc:
                 log.error("qubes-mcp gate: registry not reconciled yet: %s", type(exc).__name__)
+        reloads: set[asyncio.Task[dict[str, Any]]] = set()
+
+        def hangup() -> None:
+            if isinstance(daemon, RefuseAllDaemon):
+                log.error("qubes-mcp gate: SIGHUP ignored: %s", REFUSE_ALL_RELOAD)
+                return
+            task = loop.create_task(daemon.reload(uid=os.getuid(), signal_name="SIGHUP"))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, hangup)
         await daemon.start()
         if ready_file is not None:
             ready_file.write_text(f"{os.getpid()}\n")
@@ -490,6 +657,8 @@ def run_gate(config: GateConfig | BrokenConfig, ready_file: Path | None = None) 
         finally:
             if recovering is not None:
                 recovering.cancel()
+            if reloads:
+                await asyncio.wait(reloads)
             await daemon.close()
             if ready_file is not None:
                 ready_file.unlink(missing_ok=True)

@@ -168,6 +168,9 @@ class _Call:
     request: Request
     op: Operation | None
     principal: Principal | None
+    #: the configuration the request started under: it is decided, asked and acted under it
+    #: even if the operator reloads meanwhile (daemon.py, ``GateDaemon.use``)
+    config: GateConfig
     request_id: str = field(default_factory=lambda: secrets.token_hex(8))
     detail: dict[str, object] = field(default_factory=dict)
     targets: list[str] = field(default_factory=list)
@@ -338,12 +341,18 @@ class Gate:
             "refusals_counted": self.refusals.pending,
         }
 
-    async def handle(self, request: Request) -> dict[str, Any]:
-        """Answer one request with one JSON object. Never raises."""
-        return await self._handle(request, admit=True)
+    async def handle(self, request: Request, config: GateConfig | None = None) -> dict[str, Any]:
+        """Answer one request with one JSON object, under ``config`` (the one in place when the
+        request arrived; the gate's current one by default). Never raises."""
+        return await self._handle(request, admit=True, config=config)
 
     async def refuse_unread(
-        self, service: str, source: str, target: str | None, exc: GateError
+        self,
+        service: str,
+        source: str,
+        target: str | None,
+        exc: GateError,
+        config: GateConfig | None = None,
     ) -> dict[str, Any]:
         """Refuse a request the daemon could not hand over whole (too large, never completed,
         over its qube's share, withdrawn while queued): audited like any refusal, with the
@@ -351,7 +360,8 @@ class Gate:
         call = _Call(
             Request(service, source, target, b""),
             OPERATIONS_BY_SERVICE.get(service),
-            self.config.principals.get(source),
+            (config or self.config).principals.get(source),
+            config or self.config,
         )
         call.targets = [target] if target else []
         return await self._refuse(call, exc)
@@ -363,11 +373,14 @@ class Gate:
         admit: bool = False,
         preapproved: bool = False,
         detail: dict[str, object] | None = None,
+        config: GateConfig | None = None,
     ) -> dict[str, Any]:
+        config = config or self.config  # captured once: a reload does not change it midway
         call = _Call(
             request,
             OPERATIONS_BY_SERVICE.get(request.service),
-            self.config.principals.get(request.source),
+            config.principals.get(request.source),
+            config,
             preapproved=preapproved,
         )
         call.detail.update(detail or {})
@@ -449,7 +462,7 @@ class Gate:
         args = check_payload(op, call.request.untrusted_payload, name_prefix=principal.name_prefix)
         await self.ensure_reconciled()
         if op.name == "plan.propose":
-            return await self._propose(principal, args)
+            return await self._propose(call.config, principal, args)
         if op.name == "plan.apply":
             return await self._apply(call, principal, args)
         if op.creates:
@@ -462,11 +475,14 @@ class Gate:
                 self.create_lock.release()
         return await self._decide_and_act(call, op, principal, args)
 
-    def _names(self, op: Operation, target: str | None, args: dict[str, Any]) -> list[str]:
+    @staticmethod
+    def _names(
+        config: GateConfig, op: Operation, target: str | None, args: dict[str, Any]
+    ) -> list[str]:
         """Every qube the decision reads: what the request names, and the egress for creates."""
         names = names_to_read(op, target, args)
-        if op.creates and self.config.egress_qube:
-            names.append(self.config.egress_qube)
+        if op.creates and config.egress_qube:
+            names.append(config.egress_qube)
         return names
 
     async def _read_and_decide(
@@ -476,12 +492,14 @@ class Gate:
         op: Operation,
         target: str | None,
         args: dict[str, Any],
+        *,
+        config: GateConfig,
     ) -> tuple[Verdict, Facts]:
         """Fresh facts, then the pure decision (the same for a request and a plan's step)."""
-        facts = await reader.facts(self._names(op, target, args), with_scope=op.creates)
+        facts = await reader.facts(self._names(config, op, target, args), with_scope=op.creates)
         facts = facts.with_registrars(self._registrar(reader, principal))
         verdict = decide(
-            principal=principal, op=op, target=target, args=args, facts=facts, config=self.config
+            principal=principal, op=op, target=target, args=args, facts=facts, config=config
         )
         return verdict, facts
 
@@ -498,7 +516,9 @@ class Gate:
         target = call.request.target
         reader = FleetReader(self.admin, principal.scope, self.registry)
         call.targets = list(dict.fromkeys(names_to_read(op, target, args)))
-        verdict, facts = await self._read_and_decide(reader, principal, op, target, args)
+        verdict, facts = await self._read_and_decide(
+            reader, principal, op, target, args, config=call.config
+        )
         if target is not None:
             call.detail["tier"] = verdict.tiers[target].word
         if verdict.consent and call.preapproved:
@@ -522,6 +542,7 @@ class Gate:
                 ),
                 reasons=verdict.consent_reasons,
                 withdrawn=call.request.hangup,
+                timeout=self._consent_timeout(call),
             )
             call.detail["consent"] = "approved"
         if _withdrawn(call.request):  # the last moment before acting
@@ -530,9 +551,14 @@ class Gate:
             await self._audit(call, decision="allowed", outcome="pending")
         call.acting = True
         ctx = Context(
-            self.config, principal, self.admin, reader, verdict, facts, call.detail, call.request_id
+            call.config, principal, self.admin, reader, verdict, facts, call.detail, call.request_id
         )
         return await HANDLERS[op.name](ctx)
+
+    def _consent_timeout(self, call: _Call) -> float | None:
+        """The broker's timeout is the current configuration's (the daemon keeps it so); a
+        request that started under an earlier configuration keeps that one's."""
+        return None if call.config is self.config else call.config.consent.timeout
 
     async def _current_rules(self, op: Operation, target: str | None) -> list[str] | None:
         """A firewall request shows the rules it replaces: read them (None if unreadable)."""
@@ -559,7 +585,9 @@ class Gate:
 
     # --- plans ------------------------------------------------------------------------------
 
-    async def _propose(self, principal: Principal, args: dict[str, Any]) -> dict[str, Any]:
+    async def _propose(
+        self, config: GateConfig, principal: Principal, args: dict[str, Any]
+    ) -> dict[str, Any]:
         """Decide every step without acting (plans.py); keep the plan if none is refused.
 
         A step about a qube an earlier step creates is *deferred*: decided now as it will meet
@@ -581,7 +609,7 @@ class Gate:
                 step_args = check_payload(
                     op, json.dumps(raw["args"]).encode(), name_prefix=principal.name_prefix
                 )
-                names = self._names(op, target, step_args)
+                names = self._names(config, op, target, step_args)
                 deferred = bool(born.keys() & set(names))
                 read = await reader.facts(
                     [n for n in names if n not in born], with_scope=op.creates
@@ -597,7 +625,7 @@ class Gate:
                     target=target,
                     args=step_args,
                     facts=facts,
-                    config=self.config,
+                    config=config,
                     now=False,
                 )
             except GateError as exc:
@@ -648,6 +676,7 @@ class Gate:
                     if s.consent
                 ),
                 withdrawn=call.request.hangup,
+                timeout=self._consent_timeout(call),
             )
             call.detail["consent"] = "approved"
         if _withdrawn(call.request):
@@ -666,6 +695,7 @@ class Gate:
                 ),
                 preapproved=plan.needs_consent,
                 detail={"plan_id": plan.id, "step": step.index},
+                config=call.config,  # every step under the configuration the plan started with
             )
             done.append(
                 {

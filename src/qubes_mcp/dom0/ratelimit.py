@@ -59,6 +59,17 @@ class RateLimiter:
         self._all: dict[str, TokenBucket] = {}
         self._refused: dict[str, TokenBucket] = {}
 
+    def configure(self, limits: Limits) -> None:
+        """New rates and bursts (a reload): every bucket keeps its tokens, up to the new burst."""
+        self._limits = limits
+        for table, rate, burst in (
+            (self._all, limits.rate, limits.burst),
+            (self._refused, limits.refused_rate, limits.refused_burst),
+        ):
+            for bucket in table.values():
+                bucket.rate, bucket.burst = rate, burst
+                bucket.tokens = min(bucket.tokens, burst)
+
     def _bucket(
         self, table: dict[str, TokenBucket], who: str, rate: int, burst: int
     ) -> TokenBucket:

@@ -74,6 +74,9 @@ DETAIL_KEYS: Final = frozenset(
         # an operator's act (audit/acts.py): the uid that ran it, sudo's SUDO_UID, the
         # act's own arguments, and "dialog" when a consent answer came from the desktop dialog
         *("uid", "sudo_uid", "purge", "scope", "answered_by"),
+        # a reload: the SHA-256 of the configuration it put in place (or refused), and
+        # "SIGHUP" when it was asked by signal rather than on the operator socket
+        *("config_sha256", "signal"),
         # recover after a cut tail: the anchored record that was lost, for the record
         *("lost_seq", "lost_hash"),
         # the operator's export checkpoint, and a refusals-summary line (how many, how long)

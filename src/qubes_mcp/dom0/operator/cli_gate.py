@@ -1,7 +1,7 @@
 """``qubes-mcp-admin`` subcommands of the gate: run it, install it, answer it, check it.
 
     gate                         run the gate daemon in the foreground
-    install / uninstall / status / doctor   [--root DIR]
+    install / uninstall / status [--json] / doctor / reload   [--root DIR]
     policy render | explain [--from QUBE]
     pending | show ID | approve ID [--digest D] | deny ID
     audit verify | recover | checkpoint | show [--log PATH]
@@ -66,7 +66,8 @@ def cmd_gate(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     # a broken configuration does not stop the gate: it refuses everything (decision 0011)
     config = load_for_gate(_config_path(args))
-    return run_gate(config, Path(args.ready_file) if args.ready_file else None)
+    ready = Path(args.ready_file) if args.ready_file else None
+    return run_gate(config, ready, _config_path(args))
 
 
 @audited(_config, "install")
@@ -82,11 +83,53 @@ def cmd_install(args: argparse.Namespace) -> int:
         return _fail_gate(exc)
     except (PolicyError, OSError) as exc:  # say what; nothing more was changed
         return _fail(f"{type(exc).__name__}: {exc}")
+    # what was installed takes effect now: a running gate reloads (or says why it cannot)
+    return _reload(
+        args, none_running="no gate is running: it reads the configuration when it starts"
+    )
+
+
+def _reload(args: argparse.Namespace, *, none_running: str | None) -> int:
+    """Ask the running gate to reload and print what it did; non-zero when it kept the
+    configuration it had. With no gate to ask: print ``none_running`` (exit 0), or fail
+    when that is None."""
+    try:
+        answer = _operator(args, {"cmd": "reload", "sudo_uid": sudo_uid()})
+    except (OSError, ValueError):
+        if none_running is None:
+            return _fail(
+                "no gate is running: nothing to reload (it reads the configuration when it starts)"
+            )
+        print(none_running)
+        return 0
+    if "result" not in answer:
+        return _fail(str(answer.get("error", answer)))
+    was = "unchanged" if answer["running"] == answer["previous"] else f"was {answer['previous']}"
+    print(f"the running gate reloaded its configuration: sha256 {answer['running']} ({was})")
+    if answer.get("policy_current") is False:
+        from qubes_mcp.dom0.daemon import POLICY_NOT_CURRENT
+
+        print(f"warning: {POLICY_NOT_CURRENT}")
     return 0
 
 
-@audited(_config, "uninstall")
+def cmd_reload(args: argparse.Namespace) -> int:
+    """``reload``: the running gate reads its configuration again (it records the act)."""
+    return _reload(args, none_running=None)
+
+
 def cmd_uninstall(args: argparse.Namespace) -> int:
+    """``uninstall``: nothing to remove is said, and changes nothing (not even the log)."""
+    from qubes_mcp.dom0.operator.install import installed_files
+
+    if not installed_files(Path(args.root), purge=args.purge):
+        print("nothing installed")
+        return 0
+    return _uninstall(args)
+
+
+@audited(_config, "uninstall")
+def _uninstall(args: argparse.Namespace) -> int:
     from qubes_mcp.dom0.operator.install import uninstall
 
     for line in uninstall(Path(args.root), purge=args.purge):
@@ -94,34 +137,92 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gate_lines(args: argparse.Namespace) -> list[str]:
-    """What the running gate says about itself, from one ``status`` on the operator socket:
-    its mode, then its request path and log (``Gate.status``)."""
+def gate_report(args: argparse.Namespace) -> dict[str, Any]:
+    """What the running gate says about itself, from one ``status`` on its operator socket
+    (so "serving" means it answered, not that a socket file exists): its mode, its request
+    path and log (``Gate.status``), the digest of the configuration it runs beside the one
+    on disk, and the requests waiting for consent."""
+    from qubes_mcp.dom0.config import config_digest
+
+    try:
+        disk: str | None = config_digest(_config_path(args).read_bytes())
+    except OSError:
+        disk = None
+    report: dict[str, Any] = {"config_sha256": disk}
     try:
         answer = _operator(args, {"cmd": "status"})
     except (GateError, OSError, ValueError):
-        return ["gate: not reachable"]
+        return {**report, "gate": "not running"}
     if answer.get("mode") == "refuse-all":
-        why = answer["config_error"]
-        return [f"gate: refusing every request: the configuration does not load: {why}"]
-    status = answer.get("status", {})
-    details = status.items() if isinstance(status, dict) else ()
-    return [f"gate: {answer.get('mode', 'running')}", *(f"gate {k}: {v}" for k, v in details)]
+        return {**report, "gate": "refuse-all", "gate_config_error": answer["config_error"]}
+    running = answer.get("config_sha256")
+    pending = answer.get("pending", [])
+    return {
+        **report,
+        "gate": str(answer.get("mode", "running")),
+        "gate_status": answer.get("status", {}),
+        "running_config_sha256": running,
+        "config_current": running == disk,
+        "pending": {"count": len(pending), "ids": pending},
+    }
+
+
+def _audit_seq(args: argparse.Namespace) -> int | None:
+    """The sequence number of the last record in the audit log (its head file), if any."""
+    from qubes_mcp.dom0.audit.files import ReadCounter, read_anchor
+    from qubes_mcp.dom0.broken_config import fallback_paths
+
+    try:
+        log = _config(args).paths.audit_log
+    except GateError:
+        log = fallback_paths(_config_path(args)).audit_log
+    try:
+        anchor = read_anchor(log, ReadCounter())
+    except (GateError, OSError):
+        return None
+    return None if anchor is None else anchor.seq
+
+
+def _status_lines(report: dict[str, Any]) -> list[str]:
+    lines = []
+    for key, value in report.items():
+        if key == "gate":
+            if value == "not running":
+                lines.append("gate: not running (its operator socket does not answer)")
+            elif value == "refuse-all":
+                why = report["gate_config_error"]
+                lines.append(
+                    f"gate: refusing every request: the configuration does not load: {why}"
+                )
+            else:
+                lines.append(f"gate: {value}")
+        elif key == "gate_status":
+            lines += [f"gate {k}: {v}" for k, v in value.items()]
+        elif key == "pending":
+            ids = ", ".join(value["ids"])
+            lines.append(f"pending: {value['count']}" + (f" ({ids})" if ids else ""))
+        elif key != "gate_config_error":
+            lines.append(f"{key}: {value}")
+    return lines
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from qubes_mcp.dom0.operator.install import status
 
+    code = 0
+    report: dict[str, Any] = {}
     try:
-        report = status(Path(args.root))
+        report.update(status(Path(args.root)))
     except GateError as exc:
-        print(f"config: error: {exc}")
-        print(*_gate_lines(args), sep="\n")
-        return 1
-    for key, value in report.items():
-        print(f"{key}: {value}")
-    print(*_gate_lines(args), sep="\n")
-    return 0
+        report["config"] = f"error: {exc}"
+        code = 1
+    report.update(gate_report(args))
+    report["audit_seq"] = _audit_seq(args)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(*_status_lines(report), sep="\n")
+    return code
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -404,7 +505,9 @@ def register(sub: Any, policy_sub: Any | None = None) -> None:
     inst.add_argument("--exe", default="/usr/bin/qubes-mcp-admin", help=argparse.SUPPRESS)
     un = add("uninstall", cmd_uninstall, "remove what install wrote", root=True)
     un.add_argument("--purge", action="store_true", help="also remove config and audit log")
-    add("status", cmd_status, "show what is installed", root=True)
+    st = add("status", cmd_status, "show what is installed and what the gate runs", root=True)
+    st.add_argument("--json", action="store_true")
+    add("reload", cmd_reload, "make the running gate read its configuration again", root=True)
     add("doctor", cmd_doctor, "find misconfigurations in config, files and fleet", root=True)
     pending = add("pending", cmd_pending, "list requests waiting for your consent", root=True)
     pending.add_argument("--json", action="store_true")

@@ -185,12 +185,44 @@ async def _policy_findings(config: GateConfig) -> list[Finding]:
     ]
 
 
+async def _gate_findings(config: GateConfig) -> list[Finding]:
+    """Whether the gate answers on its operator socket, and runs the configuration on disk
+    (an edit not yet reloaded means agents are still held to the old rules)."""
+    from qubes_mcp.dom0.daemon import operator_call
+
+    socket = config.paths.operator_socket
+    try:
+        answer = await operator_call(socket, {"cmd": "status"})
+    except (OSError, ValueError):
+        return [
+            Finding(
+                "error",
+                f"the gate is not running (its operator socket {socket} does not answer): "
+                "every agent request fails; start it (systemctl start qubes-mcp-gate)",
+            )
+        ]
+    if answer.get("mode") == "refuse-all":
+        why = answer.get("config_error")
+        return [Finding("error", f"the gate refuses every request: its configuration: {why}")]
+    running = answer.get("config_sha256")
+    if running != config.digest:
+        return [
+            Finding(
+                "error",
+                f"the running gate's configuration (sha256 {running}) differs from "
+                f"{config.source} (sha256 {config.digest}): the edit is not in effect; "
+                "run `qubes-mcp-admin reload` (install does it too)",
+            )
+        ]
+    return []
+
+
 async def doctor(root: Path, config_path: Path) -> list[Finding]:
     try:
         config = load_config(config_path)
     except GateError as exc:
         return [Finding("error", f"configuration: {exc}")]
-    findings = _install_findings(root)
+    findings = _install_findings(root) + await _gate_findings(config)
     try:
         findings += await _fleet_findings(config)
         findings += await _birth_leftover_findings(config)

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qubes_mcp.dom0.admin import AdminClient
+from qubes_mcp.dom0.audit.files import anchor_path, archives, exported_path, lock_path
 from qubes_mcp.dom0.audit.log import AuditLog, chain_exists
-from qubes_mcp.dom0.config import GateConfig, load_config
+from qubes_mcp.dom0.config import DEFAULT_PATHS, GateConfig, Paths, load_config
 from qubes_mcp.dom0.enrolment import Change, Registry, commit, registry_path
 from qubes_mcp.dom0.errors import GateError, InvalidInputError
 from qubes_mcp.dom0.fsutil import atomic_write
@@ -291,19 +292,59 @@ def install(
     return done
 
 
-def uninstall(root: Path, *, purge: bool = False) -> list[str]:
+def _paths(layout: Layout) -> Paths:
+    """Where install put the log and the state: the configuration's ``[paths]`` (read on its
+    own, so a broken file still names them), or the defaults under the root without one."""
+    from qubes_mcp.dom0.broken_config import fallback_paths
+
+    if layout.config.exists():
+        return fallback_paths(layout.config)
+    return Paths(**{k: layout.root / str(v).lstrip("/") for k, v in DEFAULT_PATHS.items()})
+
+
+def installed_files(root: Path, *, purge: bool = False) -> list[Path]:
+    """What ``uninstall`` removes (that exists): the generated policy (and its former names,
+    the policy directory's lock), the service links and the unit; with ``purge`` also the
+    configuration, the audit log with its head, lock, export mark and rotated files, and
+    the state directory's registry and lock."""
     layout = Layout(root)
+    paths = _paths(layout)
+    found = [
+        layout.policy,
+        *layout.former_policies(),
+        paths.policy_dir / POLICY_NAME,
+        paths.policy_dir / ".qubes-mcp.lock",
+        *layout.links(),
+        layout.unit,
+    ]
+    if purge:
+        log = paths.audit_log
+        found += [layout.config, log, anchor_path(log), lock_path(log), exported_path(log)]
+        found += [p for _, p in archives(log)]
+        state = paths.state_dir
+        found += [registry_path(state), state / ".enrolment.lock"]
+    return list(dict.fromkeys(p for p in found if p.is_symlink() or p.exists()))
+
+
+def uninstall(root: Path, *, purge: bool = False) -> list[str]:
+    """Remove what install wrote (and, with ``purge``, the configuration, the log and the
+    state), then every directory that removal left empty, up to the root; returns one line
+    per removal (none: nothing was installed, nothing changed)."""
     done = []
-    for path in [layout.policy, *layout.former_policies(), *layout.links(), layout.unit]:
-        if path.is_symlink() or path.exists():
-            path.unlink()
-            done.append(f"removed {path}")
-    if purge and layout.config.exists():
-        config = load_config(layout.config)
-        for path in (layout.config, config.paths.audit_log):
-            if path.exists():
-                path.unlink()
-                done.append(f"removed {path}")
+    removed = installed_files(root, purge=purge)
+    for path in removed:
+        path.unlink()
+        done.append(f"removed {path}")
+    root = root.resolve()
+    for parent in sorted({p.parent.resolve() for p in removed}, key=lambda d: -len(d.parts)):
+        for directory in (parent, *parent.parents):
+            if directory == root or root not in directory.parents:
+                break
+            try:
+                directory.rmdir()  # only if empty
+            except OSError:
+                break
+            done.append(f"removed {directory}/ (left empty)")
     return done
 
 
