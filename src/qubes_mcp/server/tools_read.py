@@ -25,9 +25,7 @@ def read_tools(gw: Gateway) -> list[ToolDef]:
         return cast(models.QubeList, await gw.call(ctx, "qube.list"))
 
     async def qube_info(qube: Qube, ctx: Context) -> models.QubeInfo:
-        """Read a qube's allowlisted properties, scope tags, features, its private volume's
-        size and revisions (what qube_revert can put back), and a running qube's memory and
-        CPU time."""
+        """Read a qube's allowlisted properties, scope tags, features and volumes."""
         return cast(models.QubeInfo, await gw.call(ctx, "qube.info", qube))
 
     async def firewall_get(qube: Qube, ctx: Context) -> models.FirewallRules:
