@@ -96,12 +96,13 @@ async def qube_info(ctx: Context) -> dict[str, Any]:
 MAX_REVISIONS = 64
 #: a revision id qube.revert accepts (its field's pattern and length): only those are shown
 _REVISION = re.compile(REVISION_PATTERN)
-_STATE_KEYS = {"mem": "memory_kib", "mem_static_max": "memory_max_kib", "cputime": "cpu_time"}
+_STATE_KEYS = {"mem": "memory_kib", "mem_static_max": "memory_max_kib", "cputime": "cpu_time_ns"}
 
 
 async def _resources(ctx: Context, name: str) -> dict[str, int] | None:
-    """A running qube's memory now and at most (KiB), and its CPU time so far, from one
-    ``admin.vm.CurrentState`` call (``mem=… mem_static_max=… cputime=… power_state=…``)."""
+    """A running qube's memory and its maximum (KiB, libvirt's figures) and its CPU time so
+    far (ns), from one ``admin.vm.CurrentState`` call
+    (``mem=… mem_static_max=… cputime=… power_state=…``): a bounded read, no stream."""
     try:
         line = await ctx.admin.call(name, "admin.vm.CurrentState")
     except QubesdError:

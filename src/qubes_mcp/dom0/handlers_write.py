@@ -296,7 +296,8 @@ async def qube_revert(ctx: Context) -> dict[str, Any]:
     ``qvm-volume revert`` does. The pool's driver does the rest: R4.3's ``file-reflink`` and
     ``lvm_thin`` keep the current state as a new revision (so a revert can be undone), the
     ``file`` driver cannot revert at all (``failed``)."""
-    listed = await ctx.admin.lines(ctx.target, "admin.vm.volume.ListSnapshots", REVERT_VOLUME)
+    listing = await ctx.qubesd(ctx.target, "admin.vm.volume.ListSnapshots", REVERT_VOLUME)
+    listed = listing.splitlines()
     revision = ctx.args.get("revision")
     ctx.detail["volume"] = REVERT_VOLUME
     if revision is None:
