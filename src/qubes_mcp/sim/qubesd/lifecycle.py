@@ -10,6 +10,7 @@ through :func:`machine_died`, which halts the qube as libvirt's "stopped" event 
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import shutil
 import time
@@ -248,7 +249,9 @@ async def start(app: QubesApp, vm: Qube) -> None:
         raise
     app.fire(vm, "domain-pre-spawn", pre=True, start_guid=True)
     vm.power = "Transient"
-    revisions.on_start(app, vm)
+    # the state the run starts from, the future revision: a copy of /rw, off the event loop
+    # (the qube is Transient meanwhile, so a Revert is refused as R4.3's dirty volume is)
+    await asyncio.to_thread(revisions.on_start, app, vm)
     if app.hypervisor is not None:
         try:
             await app.hypervisor.start(vm.name)
