@@ -140,3 +140,27 @@ def test_qvm_create_and_remove(qvm: Any) -> None:
     assert qvm("qvm-check", "fid-q")[0] == 0
     assert qvm("qvm-remove", "-f", "fid-q")[0] == 0
     assert qvm("qvm-check", "fid-q")[0] != 0
+
+
+def test_qvm_volume_revert_and_revisions(qvm: Any, qubesd: Any) -> None:
+    """A shutdown keeps the state the run started from (file-reflink: revision ``1``);
+    ``qvm-volume info`` lists it, ``qvm-volume revert`` (newest by default) puts it back,
+    keeping the state it replaced as revision ``2``, and refuses while the qube runs with
+    R4.3's message, and an unknown revision."""
+    private = qubesd.paths.private_dir("work")
+    (private / "note").write_text("before")
+    assert qvm("qvm-start", "work")[0] == 0
+    (private / "note").write_text("after")
+    assert qvm("qvm-shutdown", "--wait", "work")[0] == 0
+    status, out, _ = qvm("qvm-volume", "info", "work:private", "revisions")
+    assert (status, out) == (0, "1\n")
+    status, _, err = qvm("qvm-volume", "revert", "work:private")
+    assert (status, err) == (0, ""), err
+    assert (private / "note").read_text() == "before"
+    assert qvm("qvm-volume", "info", "work:private", "revisions")[1] == "2\n"
+    assert qvm("qvm-start", "work")[0] == 0
+    status, _, err = qvm("qvm-volume", "revert", "work:private", "2")
+    assert status != 0 and "not cleanly stopped" in err, err
+    assert qvm("qvm-shutdown", "--wait", "work")[0] == 0
+    assert qvm("qvm-volume", "revert", "work:private", "nope")[0] != 0
+    assert (private / "note").read_text() == "before"

@@ -175,6 +175,9 @@ POWER_CASES: list[tuple[str, dict[str, Any], dict[str, str], bool]] = [
     ("qube.remove", {}, {"ai-build": "Paused"}, True),
     ("qube.remove", {}, {"ai-build": "NA"}, True),
     ("qube.remove", {}, {"ai-build": ""}, False),  # unknown: qubesd decides
+    ("qube.revert", {"revision": None}, {"ai-build": "Halted"}, False),
+    ("qube.revert", {"revision": "1"}, {"ai-build": UP}, True),
+    ("qube.revert", {"revision": None}, {"ai-build": "Paused"}, True),
     ("qube.shutdown", {}, {"ai-build": UP}, False),
     ("qube.shutdown", {}, {"ai-build": "Halted"}, True),
     ("qube.shutdown", {}, {"ai-build": "Paused"}, True),

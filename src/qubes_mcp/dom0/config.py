@@ -49,6 +49,7 @@ Example (every key shown; only ``[[principal]]`` is required)::
     refused_burst = 50             # beyond, every request of that qube is rate-limited
     copy_bytes = "1GiB"            # file.copy: content bytes of one copy, at most
     copy_files = 10000             # file.copy: files, links and directories of one copy
+    log_bytes = 65536              # qube.log: bytes read from the end of a console log
 
     [audit]
     commands = "argv"              # what the log keeps of each command an agent runs: "argv"
@@ -139,6 +140,8 @@ class Limits:
     open_requests: int = 64
     #: seconds from connection to the request's end of input; later is a refusal
     request_read_timeout: int = 5
+    #: qube.log: bytes read from the end of a console log, at most
+    log_bytes: int = 65536
 
 
 @dataclass(frozen=True)

@@ -235,6 +235,14 @@ SCHEMA: tuple[Key, ...] = (
         (1, 60),
     ),
     Key(
+        "limits",
+        "log_bytes",
+        "int",
+        65536,
+        "qube.log: bytes read from the end of a console log, at most",
+        (1024, 1 << 20),
+    ),
+    Key(
         "audit",
         "commands",
         "choice",

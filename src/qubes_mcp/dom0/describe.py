@@ -323,6 +323,21 @@ def _head(
                 f", private volume {_gib(q.private_size)})",
             )
         return ("REMOVE qube ", target, *what, ": the qube and all data in it will be lost")
+    if name == "qube.revert":
+        revision: tuple[Part, ...] = (
+            ("revision ", arg("revision"))
+            if args.get("revision") is not None
+            else ("its newest revision",)
+        )
+        return (
+            "REVERT the private volume of qube ",
+            target,
+            " to ",
+            *revision,
+            ": everything written to its private volume (/rw, /home) since that revision is lost",
+        )
+    if name == "qube.log":
+        return ("READ the console log of qube ", target)
     if name == "qube.kill":
         return ("KILL qube ", target, " at once: unsaved state in it is lost")
     if name in ("qube.start", "qube.shutdown", "qube.pause", "qube.unpause"):

@@ -106,6 +106,9 @@ HANDLERS: dict[str, Handler] = {
     "device.attach": handlers_write.device_attach,
     "device.detach": handlers_write.device_detach,
     "qube.remove": handlers_write.qube_remove,
+    # research loop
+    "qube.log": handlers_read.qube_log,
+    "qube.revert": handlers_write.qube_revert,
 }
 
 

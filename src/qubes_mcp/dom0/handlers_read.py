@@ -1,19 +1,25 @@
-"""Read operations: list, info, firewall, devices, events, budget. Everything passes redact."""
+"""Read operations: list, info, firewall, devices, events, budget, console log. Everything
+passes redact (the console log is escaped byte by byte)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
+import stat
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from qubes_mcp.dom0 import redact
 from qubes_mcp.dom0.admin import QubesdError
 from qubes_mcp.dom0.context import Context
+from qubes_mcp.dom0.errors import FailedError
 from qubes_mcp.dom0.facts import Prop, QubeFacts
 from qubes_mcp.dom0.firewall import parse_rule_line
+from qubes_mcp.dom0.operations import REVISION_PATTERN
 from qubes_mcp.dom0.reader import property_value
 from qubes_mcp.dom0.tiers import effective_tier
 
@@ -70,13 +76,105 @@ async def qube_info(ctx: Context) -> dict[str, Any]:
         ref = q.prop(prop)
         if ref and ref not in visible:
             visible[ref] = await ctx.in_scope(ref)
+    revisions: list[str] | None = None
+    with contextlib.suppress(QubesdError):
+        # the revisions qube.revert can put back, oldest first (admin.vm.volume.ListSnapshots)
+        listed = await ctx.admin.lines(q.name, "admin.vm.volume.ListSnapshots", "private")
+        revisions = [r for r in listed if _REVISION.match(r)][-MAX_REVISIONS:]
     return redact.info(
         q,
         ctx.verdict.tiers[q.name],
         ctx.principal.scope,
         features,
         lambda name: visible.get(name, False),
+        revisions=revisions,
+        resources=await _resources(ctx, q.name) if q.running else None,
     )
+
+
+#: more revisions than anyone keeps: a bound on what one info reply carries
+MAX_REVISIONS = 64
+#: a revision id qube.revert accepts (its field's pattern and length): only those are shown
+_REVISION = re.compile(REVISION_PATTERN)
+_STATE_KEYS = {"mem": "memory_kib", "mem_static_max": "memory_max_kib", "cputime": "cpu_time_ns"}
+
+
+async def _resources(ctx: Context, name: str) -> dict[str, int] | None:
+    """A running qube's memory and its maximum (KiB, libvirt's figures) and its CPU time so
+    far (ns), from one ``admin.vm.CurrentState`` call
+    (``mem=… mem_static_max=… cputime=… power_state=…``): a bounded read, no stream."""
+    try:
+        line = await ctx.admin.call(name, "admin.vm.CurrentState")
+    except QubesdError:
+        return None  # halted or gone meanwhile: no figures rather than a failed info
+    figures: dict[str, int] = {}
+    for word in line.split():
+        key, _, value = word.partition("=")
+        if key in _STATE_KEYS and value.isdigit() and len(value) <= 20:
+            figures[_STATE_KEYS[key]] = int(value)
+    return figures or None
+
+
+async def qube_log(ctx: Context) -> dict[str, Any]:
+    """The last lines of the qube's console log, read by dom0 from its own copy
+    (``[paths] console_logs``/guest-NAME.log), so a qube that crashed can still be read.
+
+    Only the last ``[limits] log_bytes`` bytes are read; a line cut by that start is
+    dropped. Everything but printable ASCII is escaped (``\\xNN``), so nothing the qube
+    wrote reaches the agent as a control sequence."""
+    cap = ctx.config.limits.log_bytes
+    want = ctx.args["lines"]
+    path = ctx.config.paths.console_logs / f"guest-{ctx.target}.log"
+    try:
+        data, size = await asyncio.to_thread(_tail, path, cap)
+    except FileNotFoundError:
+        return {"qube": ctx.target, "lines": [], "truncated": False}
+    except OSError as exc:
+        raise FailedError(reason=f"console log unreadable: {type(exc).__name__}") from None
+    cut = size > len(data)
+    if cut:
+        data = data.partition(b"\n")[2]  # the first line began before what was read
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    shown = lines[-want:]
+    ctx.detail["bytes"] = len(data)
+    return {
+        "qube": ctx.target,
+        "lines": [escape_log_line(line) for line in shown],
+        "truncated": cut or len(lines) > len(shown),
+    }
+
+
+def _tail(path: Path, cap: int) -> tuple[bytes, int]:
+    """The last ``cap`` bytes of ``path`` and its size, never reading more."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise IsADirectoryError(path)
+        start = max(0, st.st_size - cap)
+        chunks: list[bytes] = []
+        got = 0
+        while got < cap:
+            chunk = os.pread(fd, cap - got, start + got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks), max(st.st_size, start + got)
+    finally:
+        os.close(fd)
+
+
+_LOG_UNSAFE = re.compile(rb"[^\x20-\x5b\x5d-\x7e]")
+
+
+def escape_log_line(raw: bytes) -> str:
+    """Printable ASCII kept, a backslash doubled, every other byte ``\\xNN``."""
+    return _LOG_UNSAFE.sub(
+        lambda m: b"\\\\" if m.group() == b"\\" else b"\\x%02x" % m.group()[0], raw
+    ).decode("ascii")
 
 
 async def firewall_get(ctx: Context) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from qubes_mcp.dom0.copy import (
     relay_copy,
 )
 from qubes_mcp.dom0.decide import target_needs
-from qubes_mcp.dom0.errors import FailedError, GateError, InvalidInputError
+from qubes_mcp.dom0.errors import FailedError, GateError, InvalidInputError, InvalidStateError
 from qubes_mcp.dom0.firewall import render_rules
 from qubes_mcp.dom0.reader import parse_vm_list_line, property_value
 from qubes_mcp.dom0.relay import RunResult, new_run_id, run_argv, run_command
@@ -282,3 +282,34 @@ async def qube_remove(ctx: Context) -> dict[str, Any]:
         ctx.detail["error_class"] = type(exc).__name__
         log.warning("qubes-mcp gate: %s removed but not unregistered: %s", ctx.target, exc.reason)
     return {"qube": ctx.target, "removed": True}
+
+
+#: the private volume: what a revert puts back (root is the template's, volatile is not kept)
+REVERT_VOLUME = "private"
+
+
+async def qube_revert(ctx: Context) -> dict[str, Any]:
+    """Put the private volume back to a revision (``admin.vm.volume.Revert``).
+
+    The revision is checked against ``admin.vm.volume.ListSnapshots`` first, so an unknown
+    one is a clear refusal rather than qubesd's empty reply; none given means the newest, as
+    ``qvm-volume revert`` does. The pool's driver does the rest: R4.3's ``file-reflink`` and
+    ``lvm_thin`` keep the current state as a new revision (so a revert can be undone), the
+    ``file`` driver cannot revert at all (``failed``)."""
+    listing = await ctx.qubesd(ctx.target, "admin.vm.volume.ListSnapshots", REVERT_VOLUME)
+    listed = listing.splitlines()
+    revision = ctx.args.get("revision")
+    ctx.detail["volume"] = REVERT_VOLUME
+    if revision is None:
+        if not listed:
+            raise InvalidStateError(
+                "the qube has no revision to revert to (one is kept when it shuts down, if its "
+                "private volume keeps revisions)",
+                reason="no revisions",
+            )
+        revision = listed[-1]
+    ctx.detail["revision"] = revision
+    if revision not in listed:
+        raise InvalidInputError("no such revision of the private volume (see qube.info)")
+    await ctx.qubesd(ctx.target, "admin.vm.volume.Revert", REVERT_VOLUME, revision.encode("ascii"))
+    return {"qube": ctx.target, "volume": REVERT_VOLUME, "revision": revision}

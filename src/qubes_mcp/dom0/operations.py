@@ -183,6 +183,8 @@ PATH = Field(
     max_len=4096,
     pattern=r"\A/[^\x00]*\Z",
 )
+#: a volume revision id as R4.3's drivers name them (``1``, ``old``, ``1521065000-back``)
+REVISION_PATTERN = r"\A[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}\Z"
 
 OPERATIONS: tuple[Operation, ...] = (
     # --- read -------------------------------------------------------------------------
@@ -590,6 +592,43 @@ OPERATIONS: tuple[Operation, ...] = (
         # what a principal created it may remove again (with consent): clean up after itself
         creator_needs=Tier.EXEC,
         power=(Power("", "halted", "the qube must be halted first"),),
+    ),
+    # --- research loop: read a qube's console, put its private volume back -------------------
+    Operation(
+        "qube.log",
+        "qmcp.Log",
+        "Read the last lines of a qube's console log, kept by dom0 (readable after a crash)",
+        Target.QUBE,
+        Tier.READ,
+        read_only=True,
+        fields=(
+            Field(
+                "lines", "int", "how many of the last lines", default=100, minimum=1, maximum=2000
+            ),
+        ),
+    ),
+    Operation(
+        "qube.revert",
+        "qmcp.Revert",
+        "Put a halted qube's private volume back to a revision kept when it last shut down "
+        "(qube.info lists them, oldest first); everything written to the private volume (/rw, "
+        "/home) since that revision is lost",
+        Target.QUBE,
+        Tier.FULL,
+        consent=True,
+        destructive=True,
+        long_running=True,
+        fields=(
+            Field(
+                "revision",
+                "str",
+                "the revision id from qube.info; null for the newest",
+                nullable=True,
+                max_len=64,
+                pattern=REVISION_PATTERN,
+            ),
+        ),
+        power=(Power("", "halted", "the qube must be halted before its volume is reverted"),),
     ),
     # --- plans: check a whole change first, then apply it with one approval -------------------
     Operation(

@@ -102,8 +102,17 @@ def info(
     scope: Scope,
     features: Mapping[str, str],
     in_scope: Callable[[str], bool],
+    *,
+    revisions: list[str] | None = None,
+    resources: Mapping[str, int] | None = None,
 ) -> dict[str, object]:
-    return {
+    """What ``qube.info`` shows: allowlisted properties, visible tags and features, the
+    private volume (its size, and the revisions ``qube.revert`` can put back when they could
+    be read) and, for a running qube, its memory and CPU figures."""
+    private: dict[str, object] = {"size": q.private_size}
+    if revisions is not None:
+        private["revisions"] = list(revisions)
+    view: dict[str, object] = {
         **summary(q, tier),
         "properties": {
             name: property_value(name, q.prop(name), in_scope)
@@ -112,8 +121,11 @@ def info(
         },
         "tags": visible_tags(scope, q.tags, q.registered),
         "features": features_view(features),
-        "volumes": {"private": {"size": q.private_size}},
+        "volumes": {"private": private},
     }
+    if resources:
+        view["resources"] = dict(resources)
+    return view
 
 
 def event_view(

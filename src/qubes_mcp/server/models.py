@@ -44,7 +44,10 @@ QubeInfo = TypedDict(
         "properties": dict[str, Any],
         "tags": list[str],
         "features": dict[str, str],
-        "volumes": dict[str, dict[str, int]],
+        #: private: its size and the revisions qube_revert can put back, oldest first
+        "volumes": dict[str, dict[str, Any]],
+        #: a running qube's memory now and at most (KiB) and CPU time (ns)
+        "resources": NotRequired[dict[str, int]],
     },
 )
 
@@ -170,6 +173,20 @@ class DeviceAttachResult(TypedDict):
 class RemoveResult(TypedDict):
     qube: str
     removed: bool
+
+
+class LogResult(TypedDict):
+    qube: str
+    #: the last lines of the console log, non-printable bytes escaped as \\xNN
+    lines: list[str]
+    #: older output exists that is not shown
+    truncated: bool
+
+
+class RevertResult(TypedDict):
+    qube: str
+    volume: str
+    revision: str
 
 
 class PlanStep(TypedDict):

@@ -17,6 +17,7 @@ QUBE_NAME_PATTERN = r"^[a-zA-Z][a-zA-Z0-9_.-]{0,30}$"
 FEATURE_PATTERN = r"^[a-zA-Z0-9_.-]+$"
 PRINTABLE_PATTERN = r"^[\x20-\x7e]*$"
 DEVICE_PATTERN = r"^[A-Za-z0-9_.-]+$"
+REVISION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$"
 
 
 def qube_param(description: str) -> object:

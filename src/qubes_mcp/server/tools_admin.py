@@ -13,6 +13,7 @@ from qubes_mcp.server.params import (
     DEVICE_PATTERN,
     FEATURE_PATTERN,
     PRINTABLE_PATTERN,
+    REVISION_PATTERN,
     Command,
     Label,
     Output,
@@ -158,6 +159,25 @@ def admin_tools(gw: Gateway) -> list[ToolDef]:
         """Remove a halted qube and all its data."""
         return cast(models.RemoveResult, await gw.call(ctx, "qube.remove", qube))
 
+    async def qube_revert(
+        qube: Qube,
+        ctx: Context,
+        revision: Annotated[
+            str | None,
+            Field(
+                max_length=64,
+                pattern=REVISION_PATTERN,
+                description="a revision id from qube_info's volumes.private.revisions; "
+                "null for the newest",
+            ),
+        ] = None,
+    ) -> models.RevertResult:
+        """Put a halted qube's private volume back to a revision kept when it last shut
+        down. Everything written to its private volume (/rw, /home) since that revision is
+        lost. Needs the operator's approval; the qube must be halted."""
+        payload = {"revision": revision}
+        return cast(models.RevertResult, await gw.call(ctx, "qube.revert", qube, payload))
+
     return [
         ToolDef(fn, group, table.op(op))
         for op, group, fn in (
@@ -170,5 +190,6 @@ def admin_tools(gw: Gateway) -> list[ToolDef]:
             ("device.attach", "devices", device_attach),
             ("device.detach", "devices", device_detach),
             ("qube.remove", "remove", qube_remove),
+            ("qube.revert", "remove", qube_revert),
         )
     ]

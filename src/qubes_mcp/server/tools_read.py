@@ -25,7 +25,7 @@ def read_tools(gw: Gateway) -> list[ToolDef]:
         return cast(models.QubeList, await gw.call(ctx, "qube.list"))
 
     async def qube_info(qube: Qube, ctx: Context) -> models.QubeInfo:
-        """Read a qube's allowlisted properties, scope tags, features and volume size."""
+        """Read a qube's allowlisted properties, scope tags, features and volumes."""
         return cast(models.QubeInfo, await gw.call(ctx, "qube.info", qube))
 
     async def firewall_get(qube: Qube, ctx: Context) -> models.FirewallRules:
@@ -53,6 +53,15 @@ def read_tools(gw: Gateway) -> list[ToolDef]:
         """Read your storage budget (bytes used, cap, free) and how many qubes you have."""
         return cast(models.Budget, await gw.call(ctx, "budget.get"))
 
+    async def qube_log(
+        qube: Qube,
+        ctx: Context,
+        lines: Annotated[int, Field(ge=1, le=2000, description="how many of the last lines")] = 100,
+    ) -> models.LogResult:
+        """Read the last lines of a qube's console log, kept by dom0: readable after the
+        qube halted or crashed. Bytes that are not printable ASCII come escaped (\\xNN)."""
+        return cast(models.LogResult, await gw.call(ctx, "qube.log", qube, {"lines": lines}))
+
     return [
         ToolDef(fn, "read", table.op(op))
         for op, fn in (
@@ -62,5 +71,6 @@ def read_tools(gw: Gateway) -> list[ToolDef]:
             ("devices.list", devices_list),
             ("events.watch", events_watch),
             ("budget.get", budget_get),
+            ("qube.log", qube_log),
         )
     ]

@@ -51,6 +51,8 @@ DETAIL_KEYS: Final = frozenset(
         *("property", "feature", "tag", "service", "field"),
         # devices and storage
         *("device", "device_class", "volume", "size"),
+        # a volume revert: the revision id (a qubesd name, checked against its listing)
+        "revision",
         # firewall: how many rules and which action, never the rules
         *("rule_count", "action"),
         # run and copy: digests and byte counts instead of command output; the digest and

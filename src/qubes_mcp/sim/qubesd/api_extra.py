@@ -1,8 +1,8 @@
 """Less common R4.3 methods: suspend/resume, volume settings and snapshots, pool drivers,
 and the per-qube denied device interfaces (``admin.vm.device.denied.*``).
 
-The emulated storage keeps no revisions, so ``ListSnapshots`` is empty and ``Revert`` is
-always refused the way R4.3 refuses an unknown revision (zero bytes).
+Revisions of the private volume are kept by :mod:`.revisions` (``ListSnapshots``,
+``Revert``), as the pool's driver keeps them.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 
 from qubes_mcp.sim import exc
-from qubes_mcp.sim.qubesd import lifecycle, remotevm, storage
+from qubes_mcp.sim.qubesd import lifecycle, remotevm, revisions, storage
 from qubes_mcp.sim.qubesd import props as pdefs
 from qubes_mcp.sim.qubesd.api import Call, method, validate_size
 
@@ -61,15 +61,20 @@ async def vm_resume(call: Call) -> None:
 @method("admin.vm.volume.ListSnapshots", no_payload=True)
 async def vm_volume_list_snapshots(call: Call) -> str:
     call.enforce(call.arg in call.dest.volumes)
-    return "".join(f"{r}\n" for r in call.filtered([]))
+    listed = revisions.listed(call.app, call.dest, call.dest.volumes[call.arg])
+    return "".join(f"{r}\n" for r in call.filtered(listed))
 
 
 @method("admin.vm.volume.Revert")
 async def vm_volume_revert(call: Call) -> None:
     call.enforce(call.arg in call.dest.volumes)
     untrusted_revision = call.untrusted_payload.decode("ascii").strip()
-    revisions: tuple[str, ...] = ()  # the emulated storage keeps no revisions
-    call.enforce(untrusted_revision in revisions)
+    vol = call.dest.volumes[call.arg]
+    call.enforce(untrusted_revision in revisions.revisions(call.app, call.dest, vol))
+    revision = untrusted_revision
+    call.permission(volume=call.arg, revision=revision)
+    revisions.revert(call.app, call.dest, vol, revision)
+    call.save()
 
 
 @method("admin.vm.volume.Set.revisions_to_keep")

@@ -10,13 +10,14 @@ through :func:`machine_died`, which halts the qube as libvirt's "stopped" event 
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import shutil
 import time
 import uuid as uuidlib
 
 from qubes_mcp.sim import exc
-from qubes_mcp.sim.qubesd import dispvm, storage
+from qubes_mcp.sim.qubesd import dispvm, revisions, storage
 from qubes_mcp.sim.qubesd.app import GIB, QubesApp, log
 from qubes_mcp.sim.qubesd.vm import Label, Qube, Volume
 
@@ -248,11 +249,15 @@ async def start(app: QubesApp, vm: Qube) -> None:
         raise
     app.fire(vm, "domain-pre-spawn", pre=True, start_guid=True)
     vm.power = "Transient"
+    # the state the run starts from, the future revision: a copy of /rw, off the event loop
+    # (the qube is Transient meanwhile, so a Revert is refused as R4.3's dirty volume is)
+    await asyncio.to_thread(revisions.on_start, app, vm)
     if app.hypervisor is not None:
         try:
             await app.hypervisor.start(vm.name)
         except Exception as err:  # noqa: BLE001 - any failure to boot is a failed start
             vm.power = "Halted"
+            revisions.on_stop(app, vm)  # R4.3 stops the storage of a start that failed
             reason = f"Failed to start {vm.name}: {err}"
             log.error("%s", reason)
             app.fire(vm, "domain-start-failed", reason=reason)
@@ -320,6 +325,7 @@ def _stopped(app: QubesApp, vm: Qube) -> None:
     vm.power = "Halted"
     vm.xid = -1
     vm.start_time = None
+    revisions.on_stop(app, vm)  # on_domain_stopped's storage.stop(): commit, keep a revision
     app.fire(vm, "domain-stopped")
     app.fire_device_events(app.devices.detach_all_of(vm.name))
     for prop in ("xid", "stubdom_xid", "start_time"):
