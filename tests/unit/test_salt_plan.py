@@ -35,6 +35,7 @@ EXPECTED = {
     "qube.unpause": ["qvm.unpause"],
     "qube.kill": ["qvm.kill"],
     "qube.remove": ["qvm.absent"],
+    "qube.revert": ["cmd.run"],
     "qube.run": ["test.fail_without_changes"],  # the sample has stdin
     "qube.create": ["qvm.present", "qvm.prefs", "cmd.run", "cmd.run"],
     "qube.clone": ["qvm.clone", "cmd.run"],
@@ -155,6 +156,11 @@ def test_agent_text_is_data_never_template_code() -> None:
             "device.attach",
             {"backend": "sys-usb", "device": "sda", "read_only": True},
             [("cmd.run", [{"name": "qvm-device block attach --ro ai-t sys-usb:sda"}])],
+        ),
+        (
+            "qube.revert",
+            {"revision": "1"},
+            [("cmd.run", [{"name": "qvm-volume revert ai-t:private 1"}])],
         ),
         (
             "qube.shutdown",

@@ -84,6 +84,10 @@ def _words(command: object) -> str:
     return shlex.join(str(word) for word in command) if isinstance(command, list) else ""
 
 
+def _given(value: object) -> list[str]:
+    return [] if value in (None, "") else [str(value)]
+
+
 def _run(target: str, args: Mapping[str, Any]) -> list[State]:
     if args.get("stdin") or args.get("stdin_base64"):
         return _fail(f"a command in {target} with stdin (qvm.run passes no input)")
@@ -147,6 +151,9 @@ def step_states(step: Mapping[str, Any], scope: str) -> list[State]:
         "qube.unpause": lambda: [("qvm.unpause", [("name", target)])],
         "qube.kill": lambda: [("qvm.kill", [("name", target)])],
         "qube.remove": lambda: [("qvm.absent", [("name", target)])],
+        "qube.revert": lambda: [
+            _dom0("qvm-volume", "revert", f"{target}:private", *_given(args.get("revision")))
+        ],
         "qube.run": lambda: _run(target, args),
         "qube.create": lambda: _create(target, args, scope),
         "qube.clone": lambda: [
