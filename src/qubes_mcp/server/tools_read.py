@@ -53,6 +53,10 @@ def read_tools(gw: Gateway) -> list[ToolDef]:
         """Read your storage budget (bytes used, cap, free) and how many qubes you have."""
         return cast(models.Budget, await gw.call(ctx, "budget.get"))
 
+    async def link_list(ctx: Context) -> models.LinkList:
+        """List the lab links you opened (both qubes still in your scope)."""
+        return cast(models.LinkList, await gw.call(ctx, "link.list"))
+
     return [
         ToolDef(fn, "read", table.op(op))
         for op, fn in (
@@ -62,5 +66,6 @@ def read_tools(gw: Gateway) -> list[ToolDef]:
             ("devices.list", devices_list),
             ("events.watch", events_watch),
             ("budget.get", budget_get),
+            ("link.list", link_list),
         )
     ]
