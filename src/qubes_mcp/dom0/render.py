@@ -114,8 +114,7 @@ def _link_lines(scope: Scope, registry: Registry, client: str) -> list[str]:
 
 
 def _sandbox_block(scope: Scope, registry: Registry, egress: str | None) -> list[str]:
-    lines = [f"## registered qubes of scope {scope.prefix} as sources: housekeeping, then nothing"]
-    lines[0] += " but their lab links" if registry.links(scope.prefix) else ""
+    lines = [f"## registered qubes of scope {scope.prefix} as sources: housekeeping, links"]
     for name, entry in registry.entries(scope.prefix).items():
         for service in HOUSEKEEPING:
             lines.append(_row(service, "*", name, "@adminvm", "allow"))
