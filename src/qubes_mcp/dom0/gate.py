@@ -528,6 +528,9 @@ class Gate:
         verdict, facts = await self._read_and_decide(reader, principal, op, target, args)
         if target is not None:
             call.detail["tier"] = verdict.tiers[target].word
+        if op.name == "link.open" and target is not None:
+            # refused now rather than after the operator approved it (checked again on commit)
+            links.check_open(reader.registry, principal, target, args["server"], args["port"])
         if verdict.consent and call.preapproved:
             call.detail["consent"] = "plan"
         elif verdict.consent:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from qubes_mcp.dom0.config import Principal
 from qubes_mcp.dom0.context import Context
 from qubes_mcp.dom0.enrolment import (
     Link,
@@ -62,6 +63,27 @@ def _view(link: Link) -> dict[str, Any]:
     return {"id": link.id, "client": link.client, "server": link.server, "port": link.port}
 
 
+def check_open(
+    registry: Registry, principal: Principal, client: str, server: str, port: int
+) -> Link | None:
+    """The link ``link.open`` would open again (``None`` for a new one), or ``conflict``:
+    the client's port already leads to another server, or another principal holds the link.
+    The gate asks this before the operator is asked, and again under the registry's lock."""
+    scope, by = principal.scope.prefix, principal.scope.born_by(principal.qube)
+    for other in registry.links(scope):
+        if other.client == client and other.port == port and other.server != server:
+            raise ConflictError(
+                f"port {port} of {client} is already linked to another qube; close it first",
+                reason="client port already linked",
+            )
+    found = registry.link(scope, client, server, port)
+    if found is not None and found.by != by:
+        raise ConflictError(
+            "another principal opened this link", reason="link opened by another principal"
+        )
+    return found
+
+
 async def link_open(ctx: Context) -> dict[str, Any]:
     """Record the link and its policy line, then start the listener in the client.
 
@@ -75,17 +97,7 @@ async def link_open(ctx: Context) -> dict[str, Any]:
     opened: list[Link] = []
 
     def change(registry: Registry) -> Registry:
-        for other in registry.links(scope):
-            if other.client == client and other.port == port and other.server != server:
-                raise ConflictError(
-                    f"port {port} of {client} is already linked to another qube; close it first",
-                    reason="client port already linked",
-                )
-        found = registry.link(scope, client, server, port)
-        if found is not None and found.by != by:
-            raise ConflictError(
-                "another principal opened this link", reason="link opened by another principal"
-            )
+        found = check_open(registry, ctx.principal, client, server, port)
         link = found or new_link(scope, client, server, port, by=by)
         opened.append(link)
         try:
@@ -182,4 +194,12 @@ async def link_list(ctx: Context) -> dict[str, Any]:
     return {"links": out}
 
 
-__all__ = ["LINK_MARKER", "LISTEN_SCRIPT", "link_close", "link_list", "link_open", "stop_listeners"]
+__all__ = [
+    "LINK_MARKER",
+    "LISTEN_SCRIPT",
+    "check_open",
+    "link_close",
+    "link_list",
+    "link_open",
+    "stop_listeners",
+]
