@@ -153,7 +153,7 @@ async def link_close(ctx: Context) -> dict[str, Any]:
     ctx.detail["link_id"] = link.id
     q = ctx.facts.get(client)
     stopped = False
-    if q is not None and q.state not in ("Halted", ""):
+    if q is not None and q.state == "Running":  # a halted client has no listener left
         stopped = await stop_listeners(ctx, client, [link.id])
     return {"closed": _view(link), "listener_stopped": stopped}
 
