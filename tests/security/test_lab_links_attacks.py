@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from qubes_mcp.stack import Stack, start_stack
+from tests.enrolment_helpers import enrol, unenrol
 from tests.gate_e2e import answer_when_pending, audit_lines, code, dom0_admin, gate_call, ok
 
 pytestmark = pytest.mark.bwrap
@@ -253,6 +254,15 @@ def test_the_operator_removing_the_client_closes_the_link(stack: Stack) -> None:
     assert closing["detail"]["reason"] == "qube removed"
     assert closing["principal"] == "mcp-control"
     assert _closings(stack, link["id"]) == 1
+
+
+def test_the_operator_unenrolling_the_server_closes_the_link(stack: Stack) -> None:
+    assert "enrolled in ai" in enrol(stack, "work", "--tier", "net")
+    link = approved_open(stack, "ai-build", "work", 7002)["link"]
+    assert link_lines(stack) == [["qubes.ConnectTCP", "+7002", "ai-build", "work", "allow"]]
+    assert f"lab link {link['id']} closed" in unenrol(stack, "work")
+    assert link_lines(stack) == []
+    assert ok(gate_call(stack, "dom0", "qmcp.LinkList"))["links"] == []
 
 
 def test_no_link_file_entry_survives_in_the_registry(stack: Stack) -> None:
