@@ -269,3 +269,43 @@ def test_no_link_file_entry_survives_in_the_registry(stack: Stack) -> None:
     state = Path(stack.root) / "var/lib/qubes-mcp"
     registry = json.loads((state / "enrolment.json").read_text())
     assert registry.get("links", []) == []
+
+
+# --- the reconcile at the gate's start --------------------------------------------------------
+
+
+def test_a_link_whose_qube_went_while_the_gate_was_down_closes_at_start(tmp_path: Path) -> None:
+    """The operator removed the server while no gate ran: the first request reconciles the
+    registry, the link and its line go in that commit, and a link.close line records it."""
+    import asyncio
+
+    from qubes_mcp.dom0.admin import AdminClient
+    from qubes_mcp.dom0.audit.log import AuditLog
+    from qubes_mcp.dom0.consent import ConsentBroker
+    from qubes_mcp.dom0.enrolment import Registry, commit, new_link, registry_path
+    from qubes_mcp.dom0.gate import Gate, Request
+    from qubes_mcp.dom0.render import POLICY_NAME, render_policy
+    from tests.enrolment_helpers import in_process_config
+    from tests.qubesd_fixtures import Qubesd, demo_app
+
+    qubesd = Qubesd(demo_app(tmp_path / "root")).start()
+    try:
+        config = in_process_config(qubesd.paths.qubesd_sock, tmp_path)
+        state, policy = config.paths.state_dir, config.paths.policy_dir
+        link = new_link("ai", "ai-web", "ai-build", 8080, by="gate:mcp-control")
+        commit(state, policy, lambda r: r.linked(link), lambda r: render_policy(config, r))
+        assert "qubes.ConnectTCP" in (policy / POLICY_NAME).read_text()
+        admin = AdminClient(qubesd.paths.qubesd_sock)
+        asyncio.run(admin.call("ai-build", "admin.vm.Remove"))
+        log_path = tmp_path / "audit" / "audit.log"
+        gate = Gate(config, AuditLog(log_path), ConsentBroker(5), admin)
+        asyncio.run(gate.handle(Request("qmcp.List", "mcp-control", None, b"")))
+    finally:
+        qubesd.stop()
+    assert "qubes.ConnectTCP" not in (policy / POLICY_NAME).read_text()
+    assert Registry.load(registry_path(state)).links() == ()
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    closing = [r for r in records if r["op"] == "link.close"]
+    assert [(r["principal"], r["detail"]["link_id"], r["detail"]["reason"]) for r in closing] == [
+        ("mcp-control", link.id, "qube removed")
+    ]
