@@ -179,9 +179,53 @@ async def session(stack: Stack) -> None:
         say("8. Retargeting a qube's network is never allowed (egress is the operator's)")
         await _tool(client, "property_set", qube="ai-build", property="netvm", value="ai-web")
 
-    say("9. The operator verifies the tamper-evident audit log")
+        say("9. A lab link: ai-web reaches one port of ai-build through qrexec, nothing else")
+        await _lab_link(client, stack)
+
+    say("10. The operator verifies the tamper-evident audit log")
     verified = stack.admin("audit", "verify")
     show("[dom0]", verified.stdout.strip() or verified.stderr.strip(), CYAN)
+
+
+LAB_PORT = 8080
+_SERVE = (
+    "mkdir -p /tmp/www && echo hello from ai-build > /tmp/www/index.html && "
+    f"(nohup python3 -m http.server {LAB_PORT} --bind 127.0.0.1 --directory /tmp/www "
+    ">/dev/null 2>&1 &) && for i in $(seq 100); do "
+    f"curl -s -o /dev/null 127.0.0.1:{LAB_PORT} && echo serving on 127.0.0.1:{LAB_PORT} "
+    "&& exit 0; sleep 0.1; done; exit 1"
+)
+_FETCH = ["curl", "-sS", "--max-time", "5", f"http://localhost:{LAB_PORT}/"]
+
+
+async def _lab_link(client: Any, stack: Stack) -> None:
+    """An HTTP server in ai-build, a fetch from ai-web: refused, linked, fetched, closed."""
+
+    async def fetch() -> None:
+        got = await _tool(client, "qube_run", qube="ai-web", command=_FETCH)
+        if got is None:
+            return
+        ok = got["exit_code"] == 0
+        text = (got["stdout"] if ok else f"exit {got['exit_code']}: {got['stderr']}").rstrip()
+        show("dom0  ✓" if ok else "curl  ✗", text, GREEN if ok else RED)
+
+    served = await _tool(client, "qube_run", qube="ai-build", command=["sh", "-c", _SERVE])
+    if served:
+        show("dom0  ✓", served["stdout"].rstrip(), GREEN)
+    await fetch()  # no link: nothing listens in ai-web, and qrexec would refuse anyway
+    with Operator(stack, {"ai-web": "approve"}):
+        opened = await _tool(client, "link_open", client="ai-web", server="ai-build", port=LAB_PORT)
+    if opened:
+        show("dom0  ✓", opened, GREEN)
+        policy = (stack.root / "etc/qubes/policy.d/25-qubes-mcp.policy").read_text()
+        for line in policy.splitlines():
+            if line.startswith("qubes.ConnectTCP"):
+                show("[dom0] policy:", " ".join(line.split()), CYAN)
+    await fetch()
+    closed = await _tool(client, "link_close", client="ai-web", server="ai-build", port=LAB_PORT)
+    if closed:
+        show("dom0  ✓", f"link {closed['closed']['id']} closed", GREEN)
+    await fetch()
 
 
 class DemoBusyError(Exception):

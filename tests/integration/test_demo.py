@@ -37,5 +37,10 @@ def test_the_demo_transcript(tmp_path: Path) -> None:
     assert "qubes-mcp-admin approve" in out and '"removed": true' in out
     assert "consent-denied: the operator did not approve this request" in out
     assert "not-allowed: netvm can be set to null" in out
+    link = out.split("9. A lab link")[1].split("10. The operator")[0]
+    fetched = link.split("dom0  ✓ hello from ai-build")
+    assert len(fetched) == 2  # once, while the link is open: refused before and after
+    assert "curl  ✗ exit 7" in fetched[0] and "curl  ✗ exit 7" in fetched[1]
+    assert "qubes.ConnectTCP +8080 ai-web ai-build allow" in link and "closed" in fetched[1]
     assert "chain intact" in out
     assert "Error calling tool" not in result.stdout + result.stderr

@@ -336,6 +336,8 @@ BELOW_TIER: dict[str, dict[str, Any]] = {
     "file_read": {"qube": "ai-notes", "path": "/etc/hostname"},
     "file_write": {"qube": "ai-notes", "path": "/tmp/x", "data": "eA=="},
     "firewall_set": {"qube": "ai-dev", "rules": [{"action": "drop"}]},
+    "link_open": {"client": "ai-dev", "server": "ai-web", "port": 8080},
+    "link_close": {"client": "ai-notes", "server": "ai-web", "port": 8080},
     "qube_create": {"template": "ai-notes", "name": "ai-below1"},
     "disposable_create": {"template": "ai-notes"},
     "disposable_run": {"template": "ai-notes", "command": ["id"]},

@@ -95,3 +95,27 @@ def test_no_measurable_timing_difference(qubesd: Qubesd, tmp_path: Path) -> None
         missing.append(_info(gate, "no-such-qube"))
     m_hidden, m_missing = statistics.median(hidden), statistics.median(missing)
     assert abs(m_hidden - m_missing) < 0.2 * min(m_hidden, m_missing), (m_hidden, m_missing)
+
+
+def _link_to(gate: Gate, server: str, op: str = "qmcp.LinkOpen") -> tuple[bytes, int]:
+    payload = json.dumps({"server": server, "port": 8080}).encode()
+    before = gate.admin.round_trips
+    reply = asyncio.run(gate.handle(Request(op, "mcp-control", "ai-web", payload)))
+    return json.dumps(reply).encode(), gate.admin.round_trips - before
+
+
+@pytest.mark.parametrize("op", ["qmcp.LinkOpen", "qmcp.LinkClose"])
+@pytest.mark.parametrize("hidden", HIDDEN)
+def test_a_link_to_a_hidden_server_costs_what_a_missing_one_does(
+    qubesd: Qubesd, tmp_path: Path, hidden: str, op: str
+) -> None:
+    """Lab links (decision 0018): the server named in the payload is read like any reference,
+    so a hidden server and a missing one get the same bytes after the same round trips, and
+    nothing is asked of the operator for either."""
+    gate = _gate(qubesd, tmp_path)
+    reply_missing, trips_missing = _link_to(gate, "no-such-qube", op)
+    reply_hidden, trips_hidden = _link_to(gate, hidden, op)
+    assert reply_hidden == reply_missing
+    assert json.loads(reply_missing)["error"]["code"] == "not-found"
+    assert trips_hidden == trips_missing
+    assert gate.consent.pending() == []

@@ -22,7 +22,7 @@ from collections import defaultdict
 import pytest
 
 from qubes_mcp.dom0.config import GateConfig, parse_config
-from qubes_mcp.dom0.enrolment import Registry
+from qubes_mcp.dom0.enrolment import Registry, new_link
 from qubes_mcp.dom0.render import ANY_NON_DOM0, render_policy, validated_policy
 from qubes_mcp.policy import Policy
 
@@ -181,3 +181,49 @@ def test_the_any_but_dom0_set_answers_every_existing_and_missing_name_alike() ->
         assert verdict(target) == "allow", target
     for target in ["dom0", "@adminvm", "@dispvm", "@dispvm:q-dvm", "@dispvm:no-such", "@anyvm"]:
         assert verdict(target) == "deny", target
+
+
+def _linked(registry: Registry) -> Registry:
+    """Two lab links per scope: dev → clone (8080) and clone → disp1 (22)."""
+    for scope in registry.scopes():
+        if f"{scope}-dev" not in registry.members(scope):
+            continue  # only the egress is registered
+        for client, server, port in (("dev", "clone", 8080), ("clone", "disp1", 22)):
+            link = new_link(scope, f"{scope}-{client}", f"{scope}-{server}", port, by="gate:x")
+            registry = registry.linked(link)
+    return registry
+
+
+@pytest.mark.parametrize(("principals", "egress", "scopes"), CASES)
+def test_lab_links_are_the_only_sandbox_to_sandbox_lines_and_name_both_qubes(
+    principals: list[tuple[str, str, str, bool]], egress: bool, scopes: list[str]
+) -> None:
+    """Decision 0018: a link renders one line naming both registered qubes and the port;
+    every other allow line from a sandbox qube still goes to dom0 (or the egress, for a
+    template's updates) and nowhere else."""
+    config = _config(principals, egress)
+    registry = _linked(_registry(scopes))
+    text = validated_policy(config, registry)
+    members = {s: set(registry.members(s)) for s in registry.scopes()}
+    sandbox = {n for s in registry.scopes() for n in registry.entries(s)}
+    rendered_scopes = {p.scope.prefix for p in config.principals.values()}
+    expected = {
+        ("qubes.ConnectTCP", f"+{k.port}", k.client, k.server)
+        for k in registry.links()
+        if k.scope in rendered_scopes
+    }
+    found = set()
+    for cols in _lines(text):
+        service, arg, source, target, action, *params = cols
+        if source not in sandbox or action != "allow":
+            continue
+        if service == "qubes.ConnectTCP":
+            assert params == [] and arg.removeprefix("+").isdigit(), cols
+            scope = next(s for s in members if source in members[s])
+            assert source in members[scope] and target in members[scope], cols
+            assert source != target, cols
+            found.add((service, arg, source, target))
+            continue
+        redirect = [p.removeprefix("target=") for p in params if p.startswith("target=")]
+        assert target == "@adminvm" or redirect in (["@adminvm"], ["ai-egress"]), cols
+    assert found == expected

@@ -49,6 +49,8 @@ EXPECTED = {
     "file.read": ["test.nop"],
     "file.write": ["test.fail_without_changes"],
     "file.copy": ["test.fail_without_changes"],
+    "link.open": ["test.fail_without_changes"],
+    "link.close": ["test.fail_without_changes"],
 }
 
 

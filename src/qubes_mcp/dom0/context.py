@@ -87,11 +87,19 @@ class Context:
             by=self.principal.scope.born_by(self.principal.qube),
         )
 
-    async def leave_scope(self, name: str) -> None:
-        """Unregister a qube the gate removes (or rolls back); re-renders the policy."""
-        from qubes_mcp.dom0.enrolment import unenrol_name
+    async def leave_scope(self, name: str) -> list[str]:
+        """Unregister a qube the gate removes (or rolls back); re-renders the policy. Returns
+        the ids of the lab links that closed with it (a link needs both its qubes)."""
+        from qubes_mcp.dom0.enrolment import Registry, commit_change, lost_links
 
-        await unenrol_name(self.config, self.principal.scope, name)
+        before: list[Registry] = []
+
+        def change(registry: Registry) -> Registry:
+            before.append(registry)
+            return registry.unenrolled(self.principal.scope.prefix, name)
+
+        after = await commit_change(self.config, change)
+        return [k.id for k in lost_links(before[-1], after)]
 
 
 Handler = Callable[[Context], Awaitable[dict[str, Any]]]

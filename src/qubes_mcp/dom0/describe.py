@@ -370,6 +370,24 @@ def _head(
         )
     if name == "firewall.set":
         return ("REPLACE the firewall of ", target, " (first matching rule wins)")
+    if name == "link.open":
+        return (
+            "LINK ",
+            target,
+            " to ",
+            arg("server"),
+            ": localhost:",
+            arg("port"),
+            " in ",
+            target,
+            " will reach TCP port ",
+            arg("port"),
+            " on 127.0.0.1 of ",
+            arg("server"),
+            " (qubes.ConnectTCP; nothing else, no outside network)",
+        )
+    if name == "link.close":
+        return ("CLOSE the link from ", target, " to ", arg("server"), " port ", arg("port"))
     if name in ("qube.create", "disposable.create", "qube.clone"):
         verb = {
             "qube.create": "CREATE a new app qube from template ",

@@ -16,6 +16,16 @@ The file ``<state_dir>/enrolment.json``::
 and the policy needs it (only templates may call the updates proxy or sync menus); ``by`` is
 ``operator`` or ``gate:<principal>``.
 
+The same file keeps the *lab links* (``link.open``; decision record 0018) under ``links``::
+
+    "links": [{"id": "…16 hex…", "scope": "ai", "client": "ai-attacker",
+        "server": "ai-victim", "port": 8080, "by": "gate:ai-agent", "at": "…"}]
+
+A link lives only as long as both its qubes stay registered members of its scope under the
+uuid they had when it was opened: any change that unregisters either, or registers the name
+again under another uuid, drops it in the same commit (``Registry._with``). So the links and
+the policy lines they render are written together, atomically, like every registration.
+
 Every change goes through ``commit``: under an exclusive lock it re-reads the file, applies
 the change, renders the policy for the new registry and validates it together with every other
 file of the policy directory, and only then writes the registry and the policy (each
@@ -38,6 +48,8 @@ import asyncio
 import datetime
 import json
 import os
+import re
+import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -54,6 +66,7 @@ from qubes_mcp.dom0.tiers import DUMP, MEMBER, SCOPE_RE, Scope
 REGISTRY_NAME = "enrolment.json"
 _LOCK_NAME = ".enrolment.lock"
 _ROLES = (MEMBER, DUMP)
+LINK_ID_RE = re.compile(r"\A[0-9a-f]{16}\Z")
 
 
 class RegistryError(UnavailableError):
@@ -90,6 +103,57 @@ class Entry:
         }
 
 
+@dataclass(frozen=True)
+class Link:
+    """A lab link: ``client`` may call ``qubes.ConnectTCP+PORT`` on ``server`` (decision 0018)."""
+
+    id: str
+    scope: str
+    client: str
+    server: str
+    port: int
+    by: str
+    at: str
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "scope": self.scope,
+            "client": self.client,
+            "server": self.server,
+            "port": self.port,
+            "by": self.by,
+            "at": self.at,
+        }
+
+
+def _link(raw: object) -> Link:
+    if not isinstance(raw, dict):
+        raise RegistryError("a link is not an object")
+    texts = {k: raw.get(k) for k in ("id", "scope", "client", "server", "by", "at")}
+    port = raw.get("port")
+    if (
+        not all(isinstance(v, str) for v in texts.values())
+        or not LINK_ID_RE.match(str(texts["id"]))
+        or not SCOPE_RE.match(str(texts["scope"]))
+        or not _registrable(texts["client"])
+        or not _registrable(texts["server"])
+        or texts["client"] == texts["server"]
+        or type(port) is not int
+        or not 1 <= port <= 65535
+    ):
+        raise RegistryError("a link lacks id/scope/client/server/port/by/at")
+    return Link(
+        str(texts["id"]),
+        str(texts["scope"]),
+        str(texts["client"]),
+        str(texts["server"]),
+        port,
+        str(texts["by"]),
+        str(texts["at"]),
+    )
+
+
 def _entry(raw: object) -> Entry:
     if not isinstance(raw, dict):
         raise RegistryError("an entry is not an object")
@@ -108,10 +172,15 @@ def _entry(raw: object) -> Entry:
 class Registry:
     """One immutable snapshot of the registry. Changes return a new snapshot."""
 
-    def __init__(self, scopes: Mapping[str, Mapping[str, Entry]] | None = None) -> None:
+    def __init__(
+        self,
+        scopes: Mapping[str, Mapping[str, Entry]] | None = None,
+        links: Iterable[Link] = (),
+    ) -> None:
         self._scopes: Mapping[str, Mapping[str, Entry]] = MappingProxyType(
             {s: MappingProxyType(dict(sorted(e.items()))) for s, e in (scopes or {}).items()}
         )
+        self._links: tuple[Link, ...] = tuple(sorted(links, key=lambda k: k.id))
 
     @classmethod
     def load(cls, path: Path) -> Registry:
@@ -141,7 +210,13 @@ class Registry:
                 if not _registrable(name):
                     raise RegistryError("a registered name is not a qube name")
             out[scope] = {str(name): _entry(e) for name, e in entries.items()}
-        return cls(out)
+        links = raw.get("links", [])
+        if not isinstance(links, list):
+            raise RegistryError("links is not a list")
+        parsed = [_link(k) for k in links]
+        if len({k.id for k in parsed}) != len(parsed):
+            raise RegistryError("two links have one id")
+        return cls(out, parsed)
 
     def to_bytes(self) -> bytes:
         data = {
@@ -152,6 +227,8 @@ class Registry:
                 if entries
             },
         }
+        if self._links:
+            data["links"] = [k.to_json() for k in self._links]
         return (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
 
     def scopes(self) -> list[str]:
@@ -199,7 +276,59 @@ class Registry:
         return self._with(scope, {n: e for n, e in self.entries(scope).items() if n != name})
 
     def _with(self, scope: str, entries: Mapping[str, Entry]) -> Registry:
-        return Registry({**self._scopes, scope: entries})
+        """The registry with ``scope``'s entries replaced. A link of that scope survives only
+        if both its qubes are still members there under the same uuid: unregistering either
+        end, or registering its name again for another qube, closes the link in the same
+        commit (so no policy line outlives the qubes it names)."""
+        old = self.entries(scope)
+
+        def same(name: str) -> bool:
+            before, after = old.get(name), entries.get(name)
+            return (
+                before is not None
+                and after is not None
+                and after.role == MEMBER
+                and before.uuid == after.uuid
+            )
+
+        links = [k for k in self._links if k.scope != scope or (same(k.client) and same(k.server))]
+        return Registry({**self._scopes, scope: entries}, links)
+
+    # -- lab links (decision record 0018) ------------------------------------------------------
+
+    def links(self, scope: str | None = None) -> tuple[Link, ...]:
+        """The links of ``scope`` (every link when ``None``), ordered by id."""
+        return tuple(k for k in self._links if scope is None or k.scope == scope)
+
+    def link(self, scope: str, client: str, server: str, port: int) -> Link | None:
+        return next(
+            (
+                k
+                for k in self.links(scope)
+                if (k.client, k.server, k.port) == (client, server, port)
+            ),
+            None,
+        )
+
+    def linked(self, link: Link) -> Registry:
+        """The registry with ``link`` added (replacing one of the same id).
+
+        Raises:
+            ValueError: an end is not a registered member of the link's scope, or both ends are
+                one qube, or the port is out of range.
+        """
+        members = self.members(link.scope)
+        if link.client == link.server or not 1 <= link.port <= 65535:
+            raise ValueError("a link joins two different qubes on a port 1..65535")
+        if link.client not in members or link.server not in members:
+            raise ValueError("both ends of a link must be registered members of its scope")
+        if not LINK_ID_RE.match(link.id):
+            raise ValueError("bad link id")
+        kept = [k for k in self._links if k.id != link.id]
+        return Registry(self._scopes, [*kept, link])
+
+    def unlinked(self, link_id: str) -> Registry:
+        return Registry(self._scopes, [k for k in self._links if k.id != link_id])
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Registry) and self.to_bytes() == other.to_bytes()
@@ -214,6 +343,17 @@ def _registrable(name: object) -> bool:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def new_link(scope: str, client: str, server: str, port: int, *, by: str) -> Link:
+    """A new link with a fresh random id (also the marker of its listener in the client)."""
+    return Link(secrets.token_hex(8), scope, client, server, port, by, _now())
+
+
+def lost_links(old: Registry, new: Registry) -> list[Link]:
+    """The links ``old`` had and ``new`` has not (closed by a registry change)."""
+    kept = {k.id for k in new.links()}
+    return [k for k in old.links() if k.id not in kept]
 
 
 def registry_path(state_dir: Path) -> Path:

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from qubes_mcp.dom0 import create, handlers_files, handlers_read, handlers_write
+from qubes_mcp.dom0 import create, handlers_files, handlers_read, handlers_write, links
 from qubes_mcp.dom0.admin import AdminClient, QubesdError
 from qubes_mcp.dom0.audit.log import AuditLog
 from qubes_mcp.dom0.audit.summary import SUMMARY_ID, RefusalSummary
@@ -36,9 +36,11 @@ from qubes_mcp.dom0.context import Context, Handler
 from qubes_mcp.dom0.decide import Birth, Verdict, decide, names_to_read
 from qubes_mcp.dom0.describe import StepContext, describe, describe_plan
 from qubes_mcp.dom0.enrolment import (
+    Link,
     Registry,
     RegistryFile,
     commit_change,
+    lost_links,
     reconcile,
     registry_path,
 )
@@ -97,6 +99,9 @@ HANDLERS: dict[str, Handler] = {
     "file.write": handlers_files.file_write,
     "file.copy": handlers_write.file_copy,
     "firewall.set": handlers_write.firewall_set,
+    "link.open": links.link_open,
+    "link.list": links.link_list,
+    "link.close": links.link_close,
     "qube.create": create.qube_create,
     "disposable.create": create.disposable_create,
     "disposable.run": create.disposable_run,
@@ -222,8 +227,29 @@ class Gate:
         async with self._reconciled:
             if self._watcher is not None:
                 return
+            before = self.registry.current()
             await reconcile(self.config, self.admin)
+            await self._links_closed(lost_links(before, self.registry.current()))
             self._watcher = asyncio.create_task(self._watch_deletes())
+
+    async def _links_closed(self, links: list[Link]) -> None:
+        """One audit line per lab link a qube's removal closed (its policy line went in the
+        same commit as the registration; decision record 0018). Never raises: the links are
+        closed whether or not the line is written, and the gate's journal says so."""
+        for link in links:
+            log.info("qubes-mcp gate: link %s closed: a qube of it is gone", link.id)
+            try:
+                await self._append(
+                    principal=link.by.removeprefix("gate:"),
+                    op="link.close",
+                    decision="allowed",
+                    outcome="ok",
+                    targets=[link.client, link.server],
+                    request_id=secrets.token_hex(8),
+                    detail={"link_id": link.id, "port": link.port, "reason": "qube removed"},
+                )
+            except GateError as exc:
+                log.warning("qubes-mcp gate: link close not recorded: %s", exc.reason or exc)
 
     async def _watch_deletes(self) -> None:
         """Reconcile after every ``domain-delete`` of a registered name (as dom0, through
@@ -238,7 +264,8 @@ class Gate:
                     if ev.name == "domain-delete" and scopes:
                         # the event names the qube that is gone: forget it, without asking
                         # qubesd anything more (a re-created name gets a new uuid anyway)
-                        await commit_change(self.config, _forget(about, scopes))
+                        after = await commit_change(self.config, _forget(about, scopes))
+                        await self._links_closed(lost_links(registry, after))
             except asyncio.CancelledError:
                 raise
             except (GateError, OSError, asyncio.IncompleteReadError) as exc:
@@ -524,6 +551,9 @@ class Gate:
         )
         if target is not None:
             call.detail["tier"] = verdict.tiers[target].word
+        if op.name == "link.open" and target is not None:
+            # refused now rather than after the operator approved it (checked again on commit)
+            links.check_open(reader.registry, principal, target, args["server"], args["port"])
         if verdict.consent and call.preapproved:
             call.detail["consent"] = "plan"
         elif verdict.consent:

@@ -265,7 +265,8 @@ async def device_detach(ctx: Context) -> dict[str, Any]:
 
 
 async def qube_remove(ctx: Context) -> dict[str, Any]:
-    """Remove the qube, then unregister it, which takes its lines out of the policy.
+    """Remove the qube, then unregister it, which takes its lines out of the policy -- its
+    lab links' lines too (``links_closed`` in the audit detail).
 
     The audit records the tier the removal needed (``tier_needed``: exec when the principal
     created the qube, ``decide.created_by``). If the registry cannot be changed once the qube
@@ -277,7 +278,9 @@ async def qube_remove(ctx: Context) -> dict[str, Any]:
     ctx.detail["tier_needed"] = target_needs(ctx.verdict.op, ctx.principal, q).word
     await ctx.qubesd(ctx.target, "admin.vm.Remove")
     try:
-        await ctx.leave_scope(ctx.target)
+        closed = await ctx.leave_scope(ctx.target)
+        if closed:  # its lab links went with it, in the same policy commit
+            ctx.detail["links_closed"] = closed
     except GateError as exc:
         ctx.detail["error_class"] = type(exc).__name__
         log.warning("qubes-mcp gate: %s removed but not unregistered: %s", ctx.target, exc.reason)

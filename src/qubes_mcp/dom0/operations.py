@@ -387,6 +387,57 @@ OPERATIONS: tuple[Operation, ...] = (
         long_running=True,
         fields=(Field("rules", "rules", _RULE_DOC, required=True, maximum=256),),
     ),
+    # --- lab links: one qube reaches one TCP port of another, nothing else (decision 0018) ---
+    # ``open_world`` is False: a link joins two qubes of the scope through qrexec
+    # (``qubes.ConnectTCP``); it reaches nothing outside the machine.
+    Operation(
+        "link.open",
+        "qmcp.LinkOpen",
+        "Let a client qube reach one TCP port of a server qube (qubes.ConnectTCP): "
+        "localhost:PORT in the client connects to 127.0.0.1:PORT in the server",
+        Target.QUBE,
+        Tier.NET,
+        consent=True,
+        idempotent=True,
+        long_running=True,
+        fields=(
+            Field("server", "qube", "the qube whose port the client may reach", required=True),
+            Field(
+                "port",
+                "int",
+                "the TCP port on the server's 127.0.0.1, bound to the same port on the "
+                "client's localhost",
+                required=True,
+                minimum=1,
+                maximum=65535,
+            ),
+        ),
+        refs=(Ref("server", Tier.NET),),
+    ),
+    Operation(
+        "link.list",
+        "qmcp.LinkList",
+        "List the lab links you opened between qubes of your scope",
+        Target.GLOBAL,
+        Tier.READ,
+        read_only=True,
+        idempotent=True,
+    ),
+    Operation(
+        "link.close",
+        "qmcp.LinkClose",
+        "Close a lab link: its policy line goes at once, then its listener in the client",
+        Target.QUBE,
+        Tier.EXEC,
+        destructive=True,
+        idempotent=True,
+        long_running=True,
+        fields=(
+            Field("server", "qube", "the server qube of the link", required=True),
+            Field("port", "int", "the link's port", required=True, minimum=1, maximum=65535),
+        ),
+        refs=(Ref("server", Tier.READ),),
+    ),
     # --- create ----------------------------------------------------------------------------
     Operation(
         "qube.create",

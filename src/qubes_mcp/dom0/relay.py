@@ -44,13 +44,20 @@ DOM0_MARGIN = 5.0
 CANCEL_TIMEOUT = 10.0
 _RUN_ID = re.compile(r"\A[A-Za-z0-9_.-]{1,64}\Z")
 _PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.")
+
+
+def kill_script(marker: str) -> str:
+    """A shell script that kills every process whose environment holds ``MARKER=<one of its
+    arguments>``. Runs in the qube as root through VMExec (``sh -c SCRIPT NAME ID...``)."""
+    return (
+        'for id in "$@"; do for d in /proc/[0-9]*; do '
+        f'if grep -qzx "{marker}=$id" "$d/environ" 2>/dev/null; '
+        'then kill -KILL "${d#/proc/}" 2>/dev/null; fi; done; done; exit 0'
+    )
+
+
 #: Kills every process whose environment holds ``QMCP_RUN_ID=<one of the arguments>``.
-#: Runs in the qube as root through VMExec (``sh -c SCRIPT qmcp-cancel ID...``).
-CANCEL_SCRIPT = (
-    'for id in "$@"; do for d in /proc/[0-9]*; do '
-    f'if grep -qzx "{RUN_MARKER}=$id" "$d/environ" 2>/dev/null; '
-    'then kill -KILL "${d#/proc/}" 2>/dev/null; fi; done; done; exit 0'
-)
+CANCEL_SCRIPT = kill_script(RUN_MARKER)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,11 @@ principal and each scope:
 - each registered sandbox qube (member or dump sink), named one by one, may call only the
   housekeeping services a qube needs; a registered template also ``qubes.SyncAppMenus`` and,
   through the egress qube, ``qubes.UpdatesProxy``; then everything else from it is denied.
-  No sandbox qube may call another qube at all (copies are relayed by dom0).
+  No sandbox qube may call another qube (copies are relayed by dom0), with one exception: a
+  lab link the operator approved (``link.open``, decision record 0018) renders exactly one
+  line ``qubes.ConnectTCP +PORT CLIENT SERVER allow``, naming both registered qubes and the
+  port, before the client's deny lines. Never a tag, ``@anyvm``, ``*`` or another service;
+  a link whose ends are not both registered members of the scope renders nothing.
 
 No line is keyed on a tag: Qubes copies tags into disposables and clones, so a tag-keyed line
 would open paths to qubes the operator made (decision record 0010).
@@ -55,6 +59,8 @@ HOUSEKEEPING = (
 )
 #: stock R4.3 lets templates only sync their menus into dom0 (never app qubes or disposables)
 TEMPLATE_ONLY = ("qubes.SyncAppMenus",)
+#: the one service a sandbox qube may call on another: a lab link (decision record 0018)
+CONNECT_TCP = "qubes.ConnectTCP"
 #: every class a non-dom0 qube can have (qubes-core-admin ``qubes.vm`` entry points, and
 #: Qubes Air's RemoteVM); with @default they match every existing or missing non-dom0 name
 NON_DOM0_CLASSES = ("AppVM", "DispVM", "TemplateVM", "StandaloneVM", "RemoteVM")
@@ -93,8 +99,22 @@ def _principal_block(p: Principal, registry: Registry) -> list[str]:
     return lines + _deny_all(p.qube)
 
 
+def _link_lines(scope: Scope, registry: Registry, client: str) -> list[str]:
+    """One allow line per lab link from ``client``: both qubes and the port, by name."""
+    members = registry.members(scope.prefix)
+    return [
+        _row(CONNECT_TCP, f"+{link.port}", link.client, link.server, "allow")
+        for link in sorted(registry.links(scope.prefix), key=lambda k: (k.server, k.port, k.id))
+        if link.client == client
+        and link.client in members
+        and link.server in members
+        and link.client != link.server
+        and 1 <= link.port <= 65535
+    ]
+
+
 def _sandbox_block(scope: Scope, registry: Registry, egress: str | None) -> list[str]:
-    lines = [f"## registered qubes of scope {scope.prefix} as sources: housekeeping, then nothing"]
+    lines = [f"## registered qubes of scope {scope.prefix} as sources: housekeeping, links"]
     for name, entry in registry.entries(scope.prefix).items():
         for service in HOUSEKEEPING:
             lines.append(_row(service, "*", name, "@adminvm", "allow"))
@@ -108,6 +128,7 @@ def _sandbox_block(scope: Scope, registry: Registry, egress: str | None) -> list
                 _row("qubes.UpdatesProxy", "*", name, t, "allow", f"target={egress}")
                 for t in ANY_NON_DOM0
             ]
+        lines += _link_lines(scope, registry, name)
         lines += _deny_all(name)
     return lines
 
@@ -163,6 +184,7 @@ def stage_policy(policy_dir: Path, text: str) -> str:
 
 __all__ = [
     "ANY_NON_DOM0",
+    "CONNECT_TCP",
     "FORMER_POLICY_NAMES",
     "POLICY_NAME",
     "PolicySyntaxError",

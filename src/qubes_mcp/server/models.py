@@ -138,6 +138,29 @@ class FirewallSetResult(TypedDict):
     rules: int
 
 
+class Link(TypedDict):
+    id: str
+    client: str  # where localhost:PORT leads to the server
+    server: str  # whose 127.0.0.1:PORT the client reaches
+    port: int
+    opened_at: NotRequired[str]
+
+
+class LinkOpenResult(TypedDict):
+    link: Link
+    listening: str  # "localhost:PORT in CLIENT"
+
+
+class LinkList(TypedDict):
+    links: list[Link]
+
+
+class LinkCloseResult(TypedDict):
+    closed: Link
+    #: the listener in the client was stopped (false when the client was not running)
+    listener_stopped: bool
+
+
 NewQube = TypedDict(
     "NewQube",
     {

@@ -1,4 +1,4 @@
-"""Tools that act inside existing qubes: power, commands, file copies, firewall."""
+"""Tools that act inside existing qubes: power, commands, file copies, firewall, lab links."""
 
 from __future__ import annotations
 
@@ -21,6 +21,11 @@ from qubes_mcp.server.params import (
     qube_param,
 )
 from qubes_mcp.server.registry import ToolDef
+
+#: a lab link's port: the server's 127.0.0.1:PORT, bound to the client's localhost:PORT
+LinkPort = Annotated[
+    int, Field(ge=1, le=65535, description="the TCP port (same number on both sides)")
+]
 
 
 def act_tools(gw: Gateway) -> list[ToolDef]:
@@ -126,6 +131,28 @@ def act_tools(gw: Gateway) -> list[ToolDef]:
         payload = {"rules": rules}
         return cast(models.FirewallSetResult, await gw.call(ctx, "firewall.set", qube, payload))
 
+    async def link_open(
+        client: Annotated[str, qube_param("the qube that connects (localhost:PORT there)")],
+        server: Annotated[str, qube_param("the qube whose 127.0.0.1:PORT it reaches")],
+        port: LinkPort,
+        ctx: Context,
+    ) -> models.LinkOpenResult:
+        """Open a lab link: localhost:PORT in the client reaches 127.0.0.1:PORT in the server
+        through qrexec (qubes.ConnectTCP), and nothing else -- no outside network. Open it
+        again after the client restarts to start its listener again."""
+        payload = {"server": server, "port": port}
+        return cast(models.LinkOpenResult, await gw.call(ctx, "link.open", client, payload))
+
+    async def link_close(
+        client: Annotated[str, qube_param("the link's client qube")],
+        server: Annotated[str, qube_param("the link's server qube")],
+        port: LinkPort,
+        ctx: Context,
+    ) -> models.LinkCloseResult:
+        """Close a lab link: the client can no longer reach the server's port."""
+        payload = {"server": server, "port": port}
+        return cast(models.LinkCloseResult, await gw.call(ctx, "link.close", client, payload))
+
     return [
         ToolDef(fn, group, table.op(op))
         for op, group, fn in (
@@ -139,5 +166,7 @@ def act_tools(gw: Gateway) -> list[ToolDef]:
             ("file.write", "files", file_write),
             ("file.copy", "files", file_copy),
             ("firewall.set", "network", firewall_set),
+            ("link.open", "network", link_open),
+            ("link.close", "network", link_close),
         )
     ]

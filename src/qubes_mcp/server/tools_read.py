@@ -62,6 +62,10 @@ def read_tools(gw: Gateway) -> list[ToolDef]:
         qube halted or crashed. Bytes that are not printable ASCII come escaped (\\xNN)."""
         return cast(models.LogResult, await gw.call(ctx, "qube.log", qube, {"lines": lines}))
 
+    async def link_list(ctx: Context) -> models.LinkList:
+        """List the lab links you opened (both qubes still in your scope)."""
+        return cast(models.LinkList, await gw.call(ctx, "link.list"))
+
     return [
         ToolDef(fn, "read", table.op(op))
         for op, fn in (
@@ -72,5 +76,6 @@ def read_tools(gw: Gateway) -> list[ToolDef]:
             ("events.watch", events_watch),
             ("budget.get", budget_get),
             ("qube.log", qube_log),
+            ("link.list", link_list),
         )
     ]

@@ -85,6 +85,8 @@ DETAIL_KEYS: Final = frozenset(
         *("exported_seq", "summary", "count", "window_s"),
         # an outcome line written after the gate had to stop for want of it
         "recorded_late",
+        # lab links (decision 0018): the link's id and port, and the links a removal closed
+        *("link_id", "port", "links_closed"),
     }
 )
 _RESERVED: Final = frozenset({"dropped_keys", "overflow", "argv_capped"})

@@ -449,10 +449,13 @@ async def _enrol(config: GateConfig, qube: str, scope: Scope, tier: str, dump: b
 
 
 async def _unenrol(config: GateConfig, qube: str, scope: Scope) -> str:
-    """Unregister first (out of scope at once), then remove the scope's enrolment tags."""
-    from qubes_mcp.dom0.enrolment import unenrol_name
+    """Unregister first (out of scope at once), then remove the scope's enrolment tags. The
+    qube's lab links close in the same commit (decision 0018); the line names them."""
+    from qubes_mcp.dom0.enrolment import Registry, lost_links, registry_path, unenrol_name
 
-    await unenrol_name(config, scope, qube)
+    before = Registry.load(registry_path(config.paths.state_dir))
+    after = await unenrol_name(config, scope, qube)
+    closed = "".join(f"; lab link {k.id} closed" for k in lost_links(before, after))
     tier_tags = {t for t in (scope.tier_tag(x) for x in Tier) if t}
     remove = {scope.managed, scope.dump, *tier_tags}
     client = AdminClient(config.paths.qubesd_socket)
@@ -461,8 +464,8 @@ async def _unenrol(config: GateConfig, qube: str, scope: Scope) -> str:
     except QubesdError as exc:
         if exc.exc_class not in ("QubesVMNotFoundError", "QubesValueError"):
             raise
-        return f"{qube}: unenrolled from {scope.prefix} (the qube no longer exists)"
-    return f"{qube}: unenrolled from {scope.prefix}; tags -{sorted(remove)}"
+        return f"{qube}: unenrolled from {scope.prefix} (the qube no longer exists){closed}"
+    return f"{qube}: unenrolled from {scope.prefix}; tags -{sorted(remove)}{closed}"
 
 
 @audited(_config)  # tier, enrol, unenrol

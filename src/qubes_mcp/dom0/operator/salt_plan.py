@@ -174,6 +174,8 @@ def step_states(step: Mapping[str, Any], scope: str) -> list[State]:
         "file.read": lambda: [("test.nop", [("name", f"file.read in {target}: nothing to apply")])],
         "file.write": lambda: _fail(f"bytes written into a file of {target}"),
         "file.copy": lambda: _fail(f"a copy from {target} relayed by dom0"),
+        "link.open": lambda: _fail(f"a lab link from {target} (the gate's registry and policy)"),
+        "link.close": lambda: _fail(f"closing a lab link of {target} (the gate's registry)"),
     }
     make = simple.get(op)
     if make is not None:
