@@ -182,7 +182,10 @@ async def session(stack: Stack) -> None:
         say("9. A lab link: ai-web reaches one port of ai-build through qrexec, nothing else")
         await _lab_link(client, stack)
 
-    say("10. The operator verifies the tamper-evident audit log")
+        say("10. The research loop: snapshot, attack over a link, read the crash, revert")
+        await _research_loop(client, stack)
+
+    say("11. The operator verifies the tamper-evident audit log")
     verified = stack.admin("audit", "verify")
     show("[dom0]", verified.stdout.strip() or verified.stderr.strip(), CYAN)
 
@@ -226,6 +229,86 @@ async def _lab_link(client: Any, stack: Stack) -> None:
     if closed:
         show("dom0  ✓", f"link {closed['closed']['id']} closed", GREEN)
     await fetch()
+
+
+VICTIM_PORT = 9000
+#: the victim's service: answers, except that /poc corrupts its config and takes the whole
+#: qube down (every process, the qrexec agent included: what a kernel crash leaves behind)
+_VICTIM = (
+    "mkdir -p /rw/lab && cat > /rw/lab/service.py <<'EOF'\n"
+    "import http.server, os, threading\n"
+    "class H(http.server.BaseHTTPRequestHandler):\n"
+    "    def do_GET(self):\n"
+    "        if self.path == '/poc':\n"
+    "            open('/rw/lab/config', 'w').write('pwned\\n')\n"
+    "        self.send_response(200); self.end_headers()\n"
+    "        self.wfile.write(b'ok ' + self.path.encode())\n"
+    "        if self.path == '/poc': threading.Timer(0.5, os.kill, (-1, 9)).start()\n"
+    f"http.server.HTTPServer(('127.0.0.1', {VICTIM_PORT}), H).serve_forever()\n"
+    "EOF\n"
+    "(nohup python3 /rw/lab/service.py >/dev/null 2>&1 &); for i in $(seq 100); do "
+    f"curl -s -o /dev/null 127.0.0.1:{VICTIM_PORT} && echo victim listening && exit 0; "
+    "sleep 0.1; done; exit 1"
+)
+
+
+async def _research_loop(client: Any, stack: Stack) -> None:
+    """Set up the victim and snapshot it (a shutdown keeps a revision), build the PoC in a
+    qube of its own, fire it over a lab link, read the crash on the console, keep the loot in
+    the dump sink, revert the victim, and remove the PoC qube with the operator's approval."""
+
+    async def run(qube: str, script: str) -> Any:
+        return await _tool(client, "qube_run", qube=qube, command=["sh", "-c", script])
+
+    await run("ai-usb", "mkdir -p /rw/lab && echo clean > /rw/lab/config")
+    await _tool(client, "qube_shutdown", qube="ai-usb")  # the snapshot
+    await _tool(client, "qube_create", template="ai-debian", name="ai-poc", label="red")
+    await run("ai-poc", "echo /poc > /home/user/payload")  # the PoC, built apart from both
+    await _tool(
+        client, "file_copy", source="ai-poc", destination="ai-web", paths=["/home/user/payload"]
+    )
+    served = await run("ai-usb", _VICTIM)
+    if served:
+        show("dom0  ✓", served["stdout"].rstrip(), GREEN)
+    with Operator(stack, {"ai-web": "approve", "ai-usb": "approve", "ai-poc": "approve"}):
+        await _tool(client, "link_open", client="ai-web", server="ai-usb", port=VICTIM_PORT)
+        attack = await run(
+            "ai-web",
+            f"curl -sS --max-time 5 localhost:{VICTIM_PORT}"
+            "$(cat /home/user/QubesIncoming/ai-poc/payload) | tee /home/user/loot.txt",
+        )
+        if attack:
+            show("dom0  ✓", f"attack answered: {attack['stdout'].strip()}", GREEN)
+        await _tool(client, "link_close", client="ai-web", server="ai-usb", port=VICTIM_PORT)
+        show("agent →", "qube_info(qube='ai-usb') until it is no longer Running", DIM)
+        for _ in range(40):
+            state = (await client.call_tool("qube_info", {"qube": "ai-usb"})).structured_content
+            if state["state"] != "Running":
+                break
+            await asyncio.sleep(0.25)
+        show("dom0  ✓", f"ai-usb is {state['state']} after the attack", GREEN)
+        console = await _tool(client, "qube_log", qube="ai-usb", lines=2)
+        if console:
+            show("dom0  ✓", "console: " + " | ".join(console["lines"]), GREEN)
+        loot = await _tool(
+            client,
+            "file_copy",
+            source="ai-web",
+            destination="ai-dump",
+            paths=["/home/user/loot.txt"],
+        )
+        if loot:
+            show("dom0  ✓", f"the loot is in the dump sink: {loot['landed_in']}", GREEN)
+        reverted = await _tool(client, "qube_revert", qube="ai-usb")
+        if reverted:
+            show("dom0  ✓", reverted, GREEN)
+        after = await run("ai-usb", "cat /rw/lab/config")
+        if after:
+            show("dom0  ✓", f"after revert the config says: {after['stdout'].strip()}", GREEN)
+        await _tool(client, "qube_shutdown", qube="ai-poc")
+        removed = await _tool(client, "qube_remove", qube="ai-poc")
+        if removed:
+            show("dom0  ✓", removed, GREEN)
 
 
 class DemoBusyError(Exception):

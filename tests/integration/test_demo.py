@@ -37,10 +37,18 @@ def test_the_demo_transcript(tmp_path: Path) -> None:
     assert "qubes-mcp-admin approve" in out and '"removed": true' in out
     assert "consent-denied: the operator did not approve this request" in out
     assert "not-allowed: netvm can be set to null" in out
-    link = out.split("9. A lab link")[1].split("10. The operator")[0]
+    link = out.split("9. A lab link")[1].split("10. The research loop")[0]
     fetched = link.split("dom0  ✓ hello from ai-build")
     assert len(fetched) == 2  # once, while the link is open: refused before and after
     assert "curl  ✗ exit 7" in fetched[0] and "curl  ✗ exit 7" in fetched[1]
     assert "qubes.ConnectTCP +8080 ai-web ai-build allow" in link and "closed" in fetched[1]
+    loop = out.split("10. The research loop")[1].split("11. The operator")[0]
+    assert "attack answered: ok /poc" in loop  # over the link, from the PoC built in ai-poc
+    assert "ai-usb is Halted after the attack" in loop
+    assert "the loot is in the dump sink: /home/user/QubesIncoming/ai-web/" in loop
+    assert re.search(r"console: .*ai-usb died \(exit status", loop)  # read after the crash
+    assert "after revert the config says: clean" in loop  # the attack's write is gone
+    assert loop.count("[dom0] operator runs: qubes-mcp-admin approve") == 3  # link, revert, rm
+    assert '"qube": "ai-poc",\n            "removed": true' in loop
     assert "chain intact" in out
     assert "Error calling tool" not in result.stdout + result.stderr
