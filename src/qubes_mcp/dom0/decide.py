@@ -201,13 +201,13 @@ def _check_property(
         elif not is_valid_qube_name(value):
             raise InvalidInputError("value must be a qube name or null")
     if prop == "netvm":
-        if qube.flag("provides_network") or qube.name == config.egress_qube:
+        if qube.flag("provides_network") or qube.name in config.egress_qubes:
             raise NotAllowedError("the netvm of a network-providing qube is operator-only")
         if args["value"] is None:
             return  # disconnecting is always allowed
         _check_reference(principal, config, prop, tier, facts.get(args["value"]))
-        current = qube.prop("netvm")
-        if args["value"] != config.egress_qube or current not in ("", config.egress_qube):
+        current, egress = qube.prop("netvm"), principal.egress_qube
+        if args["value"] != egress or current not in ("", egress):
             raise NotAllowedError(
                 "netvm can be set to null, or back to the egress qube from null; "
                 "connecting elsewhere is operator-only"
@@ -272,12 +272,12 @@ def _birth_netvm(
         ):
             raise NotAllowedError("the source's network is outside your scope")
         return inherited
-    if config.egress_qube is None:
+    if principal.egress_qube is None:
         return None
-    egress = facts.get(config.egress_qube)
+    egress = facts.get(principal.egress_qube)
     if egress is None or not principal.scope.is_enrolled(egress.tags, egress.registered):
         raise NotAllowedError("the configured egress qube is not in your scope")
-    return config.egress_qube
+    return principal.egress_qube
 
 
 def _birth_references(op: Operation, source: QubeFacts, netvm: str | None) -> list[tuple[str, str]]:

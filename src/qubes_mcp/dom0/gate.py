@@ -462,11 +462,15 @@ class Gate:
                 self.create_lock.release()
         return await self._decide_and_act(call, op, principal, args)
 
-    def _names(self, op: Operation, target: str | None, args: dict[str, Any]) -> list[str]:
-        """Every qube the decision reads: what the request names, and the egress for creates."""
+    @staticmethod
+    def _names(
+        op: Operation, principal: Principal, target: str | None, args: dict[str, Any]
+    ) -> list[str]:
+        """Every qube the decision reads: what the request names, and the principal's egress
+        for creates."""
         names = names_to_read(op, target, args)
-        if op.creates and self.config.egress_qube:
-            names.append(self.config.egress_qube)
+        if op.creates and principal.egress_qube:
+            names.append(principal.egress_qube)
         return names
 
     async def _read_and_decide(
@@ -478,7 +482,7 @@ class Gate:
         args: dict[str, Any],
     ) -> tuple[Verdict, Facts]:
         """Fresh facts, then the pure decision (the same for a request and a plan's step)."""
-        facts = await reader.facts(self._names(op, target, args), with_scope=op.creates)
+        facts = await reader.facts(self._names(op, principal, target, args), with_scope=op.creates)
         facts = facts.with_registrars(self._registrar(reader, principal))
         verdict = decide(
             principal=principal, op=op, target=target, args=args, facts=facts, config=self.config
@@ -581,7 +585,7 @@ class Gate:
                 step_args = check_payload(
                     op, json.dumps(raw["args"]).encode(), name_prefix=principal.name_prefix
                 )
-                names = self._names(op, target, step_args)
+                names = self._names(op, principal, target, step_args)
                 deferred = bool(born.keys() & set(names))
                 read = await reader.facts(
                     [n for n in names if n not in born], with_scope=op.creates
