@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from qubes_mcp.dom0.operator import qubes_policy_tools as tools_module
 from qubes_mcp.dom0.enrolment import PolicyRefusedError
+from qubes_mcp.dom0.operator import qubes_policy_tools as tools_module
 from qubes_mcp.dom0.operator.install import install
 from qubes_mcp.dom0.operator.qubes_policy_tools import PolicyTools
 from qubes_mcp.stack import Stack, start_stack

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from qubes_mcp.dom0.operator import cli
 from qubes_mcp.dom0.errors import InvalidInputError
+from qubes_mcp.dom0.operator import cli
 from qubes_mcp.dom0.operator.install import install
 
 

@@ -16,7 +16,8 @@ because each step may only reveal what the previous steps proved the agent may s
    agent controls).
 4. The operation's invariants (``not-allowed``): property and feature allowlists, netvm may be
    disconnected but never retargeted, no template/standalone creation, no clone of templates or
-   network providers, cross-references stay in scope and reach the tier their dependency
+   network providers, only templates are updated and only in a scope with an egress,
+   cross-references stay in scope and reach the tier their dependency
    confers (``operations.REFERENCES``; a new qube's references too), the principal may create.
 5. Budgets for create paths (``budget-exceeded``) and name collisions with a qube of the
    principal's scope (``conflict``); a hidden qube's name is answered as a free name until the
@@ -250,6 +251,15 @@ def _check_property(
             raise NotAllowedError("only an app qube can be a disposable template")
     else:  # the schema's choices and this function must agree
         raise NotAllowedError("property is not writable")
+
+
+def _check_update(principal: Principal, template: QubeFacts) -> None:
+    """``template.update``: a template, and a scope with an egress for its updates to go
+    through (the generated policy sends its ``qubes.UpdatesProxy`` there and nowhere else)."""
+    if template.klass != "TemplateVM":
+        raise NotAllowedError("only a template can be updated")
+    if principal.egress_qube is None:
+        raise NotAllowedError("your scope has no egress qube, so templates cannot be updated")
 
 
 def _birth_netvm(
@@ -492,6 +502,9 @@ def decide(
     elif op.name == "feature.set":
         if not work_args["feature"].startswith(WRITABLE_FEATURE_PREFIXES):
             raise NotAllowedError("only service.* and vm-config.* features are writable by agents")
+    elif op.name == "template.update":
+        assert target_facts is not None
+        _check_update(principal, target_facts)
     elif op.creates:
         assert target_facts is not None and target is not None
         birth = _plan_birth(

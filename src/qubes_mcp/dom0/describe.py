@@ -331,6 +331,12 @@ def _head(
         return (f"{verb} qube ", target, force)
     if name == "qube.run":
         return ("RUN a command as root in ", target, " (started if needed)")
+    if name == "template.update":
+        return (
+            "UPDATE the packages of template ",
+            target,
+            " through its scope's egress qube (network), then shut it down",
+        )
     if name == "disposable.run":
         return ("RUN a command as root in a new disposable of ", target, ", then destroy it")
     if name == "file.read":

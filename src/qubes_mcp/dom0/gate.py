@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from qubes_mcp.dom0 import create, handlers_files, handlers_read, handlers_write
+from qubes_mcp.dom0 import create, handlers_files, handlers_read, handlers_update, handlers_write
 from qubes_mcp.dom0.admin import AdminClient, QubesdError
 from qubes_mcp.dom0.audit.log import AuditLog
 from qubes_mcp.dom0.audit.summary import SUMMARY_ID, RefusalSummary
@@ -106,6 +106,7 @@ HANDLERS: dict[str, Handler] = {
     "device.attach": handlers_write.device_attach,
     "device.detach": handlers_write.device_detach,
     "qube.remove": handlers_write.qube_remove,
+    "template.update": handlers_update.template_update,
 }
 
 

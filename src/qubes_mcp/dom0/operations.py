@@ -385,6 +385,27 @@ OPERATIONS: tuple[Operation, ...] = (
         long_running=True,
         fields=(Field("rules", "rules", _RULE_DOC, required=True, maximum=256),),
     ),
+    # --- templates: updates through the scope's egress (issue 10 §4) ----------------------
+    Operation(
+        "template.update",
+        "qmcp.TemplateUpdate",
+        "Update a template's packages through its scope's egress qube, then shut it down",
+        Target.QUBE,
+        Tier.EXEC,
+        destructive=True,
+        long_running=True,
+        open_world=True,
+        fields=(
+            Field(
+                "timeout",
+                "int",
+                "seconds before the update is killed",
+                default=900,
+                minimum=60,
+                maximum=3600,
+            ),
+        ),
+    ),
     # --- create ----------------------------------------------------------------------------
     Operation(
         "qube.create",

@@ -64,7 +64,7 @@ from qubes_mcp.dom0.reader import property_value
 from qubes_mcp.dom0.relay import cancel_in_qube
 
 #: requests that run commands in qubes through relay.py, marked with their request id
-RUN_OPS = frozenset({"qube.run", "file.read", "file.write", "file.copy"})
+RUN_OPS = frozenset({"qube.run", "file.read", "file.write", "file.copy", "template.update"})
 
 log = logging.getLogger("qubes_mcp.gate")
 

@@ -97,6 +97,30 @@ class CommandResult(TypedDict):
     timed_out: bool
 
 
+class PackageChange(TypedDict):
+    name: str
+    version: str
+
+
+PackageUpgrade = TypedDict("PackageUpgrade", {"name": str, "from": str, "to": str})
+
+
+class TemplateUpdateResult(TypedDict):
+    template: str
+    manager: str  # apt | dnf
+    exit_code: int | None  # the update's; None when its timeout killed it
+    timed_out: bool
+    packages: int  # installed after the update
+    state: str  # the template's power state after (Halted)
+    upgraded: list[PackageUpgrade]  # at most 200 each; the *_count keys are whole
+    upgraded_count: int
+    installed: list[PackageChange]
+    installed_count: int
+    removed: list[PackageChange]
+    removed_count: int
+    log_tail: str  # the end of the package manager's own output
+
+
 class FileReadResult(TypedDict):
     qube: str
     path: str

@@ -72,6 +72,18 @@ def act_tools(gw: Gateway) -> list[ToolDef]:
             payload["output"] = output
         return cast(models.CommandResult, await gw.call(ctx, "qube.run", qube, payload))
 
+    async def template_update(
+        template: Annotated[str, qube_param("")],
+        ctx: Context,
+        timeout: Annotated[int, Field(ge=60, le=3600, description="seconds")] = 900,
+    ) -> models.TemplateUpdateResult:
+        """Update a template's packages (apt or dnf, through your scope's egress qube), then
+        shut it down; returns the packages upgraded, installed and removed."""
+        payload = {"timeout": timeout}
+        return cast(
+            models.TemplateUpdateResult, await gw.call(ctx, "template.update", template, payload)
+        )
+
     async def file_read(
         qube: Qube,
         path: Path,
@@ -135,6 +147,7 @@ def act_tools(gw: Gateway) -> list[ToolDef]:
             ("qube.unpause", "power", qube_unpause),
             ("qube.kill", "power", qube_kill),
             ("qube.run", "exec", qube_run),
+            ("template.update", "exec", template_update),
             ("file.read", "files", file_read),
             ("file.write", "files", file_write),
             ("file.copy", "files", file_copy),
