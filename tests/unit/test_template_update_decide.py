@@ -1,13 +1,14 @@
-"""``template.update``: the decision's rules and the parsing of what the template reports."""
+"""``template.update`` and the ``usb`` device class: the decision's rules, and the parsing of what
+the template reports."""
 
 from __future__ import annotations
 
 import pytest
 
 from qubes_mcp.dom0.config import parse_config
-from qubes_mcp.dom0.errors import InsufficientTierError, NotAllowedError
+from qubes_mcp.dom0.errors import InsufficientTierError, InvalidInputError, NotAllowedError
 from qubes_mcp.dom0.handlers_update import changes, parse_output
-from tests.gate_fixtures import CONFIG_TEXT, config, decide_request
+from tests.gate_fixtures import CONFIG_TEXT, config, decide_request, qube
 
 CFG = config()
 
@@ -85,3 +86,34 @@ def test_hostile_lines_from_the_template_are_dropped() -> None:
     parsed = parse_output(out)
     assert parsed is not None
     assert parsed[1] == {"ok": "1"} and parsed[2] == {"ok": "1"}
+
+
+# --- the usb device class (issue 10 §4): the block rule, and no read-only ----------------------
+
+
+def _usb(op: str, target: str, **args: object) -> object:
+    up = [
+        qube("ai-usb", "ai-managed", "ai-full", state="Running"),
+        qube("ai-build", "ai-managed", "ai-full", state="Running"),
+    ]
+    return decide_request(
+        CFG,
+        op,
+        target,
+        principal=CFG.principals["mcp-control"],
+        extra=up,
+        backend="ai-usb",
+        device="2-1",
+        devclass="usb",
+        **args,
+    )
+
+
+def test_usb_attach_and_detach_need_consent_like_block() -> None:
+    assert _usb("device.attach", "ai-build").consent  # type: ignore[attr-defined]
+    assert _usb("device.detach", "ai-build").consent  # type: ignore[attr-defined]
+
+
+def test_usb_devices_do_not_attach_read_only() -> None:
+    with pytest.raises(InvalidInputError, match="read_only"):
+        _usb("device.attach", "ai-build", read_only=True)

@@ -502,6 +502,8 @@ def decide(
     elif op.name == "feature.set":
         if not work_args["feature"].startswith(WRITABLE_FEATURE_PREFIXES):
             raise NotAllowedError("only service.* and vm-config.* features are writable by agents")
+    elif op.name == "device.attach" and work_args["devclass"] != "block" and work_args["read_only"]:
+        raise InvalidInputError("read_only: only block devices attach read-only")
     elif op.name == "template.update":
         assert target_facts is not None
         _check_update(principal, target_facts)

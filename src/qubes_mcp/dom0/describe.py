@@ -385,7 +385,9 @@ def _head(
         verb, prep = ("ATTACH", "to") if name == "device.attach" else ("DETACH", "from")
         ro = " read-only" if args.get("read_only") is True else ""
         return (
-            f"{verb} block device ",
+            f"{verb} ",
+            arg("devclass"),
+            " device ",
             arg("backend"),
             ":",
             arg("device"),

@@ -56,7 +56,7 @@ class FirewallRules(TypedDict):
 
 class Devices(TypedDict):
     qube: str
-    exposed: list[dict[str, str]]
+    exposed: list[dict[str, str]]  # each with its devclass: block | usb
     attached: list[dict[str, str]]
 
 
@@ -188,6 +188,7 @@ class DeviceAttachResult(TypedDict):
     frontend: str
     backend: str
     device: str
+    devclass: str  # block | usb
     read_only: NotRequired[bool]
 
 
