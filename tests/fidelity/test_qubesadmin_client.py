@@ -410,6 +410,34 @@ def test_block_devices_of_halted_backend_are_invisible(qapp: Any) -> None:
     assert list(qapp.domains["sys-usb"].devices["block"]) == []
 
 
+def test_usb_devices_list_attach_detach(qapp: Any, qubesadmin: ModuleType) -> None:
+    """The usb class (R4.3's USB proxy) through the client's generic device collection."""
+    from qubesadmin.device_protocol import DeviceAssignment
+
+    sys_usb = _start_sys_usb(qapp)
+    devices = list(sys_usb.devices["usb"])
+    assert [(d.port_id, d.devclass) for d in devices] == [("1-1", "usb")]
+    dev = devices[0]
+    assert (dev.vendor, dev.product, dev.attachment) == (
+        "Logitech, Inc.",
+        "Unifying Receiver",
+        None,
+    )
+    work = qapp.domains["work"]
+    if not work.is_running():
+        work.start()
+    work.devices["usb"].attach(DeviceAssignment(dev))
+    attached = list(work.devices["usb"].get_attached_devices())
+    assert [(a.backend_domain.name, a.port_id) for a in attached] == [("sys-usb", "1-1")]
+    assert sys_usb.devices["usb"]["1-1"].attachment.name == "work"
+    with pytest.raises(qubesadmin.exc.DeviceAlreadyAttached):
+        work.devices["usb"].attach(DeviceAssignment(dev))
+    work.devices["usb"].detach(attached[0])
+    assert list(work.devices["usb"].get_attached_devices()) == []
+    with pytest.raises(qubesadmin.exc.DeviceNotAssigned):
+        work.devices["usb"].detach(attached[0])
+
+
 def test_device_classes(qapp: Any) -> None:
     assert "block" in list(qapp.domains["work"].devices.keys())
 

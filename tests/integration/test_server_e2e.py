@@ -332,6 +332,7 @@ BELOW_TIER: dict[str, dict[str, Any]] = {
     "qube_unpause": {"qube": "ai-notes"},
     "qube_kill": {"qube": "ai-notes"},
     "qube_run": {"qube": "ai-notes", "command": ["id"]},
+    "template_update": {"template": "ai-notes"},
     "file_copy": {"source": "ai-notes", "destination": "ai-dev", "paths": ["/etc/hostname"]},
     "file_read": {"qube": "ai-notes", "path": "/etc/hostname"},
     "file_write": {"qube": "ai-notes", "path": "/tmp/x", "data": "eA=="},

@@ -352,12 +352,18 @@ def test_ledger_g0_3_4_device_lists_redact_out_of_scope_endpoints(stack: Stack) 
         b"device_id='*' port_id='sda' devclass='block' backend_domain='sys-usb' "
         b"mode='manual' frontend_domain='ai-build'",
     )
+    # … and a USB device of it (the usb class follows the same rule)
+    dom0_admin(stack, "ai-build", "admin.vm.device.usb.Attach", "sys-usb+1-1+_", b"")
     attached = ok(gate_call(stack, "ai-build", "qmcp.DevicesList"))["attached"]
-    assert attached == [{"backend": "<out-of-scope>", "port_id": "sda", "mode": "manual"}]
+    assert attached == [
+        {"devclass": "block", "backend": "<out-of-scope>", "port_id": "sda", "mode": "manual"},
+        {"devclass": "usb", "backend": "<out-of-scope>", "port_id": "1-1", "mode": "manual"},
+    ]
     exposed = ok(gate_call(stack, "ai-usb", "qmcp.DevicesList"))["exposed"]
-    assert [d["port_id"] for d in exposed] == ["sdb"]
+    assert [(d["devclass"], d["port_id"]) for d in exposed] == [("block", "sdb"), ("usb", "2-1")]
     assert "sys-usb" not in json.dumps([attached, exposed])
     dom0_admin(stack, "ai-build", "admin.vm.device.block.Detach", "sys-usb+sda+_")
+    dom0_admin(stack, "ai-build", "admin.vm.device.usb.Detach", "sys-usb+1-1+_")
 
 
 def test_ledger_g0_6_exec_cannot_push_into_read_qubes(stack: Stack) -> None:

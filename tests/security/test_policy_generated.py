@@ -36,12 +36,16 @@ may_create = {create}
 """
 
 
-def _config(principals: list[tuple[str, str, str, bool]], egress: bool) -> GateConfig:
+def _config(principals: list[tuple[str, str, str, bool]], egress: bool | str) -> GateConfig:
+    """``egress``: none, the top-level ``ai-egress`` for all, or ``"per-scope"``: the default
+    and, for every scope but ``ai``, the principal's own ``<scope>-egress``."""
     text = 'default_tier = "read"\n' + ('egress_qube = "ai-egress"\n' if egress else "")
     for qube, scope, ceiling, create in principals:
         text += PRINCIPAL.format(
             qube=qube, scope=scope, ceiling=ceiling, prefix=scope, create=str(create).lower()
         )
+        if egress == "per-scope" and scope != "ai":
+            text += f'egress_qube = "{scope}-egress"\n'
     return parse_config(text)
 
 
@@ -69,7 +73,9 @@ THREE = [
 CASES = [
     (principals, egress, scopes)
     for principals, egress, scopes in itertools.product(
-        [ONE, THREE, [("solo", "ai", "net", False)]], [True, False], [[], ["ai"], ["ai", "lab"]]
+        [ONE, THREE, [("solo", "ai", "net", False)]],
+        [True, False, "per-scope"],
+        [[], ["ai"], ["ai", "lab"]],
     )
 ]
 
@@ -84,7 +90,7 @@ def _forbidden_target(token: str) -> bool:
 
 @pytest.mark.parametrize(("principals", "egress", "scopes"), CASES)
 def test_every_allow_line_is_oracle_free_and_keyed_on_names(
-    principals: list[tuple[str, str, str, bool]], egress: bool, scopes: list[str]
+    principals: list[tuple[str, str, str, bool]], egress: bool | str, scopes: list[str]
 ) -> None:
     config = _config(principals, egress)
     registry = _registry(scopes)
@@ -106,11 +112,14 @@ def test_every_allow_line_is_oracle_free_and_keyed_on_names(
         if target == "@default" or target.startswith("@type:"):
             wildcards[(service, _arg, source, *params)].add(target)
         if service in ("qubes.SyncAppMenus", "qubes.UpdatesProxy"):
-            entries = [registry.entry(s, source) for s in registry.scopes()]
-            entry = next((e for e in entries if e is not None), None)
+            entries = [(s, registry.entry(s, source)) for s in registry.scopes()]
+            scope, entry = next(((s, e) for s, e in entries if e is not None), ("", None))
             assert entry is not None and entry.klass == "TemplateVM", cols
             if service == "qubes.UpdatesProxy":
-                assert entry.by == "operator" and redirect == ["target=ai-egress"], cols
+                # to the egress of the template's own scope, never another's
+                expected = "ai-egress" if scope == "ai" or egress is True else f"{scope}-egress"
+                assert config.scope_egress(scope) == expected, cols
+                assert entry.by == "operator" and redirect == [f"target={expected}"], cols
     for key, targets in wildcards.items():
         assert targets == set(ANY_NON_DOM0), f"incomplete any-but-dom0 set for {key}: {targets}"
 

@@ -232,6 +232,40 @@ def test_a_command_the_gate_died_relaying_is_ended_in_its_qubes(
     assert last["detail"]["reason"] == f"ended its run in {', '.join(targets)}"
 
 
+class ShutdownQubesd(FakeQubesd):
+    """Records shutdowns; a halted qube refuses one, as qubesd does."""
+
+    def __init__(self, running: set[str]) -> None:
+        super().__init__({})
+        self.running = running
+        self.shut: list[str] = []
+
+    async def call(self, dest: str, method: str, arg: str = "", payload: bytes = b"") -> str:
+        assert (method, arg) == ("admin.vm.Shutdown", "wait")
+        if dest not in self.running:
+            raise QubesdError("QubesVMNotStartedError", dest)
+        self.running.discard(dest)
+        self.shut.append(dest)
+        return ""
+
+
+@pytest.mark.parametrize("running", [{"ai-debian"}, set()], ids=["running", "halted"])
+def test_an_interrupted_template_update_ends_its_run_and_shuts_the_template_down(
+    tmp_path: Path, running: set[str]
+) -> None:
+    log = _journal(tmp_path, "template.update", ["ai-debian"])
+    cfg = _config(tmp_path, line=_recording_line(tmp_path, 0))
+    fake = ShutdownQubesd(set(running))
+    asyncio.run(Recovery(cfg, cast(AdminClient, fake), log).reconcile())
+    assert fake.shut == sorted(running) and fake.running == set()
+    last = json.loads(log.path.read_text().splitlines()[-1])
+    shut = "; shut down ai-debian" if running else ""
+    assert (last["outcome"], last["detail"]["reason"]) == (
+        "interrupted",
+        f"ended its run in ai-debian{shut}",
+    )
+
+
 def test_a_run_whose_qube_does_not_answer_is_recorded_as_nothing_to_do(tmp_path: Path) -> None:
     log = _journal(tmp_path, "qube.run", ["ai-dev"])
     cfg = _config(tmp_path, line=_recording_line(tmp_path, 1))

@@ -50,6 +50,7 @@ EXPECTED = {
     "file.write": ["test.fail_without_changes"],
     "file.copy": ["test.fail_without_changes"],
     "link.open": ["test.fail_without_changes"],
+    "template.update": ["test.fail_without_changes"],
     "link.close": ["test.fail_without_changes"],
 }
 
@@ -158,6 +159,11 @@ def test_agent_text_is_data_never_template_code() -> None:
             "device.attach",
             {"backend": "sys-usb", "device": "sda", "read_only": True},
             [("cmd.run", [{"name": "qvm-device block attach --ro ai-t sys-usb:sda"}])],
+        ),
+        (
+            "device.detach",
+            {"backend": "sys-usb", "device": "2-1", "devclass": "usb"},
+            [("cmd.run", [{"name": "qvm-device usb detach ai-t sys-usb:2-1"}])],
         ),
         (
             "qube.revert",

@@ -53,8 +53,11 @@ TOOLS_0_1_0 = frozenset(
         "capabilities_get",
     ]
 )
-#: the goal was half; what those tools may cost at most now (a regression bound)
-BUDGET = int(BASELINE_0_1_0 * 0.6)
+#: the goal was half; what those tools may cost at most now (a regression bound). 0.6 until
+#: issue 10 §5's second pass (shorter descriptions, argument descriptions only where the name
+#: does not say it); what is left is mostly the schemas' constraints, which the contract test
+#: (test_server_tools_contract.py) keeps equal to the gate's table
+BUDGET = int(BASELINE_0_1_0 * 0.55)
 #: any one tool, new ones included
 PER_TOOL = 450
 

@@ -11,7 +11,7 @@ a misspelt ``private_cap`` must not silently mean "no cap".
 Example (every key shown; only ``[[principal]]`` is required)::
 
     default_tier = "read"          # tier of an enrolled qube with no tier tag
-    egress_qube = "ai-egress"      # the one qube through which sandbox qubes reach the network
+    egress_qube = "ai-egress"      # default egress of principals that name none of their own
 
     [[principal]]
     qube = "mcp-control"           # the control qube that runs the agent
@@ -19,6 +19,7 @@ Example (every key shown; only ``[[principal]]`` is required)::
     ceiling = "full"               # never more than this on any qube
     name_prefix = "ai-"            # qubes it creates must be named ai-…
     may_create = true
+    egress_qube = "ai-egress"      # this principal's qubes reach the network only through it
 
     [budget]
     pool_cap = "64GiB"             # persistent footprint of all of a principal's qubes
@@ -100,6 +101,10 @@ class Principal:
     ceiling: Tier
     name_prefix: str
     may_create: bool
+    #: the one qube through which this principal's new qubes reach the network, and through
+    #: which its scope's templates fetch updates: its own ``egress_qube``, else the top-level
+    #: one (the default), else none (new qubes are born offline)
+    egress_qube: str | None = None
 
 
 @dataclass(frozen=True)
@@ -173,6 +178,7 @@ class Paths:
 class GateConfig:
     principals: Mapping[str, Principal]
     default_tier: Tier
+    #: the top-level default; each principal carries its resolved one (``Principal.egress_qube``)
     egress_qube: str | None
     budget: Budget
     consent: Consent
@@ -183,6 +189,18 @@ class GateConfig:
     #: :func:`config_digest` of the file it was read from ("" when parsed from a string):
     #: ``status`` puts the running gate's beside the file's on disk
     digest: str = field(default="", compare=False)
+
+    @property
+    def egress_qubes(self) -> frozenset[str]:
+        """Every principal's egress qube (the netvm of each is operator-only)."""
+        return frozenset(p.egress_qube for p in self.principals.values() if p.egress_qube)
+
+    def scope_egress(self, scope: str) -> str | None:
+        """The egress of a scope: that of its principals (``parse_config`` makes them agree)."""
+        for p in self.principals.values():
+            if p.scope.prefix == scope:
+                return p.egress_qube
+        return None
 
 
 DEFAULT_BUDGET = defaults("budget")
@@ -257,7 +275,15 @@ def _argv(where: str, value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _principal(index: int, raw: object) -> Principal:
+def _egress(where: str, value: object) -> str | None:
+    if value is not None and (
+        not isinstance(value, str) or not is_valid_qube_name(value) or value == "dom0"
+    ):
+        raise ConfigError(f"{where}: egress_qube must be a qube name, not dom0")
+    return value
+
+
+def _principal(index: int, raw: object, default_egress: str | None) -> Principal:
     where = f"[[principal]] #{index + 1}"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a table")
@@ -281,7 +307,8 @@ def _principal(index: int, raw: object) -> Principal:
     may_create = raw.get("may_create", _PRINCIPAL["may_create"])
     if not isinstance(may_create, bool):
         raise ConfigError(f"{where}: may_create must be true or false")
-    return Principal(qube, scope, ceiling, prefix, may_create)
+    egress = _egress(where, raw.get("egress_qube", default_egress))
+    return Principal(qube, scope, ceiling, prefix, may_create, egress)
 
 
 def parse_config(text: str, source: str = "<string>") -> GateConfig:
@@ -297,21 +324,28 @@ def parse_config(text: str, source: str = "<string>") -> GateConfig:
     raw_principals = data.get("principal")
     if not isinstance(raw_principals, list) or not raw_principals:
         raise ConfigError(f"{source}: at least one [[principal]] is required")
+    egress = _egress(source, data.get("egress_qube"))
     principals: dict[str, Principal] = {}
+    scope_egress: dict[str, str | None] = {}
     for index, raw in enumerate(raw_principals):
-        principal = _principal(index, raw)
+        principal = _principal(index, raw, egress)
         if principal.qube in principals:
             raise ConfigError(f"{source}: principal {principal.qube!r} is configured twice")
         principals[principal.qube] = principal
+        # one scope, one egress: its templates' update line and its qubes' netvm name it
+        prefix = principal.scope.prefix
+        if scope_egress.setdefault(prefix, principal.egress_qube) != principal.egress_qube:
+            raise ConfigError(
+                f"{source}: principals of scope {prefix!r} name different egress qubes "
+                "(one scope has one egress; give the other principal its own scope)"
+            )
+    for principal in principals.values():
+        if principal.egress_qube in principals or egress in principals:
+            raise ConfigError(f"{source}: egress_qube cannot be a principal's control qube")
     try:
         default_tier = Tier.parse(str(data.get("default_tier", _TOPLEVEL["default_tier"])))
     except ValueError as exc:
         raise ConfigError(f"{source}: default_tier: {exc}") from None
-    egress = data.get("egress_qube")
-    if egress is not None and (not isinstance(egress, str) or not is_valid_qube_name(egress)):
-        raise ConfigError(f"{source}: egress_qube must be a qube name")
-    if egress in principals:
-        raise ConfigError(f"{source}: egress_qube cannot be a principal's control qube")
 
     b = _table(data, "budget", DEFAULT_BUDGET)
     budget = Budget(

@@ -49,8 +49,8 @@ SCHEMA: tuple[Key, ...] = (
         "egress_qube",
         "qube",
         None,
-        "the one qube through which sandbox qubes reach the network (enrol it); not a "
-        "principal's control qube",
+        "the default egress of every principal that names none of its own (see "
+        "`[[principal]] egress_qube`); not a principal's control qube",
     ),
     Key(
         "principal",
@@ -78,6 +78,16 @@ SCHEMA: tuple[Key, ...] = (
         derived='the scope and `-`, e.g. `"ai-"`',
     ),
     Key("principal", "may_create", "bool", False, "whether it may create qubes"),
+    Key(
+        "principal",
+        "egress_qube",
+        "qube",
+        None,
+        "the one qube through which this principal's new qubes reach the network and its "
+        "scope's templates fetch updates (enrol it in the scope, with the "
+        "`qubes-updates-proxy` service on); principals sharing a scope name the same one",
+        derived="the top-level `egress_qube`, else none (new qubes are born offline)",
+    ),
     Key(
         "budget",
         "pool_cap",

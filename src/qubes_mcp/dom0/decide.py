@@ -16,7 +16,8 @@ because each step may only reveal what the previous steps proved the agent may s
    agent controls).
 4. The operation's invariants (``not-allowed``): property and feature allowlists, netvm may be
    disconnected but never retargeted, no template/standalone creation, no clone of templates or
-   network providers, cross-references stay in scope and reach the tier their dependency
+   network providers, only templates are updated and only in a scope with an egress,
+   cross-references stay in scope and reach the tier their dependency
    confers (``operations.REFERENCES``; a new qube's references too), the principal may create.
 5. Budgets for create paths (``budget-exceeded``) and name collisions with a qube of the
    principal's scope (``conflict``); a hidden qube's name is answered as a free name until the
@@ -201,13 +202,13 @@ def _check_property(
         elif not is_valid_qube_name(value):
             raise InvalidInputError("value must be a qube name or null")
     if prop == "netvm":
-        if qube.flag("provides_network") or qube.name == config.egress_qube:
+        if qube.flag("provides_network") or qube.name in config.egress_qubes:
             raise NotAllowedError("the netvm of a network-providing qube is operator-only")
         if args["value"] is None:
             return  # disconnecting is always allowed
         _check_reference(principal, config, prop, tier, facts.get(args["value"]))
-        current = qube.prop("netvm")
-        if args["value"] != config.egress_qube or current not in ("", config.egress_qube):
+        current, egress = qube.prop("netvm"), principal.egress_qube
+        if args["value"] != egress or current not in ("", egress):
             raise NotAllowedError(
                 "netvm can be set to null, or back to the egress qube from null; "
                 "connecting elsewhere is operator-only"
@@ -252,6 +253,15 @@ def _check_property(
         raise NotAllowedError("property is not writable")
 
 
+def _check_update(principal: Principal, template: QubeFacts) -> None:
+    """``template.update``: a template, and a scope with an egress for its updates to go
+    through (the generated policy sends its ``qubes.UpdatesProxy`` there and nowhere else)."""
+    if template.klass != "TemplateVM":
+        raise NotAllowedError("only a template can be updated")
+    if principal.egress_qube is None:
+        raise NotAllowedError("your scope has no egress qube, so templates cannot be updated")
+
+
 def _birth_netvm(
     principal: Principal, config: GateConfig, source: QubeFacts | None, facts: Facts, network: str
 ) -> str | None:
@@ -272,12 +282,12 @@ def _birth_netvm(
         ):
             raise NotAllowedError("the source's network is outside your scope")
         return inherited
-    if config.egress_qube is None:
+    if principal.egress_qube is None:
         return None
-    egress = facts.get(config.egress_qube)
+    egress = facts.get(principal.egress_qube)
     if egress is None or not principal.scope.is_enrolled(egress.tags, egress.registered):
         raise NotAllowedError("the configured egress qube is not in your scope")
-    return config.egress_qube
+    return principal.egress_qube
 
 
 def _birth_references(op: Operation, source: QubeFacts, netvm: str | None) -> list[tuple[str, str]]:
@@ -492,6 +502,11 @@ def decide(
     elif op.name == "feature.set":
         if not work_args["feature"].startswith(WRITABLE_FEATURE_PREFIXES):
             raise NotAllowedError("only service.* and vm-config.* features are writable by agents")
+    elif op.name == "device.attach" and work_args["devclass"] != "block" and work_args["read_only"]:
+        raise InvalidInputError("read_only: only block devices attach read-only")
+    elif op.name == "template.update":
+        assert target_facts is not None
+        _check_update(principal, target_facts)
     elif op.creates:
         assert target_facts is not None and target is not None
         birth = _plan_birth(

@@ -346,6 +346,12 @@ def _head(
         return (f"{verb} qube ", target, force)
     if name == "qube.run":
         return ("RUN a command as root in ", target, " (started if needed)")
+    if name == "template.update":
+        return (
+            "UPDATE the packages of template ",
+            target,
+            " through its scope's egress qube (network), then shut it down",
+        )
     if name == "disposable.run":
         return ("RUN a command as root in a new disposable of ", target, ", then destroy it")
     if name == "file.read":
@@ -412,7 +418,9 @@ def _head(
         verb, prep = ("ATTACH", "to") if name == "device.attach" else ("DETACH", "from")
         ro = " read-only" if args.get("read_only") is True else ""
         return (
-            f"{verb} block device ",
+            f"{verb} ",
+            arg("devclass"),
+            " device ",
             arg("backend"),
             ":",
             arg("device"),

@@ -26,7 +26,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from qubes_mcp.dom0 import create, handlers_files, handlers_read, handlers_write, links
+from qubes_mcp.dom0 import (
+    create,
+    handlers_files,
+    handlers_read,
+    handlers_update,
+    handlers_write,
+    links,
+)
 from qubes_mcp.dom0.admin import AdminClient, QubesdError
 from qubes_mcp.dom0.audit.log import AuditLog
 from qubes_mcp.dom0.audit.summary import SUMMARY_ID, RefusalSummary
@@ -114,6 +121,7 @@ HANDLERS: dict[str, Handler] = {
     # research loop
     "qube.log": handlers_read.qube_log,
     "qube.revert": handlers_write.qube_revert,
+    "template.update": handlers_update.template_update,
 }
 
 
@@ -507,12 +515,13 @@ class Gate:
 
     @staticmethod
     def _names(
-        config: GateConfig, op: Operation, target: str | None, args: dict[str, Any]
+        op: Operation, principal: Principal, target: str | None, args: dict[str, Any]
     ) -> list[str]:
-        """Every qube the decision reads: what the request names, and the egress for creates."""
+        """Every qube the decision reads: what the request names, and the principal's egress
+        for creates."""
         names = names_to_read(op, target, args)
-        if op.creates and config.egress_qube:
-            names.append(config.egress_qube)
+        if op.creates and principal.egress_qube:
+            names.append(principal.egress_qube)
         return names
 
     async def _read_and_decide(
@@ -526,7 +535,7 @@ class Gate:
         config: GateConfig,
     ) -> tuple[Verdict, Facts]:
         """Fresh facts, then the pure decision (the same for a request and a plan's step)."""
-        facts = await reader.facts(self._names(config, op, target, args), with_scope=op.creates)
+        facts = await reader.facts(self._names(op, principal, target, args), with_scope=op.creates)
         facts = facts.with_registrars(self._registrar(reader, principal))
         verdict = decide(
             principal=principal, op=op, target=target, args=args, facts=facts, config=config
@@ -642,7 +651,7 @@ class Gate:
                 step_args = check_payload(
                     op, json.dumps(raw["args"]).encode(), name_prefix=principal.name_prefix
                 )
-                names = self._names(config, op, target, step_args)
+                names = self._names(op, principal, target, step_args)
                 deferred = bool(born.keys() & set(names))
                 read = await reader.facts(
                     [n for n in names if n not in born], with_scope=op.creates

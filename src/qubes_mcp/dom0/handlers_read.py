@@ -19,7 +19,7 @@ from qubes_mcp.dom0.context import Context
 from qubes_mcp.dom0.errors import FailedError
 from qubes_mcp.dom0.facts import Prop, QubeFacts
 from qubes_mcp.dom0.firewall import parse_rule_line
-from qubes_mcp.dom0.operations import REVISION_PATTERN
+from qubes_mcp.dom0.operations import DEVICE_CLASSES, REVISION_PATTERN
 from qubes_mcp.dom0.reader import property_value
 from qubes_mcp.dom0.tiers import effective_tier
 
@@ -188,6 +188,8 @@ def _parse_device_line(line: str) -> tuple[str, dict[str, str]]:
 
 
 async def devices_list(ctx: Context) -> dict[str, Any]:
+    """The block and USB devices a qube exposes and those attached to it, each with its
+    ``devclass``. A dom0 without the USB proxy has no ``usb`` methods: no USB devices."""
     visible: dict[str, bool] = {}
 
     async def show(name: str) -> str:
@@ -195,24 +197,36 @@ async def devices_list(ctx: Context) -> dict[str, Any]:
             visible[name] = await ctx.in_scope(name)
         return name if visible[name] else redact.OUT_OF_SCOPE
 
+    async def lines(devclass: str, endpoint: str) -> list[str]:
+        method = f"admin.vm.device.{devclass}.{endpoint}"
+        if devclass == "block":
+            return await ctx.admin.lines(ctx.target, method)
+        try:
+            return await ctx.admin.lines(ctx.target, method)
+        except QubesdError:
+            return []
+
     exposed = []
-    for line in await ctx.admin.lines(ctx.target, "admin.vm.device.block.Available"):
-        _, info = _parse_device_line(line)
-        entry: dict[str, Any] = {k: info[k] for k in _DEVICE_KEYS if k in info}
-        if info.get("attachment"):
-            entry["attached_to"] = await show(info["attachment"])
-        exposed.append(entry)
     attached = []
-    for line in await ctx.admin.lines(ctx.target, "admin.vm.device.block.Attached"):
-        head, info = _parse_device_line(line)
-        backend = info.get("backend_domain") or head.partition("+")[0]
-        attached.append(
-            {
-                "backend": await show(backend),
-                "port_id": info.get("port_id", ""),
-                "mode": info.get("mode", ""),
-            }
-        )
+    for devclass in DEVICE_CLASSES:
+        for line in await lines(devclass, "Available"):
+            _, info = _parse_device_line(line)
+            entry: dict[str, Any] = {"devclass": devclass}
+            entry.update({k: info[k] for k in _DEVICE_KEYS if k in info})
+            if info.get("attachment"):
+                entry["attached_to"] = await show(info["attachment"])
+            exposed.append(entry)
+        for line in await lines(devclass, "Attached"):
+            head, info = _parse_device_line(line)
+            backend = info.get("backend_domain") or head.partition("+")[0]
+            attached.append(
+                {
+                    "devclass": devclass,
+                    "backend": await show(backend),
+                    "port_id": info.get("port_id", ""),
+                    "mode": info.get("mode", ""),
+                }
+            )
     return {"qube": ctx.target, "exposed": exposed, "attached": attached}
 
 

@@ -226,42 +226,52 @@ async def feature_set(ctx: Context) -> dict[str, Any]:
     return {"qube": ctx.target, "feature": name, "value": value}
 
 
-def _device_payload(backend: str, port: str, frontend: str, read_only: bool) -> bytes:
+def _device_payload(devclass: str, backend: str, port: str, frontend: str, ro: bool) -> bytes:
     fields = {
         "device_id": "*",
         "port_id": port,
-        "devclass": "block",
+        "devclass": devclass,
         "backend_domain": backend,
         "mode": "manual",
         "frontend_domain": frontend,
     }
-    if read_only:
+    if ro:  # decide allows it for block devices only (the USB proxy takes no options)
         fields["_read-only"] = "yes"
     return " ".join(f"{k}='{v}'" for k, v in fields.items()).encode("ascii")
 
 
 async def device_attach(ctx: Context) -> dict[str, Any]:
     a = ctx.args
-    ctx.detail.update(device=a["device"], source=a["backend"], device_class="block")
+    devclass = a["devclass"]
+    ctx.detail.update(device=a["device"], source=a["backend"], device_class=devclass)
     await ctx.qubesd(
         ctx.target,
-        "admin.vm.device.block.Attach",
+        f"admin.vm.device.{devclass}.Attach",
         f"{a['backend']}+{a['device']}+_",
-        _device_payload(a["backend"], a["device"], ctx.target, a["read_only"]),
+        _device_payload(devclass, a["backend"], a["device"], ctx.target, a["read_only"]),
     )
     return {
         "frontend": ctx.target,
         "backend": a["backend"],
         "device": a["device"],
+        "devclass": devclass,
         "read_only": a["read_only"],
     }
 
 
 async def device_detach(ctx: Context) -> dict[str, Any]:
     a = ctx.args
-    ctx.detail.update(device=a["device"], source=a["backend"], device_class="block")
-    await ctx.qubesd(ctx.target, "admin.vm.device.block.Detach", f"{a['backend']}+{a['device']}+_")
-    return {"frontend": ctx.target, "backend": a["backend"], "device": a["device"]}
+    devclass = a["devclass"]
+    ctx.detail.update(device=a["device"], source=a["backend"], device_class=devclass)
+    await ctx.qubesd(
+        ctx.target, f"admin.vm.device.{devclass}.Detach", f"{a['backend']}+{a['device']}+_"
+    )
+    return {
+        "frontend": ctx.target,
+        "backend": a["backend"],
+        "device": a["device"],
+        "devclass": devclass,
+    }
 
 
 async def qube_remove(ctx: Context) -> dict[str, Any]:

@@ -173,6 +173,10 @@ OUTPUT = Field(
     choices=("text", "base64"),
 )
 RUN_FIELDS = (ARGV, STDIN, STDIN_BASE64, OUTPUT, TIMEOUT)
+#: the device classes an agent may list, attach and detach (R4.3: ``block`` in qubesd, ``usb``
+#: from the USB proxy); the same rule for each: full on both ends, the operator's consent
+DEVICE_CLASSES = ("block", "usb")
+DEVCLASS = Field("devclass", "choice", "the device class", default="block", choices=DEVICE_CLASSES)
 NOT_RUNNING = "the qube is not running"
 _RUNNING = (Power("", "running", NOT_RUNNING),)
 PATH = Field(
@@ -218,7 +222,7 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "devices.list",
         "qmcp.DevicesList",
-        "List the block devices a qube exposes and those attached to it",
+        "List the block and USB devices a qube exposes and those attached to it",
         Target.QUBE,
         Tier.READ,
         read_only=True,
@@ -438,6 +442,27 @@ OPERATIONS: tuple[Operation, ...] = (
         ),
         refs=(Ref("server", Tier.READ),),
     ),
+    # --- templates: updates through the scope's egress (issue 10 §4) ----------------------
+    Operation(
+        "template.update",
+        "qmcp.TemplateUpdate",
+        "Update a template's packages through its scope's egress qube, then shut it down",
+        Target.QUBE,
+        Tier.EXEC,
+        destructive=True,
+        long_running=True,
+        open_world=True,
+        fields=(
+            Field(
+                "timeout",
+                "int",
+                "seconds before the update is killed",
+                default=900,
+                minimum=60,
+                maximum=3600,
+            ),
+        ),
+    ),
     # --- create ----------------------------------------------------------------------------
     Operation(
         "qube.create",
@@ -582,7 +607,7 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "device.attach",
         "qmcp.DeviceAttach",
-        "Attach a block device of one of your qubes to another",
+        "Attach a block or USB device of one of your qubes to another",
         Target.QUBE,
         Tier.FULL,
         consent=True,
@@ -592,12 +617,13 @@ OPERATIONS: tuple[Operation, ...] = (
             Field(
                 "device",
                 "str",
-                "the device's port id, e.g. sda",
+                "the device's port id, e.g. sda (block) or 2-1 (usb)",
                 required=True,
                 max_len=64,
                 pattern=r"\A[A-Za-z0-9_.-]+\Z",
             ),
-            Field("read_only", "bool", "attach read-only", default=False),
+            Field("read_only", "bool", "attach read-only (block devices only)", default=False),
+            DEVCLASS,
         ),
         refs=(Ref("backend", Tier.FULL),),
         power=(
@@ -608,7 +634,7 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "device.detach",
         "qmcp.DeviceDetach",
-        "Detach a block device from a qube",
+        "Detach a block or USB device from a qube",
         Target.QUBE,
         Tier.FULL,
         consent=True,
@@ -624,6 +650,7 @@ OPERATIONS: tuple[Operation, ...] = (
                 max_len=64,
                 pattern=r"\A[A-Za-z0-9_.-]+\Z",
             ),
+            DEVCLASS,
         ),
         refs=(Ref("backend", Tier.FULL),),
         power=(

@@ -64,7 +64,7 @@ from qubes_mcp.dom0.reader import property_value
 from qubes_mcp.dom0.relay import cancel_in_qube
 
 #: requests that run commands in qubes through relay.py, marked with their request id
-RUN_OPS = frozenset({"qube.run", "file.read", "file.write", "file.copy"})
+RUN_OPS = frozenset({"qube.run", "file.read", "file.write", "file.copy", "template.update"})
 
 log = logging.getLogger("qubes_mcp.gate")
 
@@ -148,6 +148,19 @@ class Recovery:
         ]
         return f"ended its run in {', '.join(ended)}" if ended else "nothing to do"
 
+    async def _shut_down(self, record: AuditRecord) -> str:
+        """A template update leaves its template shut down, interrupted or not
+        (handlers_update.py): a template still running is shut down (qubesd refuses a halted
+        one, which is as good)."""
+        done = []
+        for qube in dict.fromkeys(record.targets):
+            try:
+                await self.admin.call(qube, "admin.vm.Shutdown", "wait")
+            except QubesdError:
+                continue
+            done.append(qube)
+        return f"; shut down {', '.join(done)}" if done else ""
+
     async def _registered(self, scope: str, name: str) -> str | None:
         """The registry's role for ``name`` under its current uuid (decision record 0010): a
         birth is complete only once its name is registered, the last step of ``_enter_scope``."""
@@ -197,6 +210,8 @@ class Recovery:
                 detail["rolled_back"] = False
         elif record.op in RUN_OPS:
             reason = await self._end_runs(record)
+            if record.op == "template.update":
+                reason += await self._shut_down(record)
         else:
             reason = "nothing to do"
         detail["reason"] = reason

@@ -13,7 +13,8 @@ principal and each scope:
   target; then everything else from that principal is denied, dom0 included;
 - each registered sandbox qube (member or dump sink), named one by one, may call only the
   housekeeping services a qube needs; a registered template also ``qubes.SyncAppMenus`` and,
-  through the egress qube, ``qubes.UpdatesProxy``; then everything else from it is denied.
+  through its scope's egress qube (``Principal.egress_qube``; one per scope),
+  ``qubes.UpdatesProxy``; then everything else from it is denied.
   No sandbox qube may call another qube (copies are relayed by dom0), with one exception: a
   lab link the operator approved (``link.open``, decision record 0018) renders exactly one
   line ``qubes.ConnectTCP +PORT CLIENT SERVER allow``, naming both registered qubes and the
@@ -148,7 +149,7 @@ def render_policy(config: GateConfig, registry: Registry) -> str:
     for principal in config.principals.values():
         if principal.scope.prefix not in seen:
             seen.add(principal.scope.prefix)
-            out += [*_sandbox_block(principal.scope, registry, config.egress_qube), ""]
+            out += [*_sandbox_block(principal.scope, registry, principal.egress_qube), ""]
     return "\n".join(out)
 
 

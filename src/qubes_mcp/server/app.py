@@ -27,12 +27,12 @@ CAPABILITIES_URI = "qubes://capabilities"
 
 INSTRUCTIONS = """\
 Operate qubes (isolated VMs) on a Qubes OS machine; dom0 decides every call. Start with \
-qube_list: your qubes, your tier on each, your name_prefix (names of qubes you create must \
-start with it). Tiers are cumulative, read < exec < net < full; each tool's description ends \
-with the tier it needs on which argument. A refusal reads '<code>: <message>'. 'not-found: \
-no such qube, or not yours' is deliberately the same for a missing qube and one outside your \
-scope. Calls marked "waits for the operator's approval", and every change to a guarded qube, \
-wait for the operator in dom0; without an approval in time they are refused."""
+qube_list: your qubes, your tier on each, your name_prefix for new qubes. Tiers are \
+cumulative, read < exec < net < full; each tool ends with the tier it needs, on which \
+argument. A refusal reads '<code>: <message>'; 'not-found: no such qube, or not yours' is the \
+same for a missing qube and one outside your scope. Calls that "waits for the operator's \
+approval", and changes to guarded qubes, wait for the operator in dom0; no answer in time is \
+a refusal."""
 
 
 class UnknownGroupError(ValueError):
@@ -101,8 +101,7 @@ def build_server(
         return cast(Capabilities, {**listed, "tools": needs})
 
     async def capabilities_get(ctx: Context) -> Capabilities:
-        """qube_list plus each offered tool and the tier it needs (also the resource
-        qubes://capabilities)."""
+        """qube_list plus each tool's tier (also the resource qubes://capabilities)."""
         return await capabilities(ctx)
 
     if "read" in wanted:

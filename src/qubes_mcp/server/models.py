@@ -59,7 +59,7 @@ class FirewallRules(TypedDict):
 
 class Devices(TypedDict):
     qube: str
-    exposed: list[dict[str, str]]
+    exposed: list[dict[str, str]]  # each with its devclass: block | usb
     attached: list[dict[str, str]]
 
 
@@ -98,6 +98,30 @@ class CommandResult(TypedDict):
     stderr_base64: NotRequired[str]
     truncated: bool
     timed_out: bool
+
+
+class PackageChange(TypedDict):
+    name: str
+    version: str
+
+
+PackageUpgrade = TypedDict("PackageUpgrade", {"name": str, "from": str, "to": str})
+
+
+class TemplateUpdateResult(TypedDict):
+    template: str
+    manager: str  # apt | dnf
+    exit_code: int | None  # the update's; None when its timeout killed it
+    timed_out: bool
+    packages: int  # installed after the update
+    state: str  # the template's power state after (Halted)
+    upgraded: list[PackageUpgrade]  # at most 200 each; the *_count keys are whole
+    upgraded_count: int
+    installed: list[PackageChange]
+    installed_count: int
+    removed: list[PackageChange]
+    removed_count: int
+    log_tail: str  # the end of the package manager's own output
 
 
 class FileReadResult(TypedDict):
@@ -190,6 +214,7 @@ class DeviceAttachResult(TypedDict):
     frontend: str
     backend: str
     device: str
+    devclass: str  # block | usb
     read_only: NotRequired[bool]
 
 

@@ -37,22 +37,20 @@ Command = Annotated[
     Field(
         min_length=1,
         max_length=256,
-        description="argv, no shell: e.g. ['sh', '-c', 'id']",
+        description="argv (no shell)",
     ),
 ]
-Stdin = Annotated[str, Field(max_length=1 << 20, description="text for standard input")]
-Timeout = Annotated[int, Field(ge=1, le=3600, description="seconds before it is killed")]
+Stdin = Annotated[str, Field(max_length=1 << 20, description=None)]
+Timeout = Annotated[int, Field(ge=1, le=3600, description="seconds")]
 StdinBase64 = Annotated[
     str,
-    Field(max_length=1 << 20, description="or bytes for it, base64"),
+    Field(max_length=1 << 20, description="or as base64"),
 ]
 Output = Annotated[
     Literal["text", "base64"],
-    Field(description="stdout/stderr as UTF-8 text or base64"),
+    Field(description=None),
 ]
-Path = Annotated[
-    str, Field(max_length=4096, pattern=r"^/[^\x00]*$", description="an absolute path")
-]
+Path = Annotated[str, Field(max_length=4096, pattern=r"^/[^\x00]*$", description=None)]
 Label = Literal["red", "orange", "yellow", "green", "gray", "blue", "purple", "black"]
 PropertyName = Literal[
     "label",
@@ -74,12 +72,10 @@ class FirewallRule(TypedDict):
 
     action: Literal["accept", "drop"]
     proto: NotRequired[Literal["tcp", "udp", "icmp"]]
-    dst4: NotRequired[Annotated[str, Field(max_length=64, description="IPv4 address[/prefix]")]]
-    dst6: NotRequired[Annotated[str, Field(max_length=64, description="IPv6 address[/prefix]")]]
-    dsthost: NotRequired[Annotated[str, Field(max_length=255, description="a host name")]]
-    dstports: NotRequired[
-        Annotated[int | str, Field(description="a port N or a range 'N-M' (tcp/udp only)")]
-    ]
+    dst4: NotRequired[Annotated[str, Field(max_length=64, description="IP[/prefix]")]]
+    dst6: NotRequired[Annotated[str, Field(max_length=64, description=None)]]
+    dsthost: NotRequired[Annotated[str, Field(max_length=255)]]
+    dstports: NotRequired[Annotated[int | str, Field(description="N or N-M")]]
     icmptype: NotRequired[Annotated[int, Field(ge=0, le=255, description="icmp only")]]
     specialtarget: NotRequired[Literal["dns"]]
     comment: NotRequired[Annotated[str, Field(max_length=256)]]

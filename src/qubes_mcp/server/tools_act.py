@@ -33,15 +33,13 @@ def act_tools(gw: Gateway) -> list[ToolDef]:
     table = gw.table
 
     async def qube_start(qube: Qube, ctx: Context) -> models.PowerState:
-        """Start a qube (and the qubes that give it network)."""
+        """Start a qube (and its network qubes)."""
         return cast(models.PowerState, await gw.call(ctx, "qube.start", qube))
 
     async def qube_shutdown(
         qube: Qube,
         ctx: Context,
-        force: Annotated[
-            bool, Field(description="shut down even if other qubes use its network")
-        ] = False,
+        force: Annotated[bool, Field(description="even if qubes use its network")] = False,
     ) -> models.PowerState:
         """Shut a qube down cleanly."""
         return cast(models.PowerState, await gw.call(ctx, "qube.shutdown", qube, {"force": force}))
@@ -55,7 +53,7 @@ def act_tools(gw: Gateway) -> list[ToolDef]:
         return cast(models.PowerState, await gw.call(ctx, "qube.unpause", qube))
 
     async def qube_kill(qube: Qube, ctx: Context) -> models.PowerState:
-        """Kill a qube at once; unsaved state in it is lost."""
+        """Kill a qube at once (unsaved state is lost)."""
         return cast(models.PowerState, await gw.call(ctx, "qube.kill", qube))
 
     async def qube_run(
@@ -68,8 +66,8 @@ def act_tools(gw: Gateway) -> list[ToolDef]:
         output: Output = "text",
         timeout: Timeout = 60,
     ) -> models.CommandResult:
-        """Run a command as root in a qube (starting it if needed); returns its exit code and
-        output (each stream capped by dom0; exit_code is null when the timeout killed it)."""
+        """Run a command as root in a qube (started if needed); output capped by dom0,
+        exit_code null if timed out."""
         payload: dict[str, object] = {"command": command, "stdin": stdin, "timeout": timeout}
         if stdin_base64:
             payload["stdin_base64"] = stdin_base64
@@ -77,27 +75,37 @@ def act_tools(gw: Gateway) -> list[ToolDef]:
             payload["output"] = output
         return cast(models.CommandResult, await gw.call(ctx, "qube.run", qube, payload))
 
+    async def template_update(
+        template: Annotated[str, qube_param("")],
+        ctx: Context,
+        timeout: Annotated[int, Field(ge=60, le=3600, description="seconds")] = 900,
+    ) -> models.TemplateUpdateResult:
+        """Update a template's packages through your egress qube, then shut it down;
+        reports what changed."""
+        payload = {"timeout": timeout}
+        return cast(
+            models.TemplateUpdateResult, await gw.call(ctx, "template.update", template, payload)
+        )
+
     async def file_read(
         qube: Qube,
         path: Path,
         ctx: Context,
-        offset: Annotated[int, Field(ge=0, le=1 << 62, description="first byte")] = 0,
-        length: Annotated[
-            int, Field(ge=1, le=1 << 30, description="bytes at most (dom0 caps it)")
-        ] = 1 << 20,
+        offset: Annotated[int, Field(ge=0, le=1 << 62, description=None)] = 0,
+        length: Annotated[int, Field(ge=1, le=1 << 30, description=None)] = 1 << 20,
     ) -> models.FileReadResult:
-        """Read a file's bytes (base64) from offset; read on from offset+length until eof."""
+        """A file's bytes (base64) from offset; read on from offset+length until eof."""
         payload = {"path": path, "offset": offset, "length": length}
         return cast(models.FileReadResult, await gw.call(ctx, "file.read", qube, payload))
 
     async def file_write(
         qube: Qube,
         path: Path,
-        data: Annotated[str, Field(max_length=1 << 20, description="the bytes, base64")],
+        data: Annotated[str, Field(max_length=1 << 20, description="base64")],
         ctx: Context,
         mode: Annotated[
             Literal["create", "overwrite", "append"],
-            Field(description="create refuses an existing file; append writes in pieces"),
+            Field(description="create refuses an existing file"),
         ] = "create",
     ) -> models.FileWriteResult:
         """Write bytes to a file in a qube."""
@@ -105,17 +113,15 @@ def act_tools(gw: Gateway) -> list[ToolDef]:
         return cast(models.FileWriteResult, await gw.call(ctx, "file.write", qube, payload))
 
     async def file_copy(
-        source: Annotated[str, qube_param("the qube the files are in")],
-        destination: Annotated[
-            str, qube_param("the receiving qube (an exec qube, or your scope's dump sink)")
-        ],
+        source: Annotated[str, qube_param("")],
+        destination: Annotated[str, qube_param("")],
         paths: Annotated[
             list[Annotated[str, Field(max_length=4096)]],
-            Field(min_length=1, max_length=64, description="absolute paths in the source qube"),
+            Field(min_length=1, max_length=64, description="absolute paths"),
         ],
         ctx: Context,
     ) -> models.CopyResult:
-        """Copy files from one qube to another; they land in ~/QubesIncoming/<source>/."""
+        """Copy files between qubes, into ~/QubesIncoming/<source>/."""
         payload = {"destination": destination, "paths": paths}
         return cast(models.CopyResult, await gw.call(ctx, "file.copy", source, payload))
 
@@ -123,11 +129,11 @@ def act_tools(gw: Gateway) -> list[ToolDef]:
         qube: Qube,
         rules: Annotated[
             list[FirewallRule],
-            Field(max_length=256, description="the whole new list; first match wins"),
+            Field(max_length=256, description="first match wins"),
         ],
         ctx: Context,
     ) -> models.FirewallSetResult:
-        """Replace a qube's firewall rules (the whole list at once)."""
+        """Replace a qube's whole firewall rule list."""
         payload = {"rules": rules}
         return cast(models.FirewallSetResult, await gw.call(ctx, "firewall.set", qube, payload))
 
@@ -162,6 +168,7 @@ def act_tools(gw: Gateway) -> list[ToolDef]:
             ("qube.unpause", "power", qube_unpause),
             ("qube.kill", "power", qube_kill),
             ("qube.run", "exec", qube_run),
+            ("template.update", "exec", template_update),
             ("file.read", "files", file_read),
             ("file.write", "files", file_write),
             ("file.copy", "files", file_copy),

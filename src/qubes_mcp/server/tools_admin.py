@@ -27,13 +27,14 @@ from qubes_mcp.server.params import (
 )
 from qubes_mcp.server.registry import ToolDef
 
-NewName = Annotated[str, new_name_param("the new qube's name, starting with your name_prefix")]
-Backend = Annotated[str, qube_param("the qube that exposes the device")]
+NewName = Annotated[str, new_name_param("starts with your name_prefix")]
+Backend = Annotated[str, qube_param("the qube exposing it")]
 Device = Annotated[
     str,
-    Field(max_length=64, pattern=DEVICE_PATTERN, description="the device's port id, e.g. sda"),
+    Field(max_length=64, pattern=DEVICE_PATTERN, description="port id"),
 ]
-DispTemplate = Annotated[str, qube_param("a disposable template")]
+DevClass = Annotated[Literal["block", "usb"], Field(description=None)]
+DispTemplate = Annotated[str, qube_param("")]
 
 
 def admin_tools(gw: Gateway) -> list[ToolDef]:
@@ -46,19 +47,17 @@ def admin_tools(gw: Gateway) -> list[ToolDef]:
         name: NewName,
         ctx: Context,
         label: Annotated[Label, Field(description=None)] = "gray",
-        disposable_template: Annotated[
-            bool, Field(description="also a disposable template")
-        ] = False,
+        disposable_template: Annotated[bool, Field(description=None)] = False,
         private_size: Annotated[
             int | None,
-            Field(ge=1, le=1 << 50, description="private volume size in bytes"),
+            Field(ge=1, le=1 << 50, description="bytes"),
         ] = None,
         network: Annotated[
             Literal["inherit", "none"],
-            Field(description="inherit the documented egress, or none"),
+            Field(description="your egress, or none"),
         ] = "inherit",
     ) -> models.NewQube:
-        """Create an app qube (or a disposable template) from a template in your scope."""
+        """Create an app qube (or disposable template) from a template."""
         payload = {
             "name": name,
             "label": label,
@@ -69,7 +68,7 @@ def admin_tools(gw: Gateway) -> list[ToolDef]:
         return cast(models.NewQube, await gw.call(ctx, "qube.create", template, payload))
 
     async def disposable_create(template: DispTemplate, ctx: Context) -> models.NewQube:
-        """Create a disposable from a disposable template in your scope (remove it when done)."""
+        """Create a disposable from a disposable template (remove it when done)."""
         return cast(models.NewQube, await gw.call(ctx, "disposable.create", template))
 
     async def disposable_run(
@@ -82,7 +81,7 @@ def admin_tools(gw: Gateway) -> list[ToolDef]:
         output: Output = "text",
         timeout: Timeout = 60,
     ) -> models.DisposableCommandResult:
-        """Run one command as root in a fresh disposable, which is destroyed afterwards."""
+        """Run one command as root in a fresh disposable, then destroy it."""
         payload: dict[str, object] = {"command": command, "stdin": stdin, "timeout": timeout}
         if stdin_base64:
             payload["stdin_base64"] = stdin_base64
@@ -98,7 +97,7 @@ def admin_tools(gw: Gateway) -> list[ToolDef]:
         name: NewName,
         ctx: Context,
     ) -> models.NewQube:
-        """Clone an app qube in your scope under a new name."""
+        """Clone an app qube."""
         return cast(models.NewQube, await gw.call(ctx, "qube.clone", qube, {"name": name}))
 
     async def property_set(
@@ -108,7 +107,7 @@ def admin_tools(gw: Gateway) -> list[ToolDef]:
             str | None,
             Field(
                 max_length=64,
-                description="null means none (qube references)",
+                description="null: none",
             ),
         ],
         ctx: Context,
@@ -125,7 +124,7 @@ def admin_tools(gw: Gateway) -> list[ToolDef]:
             Field(
                 max_length=1024,
                 pattern=PRINTABLE_PATTERN,
-                description="printable ASCII",
+                description=None,
             ),
         ],
         ctx: Context,
@@ -135,28 +134,36 @@ def admin_tools(gw: Gateway) -> list[ToolDef]:
         return cast(models.FeatureSetResult, await gw.call(ctx, "feature.set", qube, payload))
 
     async def device_attach(
-        qube: Annotated[str, qube_param("the qube to attach the device to")],
+        qube: Annotated[str, qube_param("")],
         backend: Backend,
         device: Device,
         ctx: Context,
-        read_only: Annotated[bool, Field(description=None)] = False,
+        *,
+        read_only: Annotated[bool, Field(description="block only")] = False,
+        devclass: DevClass = "block",
     ) -> models.DeviceAttachResult:
-        """Attach a block device of one of your qubes to another of your qubes."""
-        payload = {"backend": backend, "device": device, "read_only": read_only}
+        """Attach a block or USB device of one qube to another."""
+        payload = {
+            "backend": backend,
+            "device": device,
+            "read_only": read_only,
+            "devclass": devclass,
+        }
         return cast(models.DeviceAttachResult, await gw.call(ctx, "device.attach", qube, payload))
 
     async def device_detach(
-        qube: Annotated[str, qube_param("the qube the device is attached to")],
+        qube: Annotated[str, qube_param("")],
         backend: Backend,
         device: Device,
         ctx: Context,
+        devclass: DevClass = "block",
     ) -> models.DeviceAttachResult:
-        """Detach a block device from a qube."""
-        payload = {"backend": backend, "device": device}
+        """Detach a device from a qube."""
+        payload = {"backend": backend, "device": device, "devclass": devclass}
         return cast(models.DeviceAttachResult, await gw.call(ctx, "device.detach", qube, payload))
 
     async def qube_remove(qube: Qube, ctx: Context) -> models.RemoveResult:
-        """Remove a halted qube and all its data."""
+        """Remove a halted qube and its data."""
         return cast(models.RemoveResult, await gw.call(ctx, "qube.remove", qube))
 
     async def qube_revert(

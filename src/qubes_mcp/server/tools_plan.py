@@ -25,19 +25,19 @@ class Step(TypedDict):
         Field(
             max_length=32,
             pattern=r"^[a-z]+\.[a-z_]+$",
-            description="e.g. qube.run: a state-changing tool's name with '.' for '_'",
+            description="a tool name, '.' for '_': qube.run",
         ),
     ]
     target: Annotated[
         str | None,
         Field(
             max_length=31,
-            description="the tool's first argument (qube, template or source); null if none",
+            description="the tool's first argument, or null",
         ),
     ]
     args: Annotated[
         dict[str, object],
-        Field(description="the tool's other arguments"),
+        Field(description="its other arguments"),
     ]
 
 
@@ -50,13 +50,12 @@ def plan_tools(gw: Gateway) -> list[ToolDef]:
             Field(
                 max_length=200,
                 pattern=PRINTABLE_PATTERN,
-                description="what the plan is for, shown to the operator",
+                description="shown to the operator",
             ),
         ] = "",
     ) -> models.PlanProposal:
-        """Check a whole change without doing any of it: dom0 decides each step now ('deferred'
-        if it is about a qube an earlier step creates). If none is refused, you get a plan_id
-        and digest for plan_apply."""
+        """Check a change without doing it: dom0 decides each step now ('deferred' if an
+        earlier step creates its qube); if none is refused, a plan_id and digest to apply."""
         payload = {"steps": [dict(s) for s in steps], "title": title}
         return cast(models.PlanProposal, await gw.call(ctx, "plan.propose", payload=payload))
 
@@ -65,8 +64,7 @@ def plan_tools(gw: Gateway) -> list[ToolDef]:
         digest: Annotated[str, Field(max_length=16, pattern=HEX16, description=None)],
         ctx: Context,
     ) -> models.PlanResult:
-        """Apply a proposed plan step by step, stopping at the first refusal (steps done stay
-        done)."""
+        """Apply a proposed plan, stopping at the first refusal (done steps stay done)."""
         payload = {"plan_id": plan_id, "digest": digest}
         return cast(models.PlanResult, await gw.call(ctx, "plan.apply", payload=payload))
 

@@ -18,39 +18,37 @@ def read_tools(gw: Gateway) -> list[ToolDef]:
     table = gw.table
 
     async def qube_list(ctx: Context) -> models.QubeList:
-        """List the qubes in your scope, with your tier on each and your create rights.
+        """Your qubes, your tier on each, your create rights.
 
         Start here: every other tool takes one of these names.
         """
         return cast(models.QubeList, await gw.call(ctx, "qube.list"))
 
     async def qube_info(qube: Qube, ctx: Context) -> models.QubeInfo:
-        """Read a qube's allowlisted properties, scope tags, features and volumes."""
+        """A qube's properties, scope tags, features and volume sizes."""
         return cast(models.QubeInfo, await gw.call(ctx, "qube.info", qube))
 
     async def firewall_get(qube: Qube, ctx: Context) -> models.FirewallRules:
-        """Read a qube's firewall rules (first match wins)."""
+        """A qube's firewall rules (first match wins)."""
         return cast(models.FirewallRules, await gw.call(ctx, "firewall.get", qube))
 
     async def devices_list(qube: Qube, ctx: Context) -> models.Devices:
-        """List the block devices a qube exposes and those attached to it."""
+        """Block and USB devices a qube exposes, and those attached to it."""
         return cast(models.Devices, await gw.call(ctx, "devices.list", qube))
 
     async def events_watch(
         ctx: Context,
-        seconds: Annotated[
-            int, Field(ge=1, le=3600, description="how long to watch (dom0 may shorten it)")
-        ] = 10,
-        qube: Annotated[str | None, qube_param("only events about this qube")] = None,
+        seconds: Annotated[int, Field(ge=1, le=3600, description="dom0 may shorten it")] = 10,
+        qube: Annotated[str | None, qube_param("only this qube")] = None,
     ) -> models.Events:
-        """Collect events about your qubes (start, shutdown, property changes …) for a while."""
+        """Events about your qubes (power, property changes …) for a while."""
         payload: dict[str, object] = {"seconds": seconds}
         if qube is not None:
             payload["qube"] = qube
         return cast(models.Events, await gw.call(ctx, "events.watch", payload=payload))
 
     async def budget_get(ctx: Context) -> models.Budget:
-        """Read your storage budget (bytes used, cap, free) and how many qubes you have."""
+        """Your storage budget (bytes used, cap, free) and qube count."""
         return cast(models.Budget, await gw.call(ctx, "budget.get"))
 
     async def qube_log(

@@ -24,6 +24,8 @@ Format (all keys optional except each qube's ``name``, ``class`` and ``label``):
     features = { "service.cups" = "1" }
     volumes = { private = 4294967296 }                          # sizes in bytes
     block_devices = [ { port = "sda", description = "Demo USB stick" } ]
+    usb_devices = [ { port = "2-1", vendor_id = "0781", product_id = "5581",
+                      vendor = "SanDisk Corp.", product = "Cruzer Blade", serial = "4C53" } ]
 
 Every value goes through the same sanitising and setters as ``admin.*.Set``, so a fleet
 cannot describe a state that qubesd would refuse (a netvm loop, a non-network netvm, …).
@@ -45,6 +47,7 @@ from qubes_mcp.sim.qubesd import lifecycle, names, storage
 from qubes_mcp.sim.qubesd import props as pdefs
 from qubes_mcp.sim.qubesd.app import QubesApp
 from qubes_mcp.sim.qubesd.vm import Label, Qube
+from qubes_mcp.sim.usb_devices import UsbDeviceSpec
 
 MAX_FLEET_BYTES = 1024 * 1024
 KNOWN_QUBE_KEYS = frozenset(
@@ -59,6 +62,7 @@ KNOWN_QUBE_KEYS = frozenset(
         "features",
         "volumes",
         "block_devices",
+        "usb_devices",
     }
 )
 
@@ -158,6 +162,11 @@ def _create(app: QubesApp, spec: dict[str, Any], default_template: str | None) -
             app.devices.expose(vm.name, BlockDeviceSpec.from_fleet(dev))
         except (KeyError, ValueError) as err:
             raise FleetError(f"qube {name}: bad block device {dev!r}: {err}") from err
+    for dev in spec.get("usb_devices", []):
+        try:
+            app.usb_devices.expose(vm.name, UsbDeviceSpec.from_fleet(dev))
+        except (KeyError, ValueError) as err:
+            raise FleetError(f"qube {name}: bad usb device {dev!r}: {err}") from err
     return vm
 
 

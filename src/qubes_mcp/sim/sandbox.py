@@ -55,7 +55,12 @@ SANDBOX_PATH = f"{SHIM_BIN}:/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sb
 USERS: Mapping[str, tuple[int, str]] = {"user": (1000, "/home/user"), "root": (0, "/root")}
 _QUBE_NAME = re.compile(r"\A[A-Za-z][A-Za-z0-9_.-]{0,30}\Z")
 _ENV_NAME = re.compile(r"\A[A-Z_][A-Z0-9_]*\Z")
-_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+#: the host's system, read-only; with its package database, so that a template's package
+#: listing (``dpkg-query -W``, ``rpm -qa``) answers as a template's would (template.update)
+_SYSTEM_DIRS = (
+    *("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc"),
+    *("/var/lib/dpkg", "/var/lib/rpm"),
+)
 
 
 class SandboxError(Exception):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qubes_mcp.dom0.admin import AdminClient
-from qubes_mcp.dom0.config import GateConfig, load_config
+from qubes_mcp.dom0.config import GateConfig, Principal, load_config
 from qubes_mcp.dom0.enrolment import Registry, live_uuids, registry_path
 from qubes_mcp.dom0.errors import GateError
 from qubes_mcp.dom0.operator.install import Layout, status
@@ -113,11 +113,9 @@ async def _fleet_findings(config: GateConfig) -> list[Finding]:
                 found.append(
                     Finding("error", f"the control qube {name} is enrolled in its own scope")
                 )
-        egress = config.egress_qube
-        if egress is not None and egress not in enrolled:
-            found.append(
-                Finding("error", f"egress qube {egress} is not enrolled in {scope.prefix}")
-            )
+        egress = principal.egress_qube
+        if egress is not None:
+            found += await _egress_findings(client, principal, egress, live, enrolled)
         for name in sorted((enrolled | {principal.qube}) & set(live)):
             props = parse_getall(await client.call(name, "admin.vm.property.GetAll"))
             netvm = props["netvm"].value if "netvm" in props else ""
@@ -131,6 +129,42 @@ async def _fleet_findings(config: GateConfig) -> list[Finding]:
                         f"{who} {name} reaches the network through {netvm}, not the egress qube",
                     )
                 )
+    return found
+
+
+async def _egress_findings(
+    client: AdminClient, principal: Principal, egress: str, live: dict[str, str], enrolled: set[str]
+) -> list[Finding]:
+    """A principal's egress qube: it exists, is enrolled in the principal's scope (creates
+    check that, and refuse a networked birth otherwise), provides network, and runs the
+    updates proxy its scope's templates are sent to (``qubes.UpdatesProxy``)."""
+    who = f"egress qube {egress} of {principal.qube}"
+    if egress not in live:
+        return [Finding("error", f"{who} does not exist (networked creates are refused)")]
+    found = []
+    if egress not in enrolled:
+        found.append(
+            Finding(
+                "error",
+                f"{who} is not enrolled in {principal.scope.prefix} "
+                "(networked creates are refused: enrol it)",
+            )
+        )
+    props = parse_getall(await client.call(egress, "admin.vm.property.GetAll"))
+    if "provides_network" not in props or props["provides_network"].value != "True":
+        found.append(Finding("error", f"{who} does not provide network (provides_network)"))
+    features = await client.lines(egress, "admin.vm.feature.List")
+    proxy = "service.qubes-updates-proxy"
+    if proxy not in features or (
+        await client.call(egress, "admin.vm.feature.Get", proxy) in ("", "0")
+    ):
+        found.append(
+            Finding(
+                "warning",
+                f"{who} does not run the updates proxy (template.update fails): "
+                f"qvm-service --enable {egress} qubes-updates-proxy",
+            )
+        )
     return found
 
 

@@ -130,7 +130,7 @@ def _firewall(target: str, args: Mapping[str, Any]) -> list[State]:
 def _device(op: str, target: str, args: Mapping[str, Any]) -> list[State]:
     # qvm-device, not the qvm.devices state: that one *assigns* (the device comes back at
     # every start); the gate attaches for this session only, as `qvm-device attach` does
-    klass = str(args.get("device_class") or "block")
+    klass = str(args.get("devclass") or "block")
     device = f"{args['backend']}:{args['device']}"
     if op == "device.detach":
         return [_dom0("qvm-device", klass, "detach", target, device)]
@@ -174,6 +174,10 @@ def step_states(step: Mapping[str, Any], scope: str) -> list[State]:
         "file.read": lambda: [("test.nop", [("name", f"file.read in {target}: nothing to apply")])],
         "file.write": lambda: _fail(f"bytes written into a file of {target}"),
         "file.copy": lambda: _fail(f"a copy from {target} relayed by dom0"),
+        "template.update": lambda: _fail(
+            f"updating template {target} (Qubes does it with `qubesctl --skip-dom0 "
+            f"--targets={target} state.sls update.qubes-vm`)"
+        ),
         "link.open": lambda: _fail(f"a lab link from {target} (the gate's registry and policy)"),
         "link.close": lambda: _fail(f"closing a lab link of {target} (the gate's registry)"),
     }

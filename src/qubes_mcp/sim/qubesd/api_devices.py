@@ -1,4 +1,5 @@
-"""Firewall and block devices (R4.3 ``admin.vm.firewall.*``, ``admin.vm.device.block.*``).
+"""Firewall, block and USB devices (R4.3 ``admin.vm.firewall.*``, ``admin.vm.device.block.*``,
+``admin.vm.device.usb.*``).
 
 The rule grammar lives in :mod:`qubes_mcp.sim.firewall` and the device logic in
 :mod:`qubes_mcp.sim.devices`; these handlers only do qubesd's envelope checks, fire the
@@ -115,6 +116,37 @@ async def vm_device_set_assignment(call: Call) -> None:
     events = call.app.devices.set_assignment(call.dest.name, call.arg, call.untrusted_payload)
     call.app.fire_device_events(events)
     call.save()
+
+
+# --- usb: R4.3's USB proxy extension (sim.usb_devices) ----------------------------------------
+
+
+@method(
+    "admin.vm.device.usb.{endpoint}",
+    no_payload=True,
+    endpoints=("Available", "Attached", "Assigned"),
+)
+async def vm_device_usb_list(call: Call) -> str:
+    call.permission()
+    usb = call.app.usb_devices
+    lister = {"Available": usb.available, "Attached": usb.attached, "Assigned": usb.assigned}
+    return lister[call.method.rsplit(".", 1)[1]](call.dest.name, call.arg)
+
+
+@method("admin.vm.device.usb.Attach")
+async def vm_device_usb_attach(call: Call) -> None:
+    call.permission(device=call.arg)
+    remotevm.refuse(call.dest, "devices")
+    events = call.app.usb_devices.attach(call.dest.name, call.arg, call.untrusted_payload)
+    call.app.fire_device_events(events)
+
+
+@method("admin.vm.device.usb.Detach", no_payload=True)
+async def vm_device_usb_detach(call: Call) -> None:
+    call.permission(device=call.arg)
+    remotevm.refuse(call.dest, "devices")
+    events = call.app.usb_devices.detach(call.dest.name, call.arg)
+    call.app.fire_device_events(events)
 
 
 # The emulator has no PCI devices; R4.3 lists the class, so its read methods answer empty.

@@ -24,6 +24,7 @@ from qubes_mcp.sim.qubesd.events import EventBus
 from qubes_mcp.sim.qubesd.holder import PropertyHolder
 from qubes_mcp.sim.qubesd.hypervisor import PowerHooks
 from qubes_mcp.sim.qubesd.vm import Label, Qube
+from qubes_mcp.sim.usb_devices import UsbDevices
 
 log = logging.getLogger("qubes_mcp.sim.qubesd")
 
@@ -93,6 +94,8 @@ class QubesApp(PropertyHolder):
     #: the sandboxes behind power operations (None: power is state only)
     hypervisor: PowerHooks | None = field(default=None, repr=False, compare=False)
     devices: BlockDevices = field(init=False)
+    #: the ``usb`` class (R4.3's USB proxy extension; ``sim.usb_devices``)
+    usb_devices: UsbDevices = field(init=False)
     #: the pid of a running qube's sandbox, when sandboxes are long-lived (admin.vm.Stats
     #: then reports that process tree's real memory and cpu figures; see ``stats.py``)
     sandbox_pid: Callable[[str], int | None] | None = None
@@ -100,6 +103,7 @@ class QubesApp(PropertyHolder):
     def __post_init__(self) -> None:
         self.bus.hooks.append(self._react)
         self.devices = BlockDevices(self)
+        self.usb_devices = UsbDevices(self)
 
     # --- QubeStates (what sim.devices reads) ---------------------------------------------
 

@@ -196,6 +196,7 @@ def remove_vm(app: QubesApp, vm: Qube) -> None:
         if owner == vm.name:
             del app.clone_tokens[token]
     app.devices.forget(vm.name)
+    app.usb_devices.forget(vm.name)
     app.remove_qube_dir(vm)
     app.fire(None, "domain-delete", vm=vm)
 
@@ -272,6 +273,7 @@ async def start(app: QubesApp, vm: Qube) -> None:
     vm.power = "Running"
     app.fire(vm, "domain-start", start_guid=True)
     app.fire_device_events(app.devices.qube_started(vm.name))
+    app.fire_device_events(app.usb_devices.qube_started(vm.name))
 
 
 async def shutdown(app: QubesApp, vm: Qube, force: bool = False) -> None:
@@ -328,6 +330,7 @@ def _stopped(app: QubesApp, vm: Qube) -> None:
     revisions.on_stop(app, vm)  # on_domain_stopped's storage.stop(): commit, keep a revision
     app.fire(vm, "domain-stopped")
     app.fire_device_events(app.devices.detach_all_of(vm.name))
+    app.fire_device_events(app.usb_devices.detach_all_of(vm.name))
     for prop in ("xid", "stubdom_xid", "start_time"):
         app.fire(vm, "property-reset:" + prop, name=prop)
     app.fire(vm, "domain-shutdown")

@@ -22,6 +22,7 @@ from qubes_mcp.sim.qubesd import names
 from qubes_mcp.sim.qubesd.app import Pool, QubesApp
 from qubes_mcp.sim.qubesd.props import CLASS_INDEX
 from qubes_mcp.sim.qubesd.vm import Label, Qube, Volume
+from qubes_mcp.sim.usb_devices import UsbDevices
 
 FORMAT_VERSION = 1
 #: A state file larger than this is refused rather than parsed.
@@ -40,6 +41,7 @@ def to_json(app: QubesApp) -> dict[str, Any]:
         "pools": [pool.__dict__ for pool in app.pools.values()],
         "domains": [vm.to_json() for vm in app.domains.values()],
         "devices": {k: v for k, v in app.devices.to_json().items() if k != "attached"},
+        "usb_devices": app.usb_devices.to_json(),
     }
 
 
@@ -68,6 +70,7 @@ def from_json(paths: SimPaths, data: dict[str, Any]) -> QubesApp:
     app.devices = BlockDevices.from_json(
         {"exposed": devices.get("exposed", {}), "assigned": devices.get("assigned", [])}, app
     )
+    app.usb_devices = UsbDevices.from_json(data.get("usb_devices", {}), app)
     return app
 
 
