@@ -133,11 +133,14 @@ class FleetReader:
         q = await self.summary(name)
         return q is not None and self.scope.is_enrolled(q.tags, q.registered)
 
-    async def qube(self, name: str) -> QubeFacts | None:
+    async def qube(self, name: str, *, sizes: bool = True) -> QubeFacts | None:
+        """Summary, properties and (with ``sizes``) the volume sizes of a registered name."""
         q = await self.summary(name)
         if q is None or q.registered is None:
             return q
         props = parse_getall(await self.client.call(name, "admin.vm.property.GetAll"))
+        if not sizes:
+            return replace(q, props=props)
         private = await self.volume_size(name, "private")
         footprint = private
         if q.klass in PERSISTENT_ROOT:
@@ -163,10 +166,14 @@ class FleetReader:
                 found.append(facts)
         return tuple(found)
 
-    async def facts(self, names: Iterable[str], *, with_scope: bool = False) -> Facts:
+    async def facts(
+        self, names: Iterable[str], *, with_scope: bool = False, sizes: bool = True
+    ) -> Facts:
+        """The named qubes (``sizes=False``: without volume sizes, footprint 0), and with
+        ``with_scope`` every enrolled qube of the scope, sizes included (for budgets)."""
         qubes: dict[str, QubeFacts | None] = {}
         for name in names:
             if name not in qubes:
-                qubes[name] = await self.qube(name)
+                qubes[name] = await self.qube(name, sizes=sizes)
         scope = await self.scope_qubes() if with_scope else ()
         return Facts(qubes=qubes, scope_qubes=scope)
