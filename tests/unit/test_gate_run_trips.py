@@ -29,7 +29,8 @@ from tests.gate_fixtures import CONFIG_TEXT
 from tests.qubesd_fixtures import Qubesd, demo_app
 
 TARGET = "ai-dev"
-FACTS = ["admin.vm.tag.List", "admin.vm.List", "admin.vm.property.GetAll"]
+#: a registered name's facts: its summary (tags, then its listing) with GetAll beside it
+FACTS = ["admin.vm.tag.List", "admin.vm.property.GetAll", "admin.vm.List"]
 
 
 class RecordingAdmin(AdminClient):
