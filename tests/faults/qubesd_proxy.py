@@ -61,6 +61,7 @@ class QubesdProxy:
     _loop: asyncio.AbstractEventLoop | None = None
     _server: asyncio.AbstractServer | None = None
     _thread: threading.Thread | None = None
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     # --- lifecycle (from the test thread) ----------------------------------------------------
 
@@ -142,6 +143,18 @@ class QubesdProxy:
             await admin.call(name, "admin.vm.property.Set", "provides_network", b"True")
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Python 3.11's start_unix_server keeps no reference to this task: hold one, or the
+        # garbage collector may close it mid-call (the gate then reads an empty reply), which
+        # happens as soon as the gate has two calls in flight (dom0/daemon.py does the same)
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._serve_call(reader, writer)
+        finally:
+            self._tasks.discard(task)
+
+    async def _serve_call(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         raw = await reader.read()
         header, _, payload = raw.partition(b"\0")
         service, _src, _kind, dest = header.decode("ascii", "replace").split(" ")

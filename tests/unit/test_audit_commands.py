@@ -159,7 +159,13 @@ def _ctx(tmp_path: Path, audit: AuditSettings) -> Any:
     async def qubesd(*_args: object) -> str:  # admin.vm.Start: the qube is "running"
         return ""
 
-    return SimpleNamespace(config=config, detail={}, qubesd=qubesd, request_id="")
+    return SimpleNamespace(
+        config=config,
+        detail={},
+        qubesd=qubesd,
+        request_id="",
+        running_as_read=lambda _qube: False,
+    )
 
 
 def _record(detail: dict[str, object]) -> dict[str, Any]:

@@ -51,6 +51,8 @@ class Context:
     #: the new qube with it so that start-up recovery can find it (create.py), and a command run
     #: in a qube carries it as its run marker, so a restarted gate can find that run's processes
     request_id: str = ""
+    #: qubes whose read-as-Running this request has used to skip ``admin.vm.Start`` (once each)
+    _start_skipped: set[str] = field(default_factory=set)
 
     @property
     def args(self) -> dict[str, Any]:
@@ -68,6 +70,20 @@ class Context:
         except QubesdError as exc:
             self.detail["qubesd_error"] = exc.exc_class
             raise map_qubesd_error(exc) from None
+
+    def running_as_read(self, qube: str) -> bool:
+        """Whether this request's fresh facts read ``qube`` as Running, the first time it is
+        asked per qube (False after that: a command may have stopped it since).
+
+        The relay then skips ``admin.vm.Start``, which R4.3 turns into a no-op for any qube that
+        is not Halted; a qube that halts between the read and the command fails the command,
+        exactly as one that halts between a ``Start`` and the command would.
+        """
+        q = self.facts.get(qube)
+        if q is None or q.state != "Running" or qube in self._start_skipped:
+            return False
+        self._start_skipped.add(qube)
+        return True
 
     async def in_scope(self, name: str) -> bool:
         """Whether ``name`` is enrolled in the principal's scope (read fresh)."""

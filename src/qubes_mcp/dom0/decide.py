@@ -97,6 +97,18 @@ class Verdict:
     birth: Birth | None = None
 
 
+#: operations whose decision, consent text and handler never look at a qube's volume sizes
+#: (``QubeFacts.footprint``/``private_size``: budgets, births, clones, Info, a removal's
+#: consent text), so their facts skip ``admin.vm.volume.Info``: one qubesd round trip per
+#: named in-scope qube, on the path of every command an agent runs (issue 8)
+SIZELESS = frozenset({"qube.run", "file.read", "file.write"})
+
+
+def needs_sizes(op: Operation) -> bool:
+    """Whether deciding and doing ``op`` reads volume sizes (see :data:`SIZELESS`)."""
+    return op.name not in SIZELESS
+
+
 def names_to_read(op: Operation, target: str | None, args: Mapping[str, Any]) -> list[str]:
     """Every qube name the decision will look at, in the order it looks at them."""
     names = [] if target is None else [target]

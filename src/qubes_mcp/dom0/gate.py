@@ -40,7 +40,7 @@ from qubes_mcp.dom0.audit.summary import SUMMARY_ID, RefusalSummary
 from qubes_mcp.dom0.config import GateConfig, Principal
 from qubes_mcp.dom0.consent import ConsentBroker
 from qubes_mcp.dom0.context import Context, Handler
-from qubes_mcp.dom0.decide import Birth, Verdict, decide, names_to_read
+from qubes_mcp.dom0.decide import Birth, Verdict, decide, names_to_read, needs_sizes
 from qubes_mcp.dom0.describe import StepContext, describe, describe_plan
 from qubes_mcp.dom0.enrolment import (
     Link,
@@ -535,7 +535,11 @@ class Gate:
         config: GateConfig,
     ) -> tuple[Verdict, Facts]:
         """Fresh facts, then the pure decision (the same for a request and a plan's step)."""
-        facts = await reader.facts(self._names(op, principal, target, args), with_scope=op.creates)
+        facts = await reader.facts(
+            self._names(op, principal, target, args),
+            with_scope=op.creates,
+            sizes=needs_sizes(op),
+        )
         facts = facts.with_registrars(self._registrar(reader, principal))
         verdict = decide(
             principal=principal, op=op, target=target, args=args, facts=facts, config=config

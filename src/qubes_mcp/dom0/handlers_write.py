@@ -71,9 +71,10 @@ async def relay(ctx: Context, qube: str, argv: list[str], data: bytes, timeout: 
     the command line's SHA-256 and size, and with ``[audit] commands = "argv"`` the argv
     itself (escaped and capped by the log, audit.clean.Argv); stdin's size and SHA-256; the
     exit code and the output sizes — never the output.
-    It starts the qube first, like ``qvm-run`` (qrexec-client does not; a no-op when
-    running), and marks the run with the request id (how a later gate finds its processes
-    in the qube, :func:`~qubes_mcp.dom0.relay.cancel_in_qube`).
+    It starts the qube first, like ``qvm-run`` (qrexec-client does not), unless this
+    request's facts read it as Running (``admin.vm.Start`` would be a no-op there and costs a
+    qubesd round trip; Context.running_as_read). It marks the run with the request id (how
+    a later gate finds its processes in the qube, :func:`~qubes_mcp.dom0.relay.cancel_in_qube`).
     """
     limits = ctx.config.limits
     command = "\0".join(argv).encode()
@@ -85,7 +86,8 @@ async def relay(ctx: Context, qube: str, argv: list[str], data: bytes, timeout: 
     )
     if ctx.config.audit.commands == "argv":
         ctx.detail["argv"] = Argv(tuple(argv), ctx.config.audit.argv_bytes)
-    await ctx.qubesd(qube, "admin.vm.Start")
+    if not ctx.running_as_read(qube):
+        await ctx.qubesd(qube, "admin.vm.Start")
     result = await run_command(
         ctx.config.paths.qrexec_client,
         qube,

@@ -9,6 +9,7 @@ it is in scope only if that uuid is the registered one and its tags agree.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from dataclasses import replace
 
@@ -133,11 +134,30 @@ class FleetReader:
         q = await self.summary(name)
         return q is not None and self.scope.is_enrolled(q.tags, q.registered)
 
-    async def qube(self, name: str) -> QubeFacts | None:
-        q = await self.summary(name)
+    async def qube(self, name: str, *, sizes: bool = True) -> QubeFacts | None:
+        """Summary, properties and (with ``sizes``) the volume sizes of a registered name.
+
+        For a name the registry lists, ``admin.vm.property.GetAll`` is asked at the same time
+        as the summary (one round trip less to wait for) and its answer used only if the
+        summary puts the qube in the scope; an unregistered name costs the one
+        ``admin.vm.tag.List`` of :meth:`summary`, like a missing one.
+        """
+        if self.registry.entry(self.scope.prefix, name) is None:
+            return await self.summary(name)
+        q, getall = await asyncio.gather(
+            self.summary(name),
+            self.client.call(name, "admin.vm.property.GetAll"),
+            return_exceptions=True,
+        )
+        if isinstance(q, BaseException):
+            raise q
         if q is None or q.registered is None:
-            return q
-        props = parse_getall(await self.client.call(name, "admin.vm.property.GetAll"))
+            return q  # whatever GetAll said (an error, for a missing qube) is not looked at
+        if isinstance(getall, BaseException):
+            raise getall
+        props = parse_getall(getall)
+        if not sizes:
+            return replace(q, props=props)
         private = await self.volume_size(name, "private")
         footprint = private
         if q.klass in PERSISTENT_ROOT:
@@ -163,10 +183,14 @@ class FleetReader:
                 found.append(facts)
         return tuple(found)
 
-    async def facts(self, names: Iterable[str], *, with_scope: bool = False) -> Facts:
+    async def facts(
+        self, names: Iterable[str], *, with_scope: bool = False, sizes: bool = True
+    ) -> Facts:
+        """The named qubes (``sizes=False``: without volume sizes, footprint 0), and with
+        ``with_scope`` every enrolled qube of the scope, sizes included (for budgets)."""
         qubes: dict[str, QubeFacts | None] = {}
         for name in names:
             if name not in qubes:
-                qubes[name] = await self.qube(name)
+                qubes[name] = await self.qube(name, sizes=sizes)
         scope = await self.scope_qubes() if with_scope else ()
         return Facts(qubes=qubes, scope_qubes=scope)
