@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from tests.emulator_process import RunningEmulator, start_emulator
+from tests.qubesd_fixtures import Qubesd, demo_app
 
 # A loaded 2-core CI machine must not turn slow data generation into failures; the properties
 # are what is tested, not the speed. Deadlines off for the same reason.
@@ -59,3 +60,13 @@ def emulator(tmp_path: Path) -> Iterator[RunningEmulator]:
         yield emu
     finally:
         emu.stop()
+
+
+@pytest.fixture
+def qubesd(tmp_path: Path) -> Iterator[Qubesd]:
+    """The emulated qubesd with the demo fleet, in this process (no sandboxes)."""
+    q = Qubesd(demo_app(tmp_path / "root")).start()
+    try:
+        yield q
+    finally:
+        q.stop()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +29,9 @@ from qubes_mcp.dom0.gate import Gate, Request
 from qubes_mcp.dom0.operator.audit_cli import audit_checkpoint_main
 from tests.enrolment_helpers import in_process_config
 from tests.fs_faults import fill, small_tmpfs
-from tests.qubesd_fixtures import Qubesd, demo_app
+from tests.qubesd_fixtures import Qubesd
 
 NO_LIMITS = "rate = 100000\nburst = 1000000\nrefused_rate = 100000\nrefused_burst = 1000000\n"
-
-
-@pytest.fixture
-def qubesd(tmp_path: Path) -> Iterator[Qubesd]:
-    q = Qubesd(demo_app(tmp_path / "root")).start()
-    try:
-        yield q
-    finally:
-        q.stop()
 
 
 def make_gate(qubesd: Qubesd, audit: AuditLog, limits: str = NO_LIMITS) -> Gate:

@@ -30,20 +30,11 @@ from qubes_mcp.dom0.gate import Gate, Request
 from qubes_mcp.stack import Stack, start_stack
 from tests.enrolment_helpers import in_process_config
 from tests.gate_e2e import code, dom0_admin, gate_call, ok
-from tests.qubesd_fixtures import Qubesd, demo_app
+from tests.qubesd_fixtures import Qubesd
 
 _PRINTABLE = re.compile(r"\A[\x20-\x7e\n]*\Z")
 
 # --- the gate in-process: hang-up, timeout, firewall diff ------------------------------------
-
-
-@pytest.fixture
-def qubesd(tmp_path: Path) -> Iterator[Qubesd]:
-    q = Qubesd(demo_app(tmp_path / "root")).start()
-    try:
-        yield q
-    finally:
-        q.stop()
 
 
 def _gate(qubesd: Qubesd, tmp_path: Path, timeout: float = 30) -> Gate:

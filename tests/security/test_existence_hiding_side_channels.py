@@ -12,7 +12,6 @@ import asyncio
 import json
 import statistics
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,18 +23,9 @@ from qubes_mcp.dom0.consent import ConsentBroker
 from qubes_mcp.dom0.gate import Gate, Request
 from tests.enrolment_helpers import migrate_tagged
 from tests.gate_fixtures import CONFIG_TEXT
-from tests.qubesd_fixtures import Qubesd, demo_app
+from tests.qubesd_fixtures import Qubesd
 
 HIDDEN = ["vault", "sys-net", "debian-13-xfce", "ai-dump-not-here", "no-such-qube", "zz-nope"]
-
-
-@pytest.fixture
-def qubesd(tmp_path: Path) -> Iterator[Qubesd]:
-    q = Qubesd(demo_app(tmp_path / "root")).start()
-    try:
-        yield q
-    finally:
-        q.stop()
 
 
 def _gate(qubesd: Qubesd, tmp_path: Path) -> Gate:

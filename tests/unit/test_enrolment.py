@@ -31,7 +31,6 @@ from qubes_mcp.dom0.reader import FleetReader
 from qubes_mcp.dom0.render import POLICY_NAME
 from qubes_mcp.dom0.tiers import Scope, Tier, effective_tier
 from tests.gate_fixtures import config, facts, qube
-from tests.qubesd_fixtures import Qubesd, demo_app
 
 SCOPE = Scope("ai")
 CFG = config()
@@ -195,15 +194,6 @@ def test_the_gates_view_rereads_only_a_replaced_file(tmp_path: Path) -> None:
 
 
 # --- the reader: uuid read with the facts --------------------------------------------------
-
-
-@pytest.fixture
-def qubesd(tmp_path: Path) -> Any:
-    q = Qubesd(demo_app(tmp_path / "root")).start()
-    try:
-        yield q
-    finally:
-        q.stop()
 
 
 def _uuid(client: AdminClient, name: str) -> str:

@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +27,7 @@ from qubes_mcp.dom0.daemon import GateDaemon, operator_call
 from qubes_mcp.dom0.gate import Request
 from tests.enrolment_helpers import migrate_tagged
 from tests.gate_fixtures import CONFIG_TEXT
-from tests.qubesd_fixtures import Qubesd, demo_app
-
-
-@pytest.fixture
-def qubesd(tmp_path: Path) -> Iterator[Qubesd]:
-    q = Qubesd(demo_app(tmp_path / "root")).start()
-    try:
-        yield q
-    finally:
-        q.stop()
+from tests.qubesd_fixtures import Qubesd
 
 
 def config_text(qubesd: Qubesd, tmp_path: Path, *, edit: dict[str, str] | None = None) -> str:

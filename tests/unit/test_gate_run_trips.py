@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from qubes_mcp.dom0.facts import Facts, QubeFacts
 from qubes_mcp.dom0.gate import Gate, Request
 from tests.enrolment_helpers import migrate_tagged
 from tests.gate_fixtures import CONFIG_TEXT
-from tests.qubesd_fixtures import Qubesd, demo_app
+from tests.qubesd_fixtures import Qubesd
 
 TARGET = "ai-dev"
 #: a registered name's facts: its summary (tags, then its listing) with GetAll beside it
@@ -41,15 +40,6 @@ class RecordingAdmin(AdminClient):
     async def call(self, dest: str, method: str, arg: str = "", payload: bytes = b"") -> str:
         self.calls.append((dest, method))
         return await super().call(dest, method, arg, payload)
-
-
-@pytest.fixture
-def qubesd(tmp_path: Path) -> Iterator[Qubesd]:
-    q = Qubesd(demo_app(tmp_path / "root")).start()
-    try:
-        yield q
-    finally:
-        q.stop()
 
 
 def _gate(qubesd: Qubesd, tmp_path: Path) -> tuple[Gate, RecordingAdmin]:
