@@ -348,6 +348,7 @@ BELOW_TIER: dict[str, dict[str, Any]] = {
     "device_attach": {"qube": "ai-dev", "backend": "ai-usb", "device": "sdb"},
     "device_detach": {"qube": "ai-dev", "backend": "ai-usb", "device": "sdb"},
     "qube_remove": {"qube": "ai-dev"},
+    "qube_revert": {"qube": "ai-dev"},
 }
 
 
