@@ -28,8 +28,7 @@ from tests.gate_fixtures import CONFIG_TEXT
 from tests.qubesd_fixtures import Qubesd
 
 TARGET = "ai-dev"
-#: a registered name's facts: its summary (tags, then its listing) with GetAll beside it
-FACTS = ["admin.vm.tag.List", "admin.vm.property.GetAll", "admin.vm.List"]
+FACTS = ["admin.vm.tag.List", "admin.vm.List", "admin.vm.property.GetAll"]
 
 
 class RecordingAdmin(AdminClient):

@@ -9,7 +9,6 @@ it is in scope only if that uuid is the registered one and its tags agree.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable
 from dataclasses import replace
 
@@ -135,27 +134,11 @@ class FleetReader:
         return q is not None and self.scope.is_enrolled(q.tags, q.registered)
 
     async def qube(self, name: str, *, sizes: bool = True) -> QubeFacts | None:
-        """Summary, properties and (with ``sizes``) the volume sizes of a registered name.
-
-        For a name the registry lists, ``admin.vm.property.GetAll`` is asked at the same time
-        as the summary (one round trip less to wait for) and its answer used only if the
-        summary puts the qube in the scope; an unregistered name costs the one
-        ``admin.vm.tag.List`` of :meth:`summary`, like a missing one.
-        """
-        if self.registry.entry(self.scope.prefix, name) is None:
-            return await self.summary(name)
-        q, getall = await asyncio.gather(
-            self.summary(name),
-            self.client.call(name, "admin.vm.property.GetAll"),
-            return_exceptions=True,
-        )
-        if isinstance(q, BaseException):
-            raise q
+        """Summary, properties and (with ``sizes``) the volume sizes of a registered name."""
+        q = await self.summary(name)
         if q is None or q.registered is None:
-            return q  # whatever GetAll said (an error, for a missing qube) is not looked at
-        if isinstance(getall, BaseException):
-            raise getall
-        props = parse_getall(getall)
+            return q
+        props = parse_getall(await self.client.call(name, "admin.vm.property.GetAll"))
         if not sizes:
             return replace(q, props=props)
         private = await self.volume_size(name, "private")
