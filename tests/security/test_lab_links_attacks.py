@@ -265,6 +265,22 @@ def test_the_operator_unenrolling_the_server_closes_the_link(stack: Stack) -> No
     assert ok(gate_call(stack, "dom0", "qmcp.LinkList"))["links"] == []
 
 
+def test_the_operator_lowering_an_end_below_net_closes_the_link(stack: Stack) -> None:
+    """link.open needs net on both ends; an operator who takes net away takes the link too
+    (same commit), and giving net back does not bring it back."""
+    assert "enrolled in ai" in enrol(stack, "work", "--tier", "net")
+    link = approved_open(stack, "ai-build", "work", 7003)["link"]
+    assert link_lines(stack) == [["qubes.ConnectTCP", "+7003", "ai-build", "work", "allow"]]
+    assert "closed" not in enrol(stack, "work", "--tier", "full")  # above net: kept
+    assert link_lines(stack) != []
+    assert f"lab link {link['id']} closed" in enrol(stack, "work", "--tier", "exec")
+    assert link_lines(stack) == []
+    enrol(stack, "work", "--tier", "net")
+    assert link_lines(stack) == []
+    assert ok(gate_call(stack, "dom0", "qmcp.LinkList"))["links"] == []
+    unenrol(stack, "work")
+
+
 def test_no_link_file_entry_survives_in_the_registry(stack: Stack) -> None:
     state = Path(stack.root) / "var/lib/qubes-mcp"
     registry = json.loads((state / "enrolment.json").read_text())

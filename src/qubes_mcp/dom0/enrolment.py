@@ -330,6 +330,13 @@ class Registry:
     def unlinked(self, link_id: str) -> Registry:
         return Registry(self._scopes, [k for k in self._links if k.id != link_id])
 
+    def unlinked_qube(self, scope: str, name: str) -> Registry:
+        """The registry without the links of ``scope`` that ``name`` is an end of."""
+        return Registry(
+            self._scopes,
+            [k for k in self._links if k.scope != scope or name not in (k.client, k.server)],
+        )
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Registry) and self.to_bytes() == other.to_bytes()
 
@@ -507,8 +514,10 @@ async def enrol_live(
     *,
     by: str,
     role: str = MEMBER,
+    close_links: bool = False,
 ) -> Registry:
-    """Register ``name`` under its current uuid and class, and install the new policy.
+    """Register ``name`` under its current uuid and class, and install the new policy;
+    ``close_links`` drops its lab links in the same commit (a tier below net, decision 0018).
 
     Raises:
         NotFoundError: no such qube (or dom0).
@@ -518,9 +527,12 @@ async def enrol_live(
     if identity is None:
         raise NotFoundError(reason=f"no such qube: {name}")
     uuid, klass = identity
-    return await commit_change(
-        config, lambda r: r.enrolled(scope.prefix, name, uuid, klass, role=role, by=by)
-    )
+
+    def change(r: Registry) -> Registry:
+        enrolled = r.enrolled(scope.prefix, name, uuid, klass, role=role, by=by)
+        return enrolled.unlinked_qube(scope.prefix, name) if close_links else enrolled
+
+    return await commit_change(config, change)
 
 
 async def unenrol_name(config: GateConfig, scope: Scope, name: str) -> Registry:

@@ -423,7 +423,13 @@ async def _set_tags(client: AdminClient, qube: str, add: set[str], remove: set[s
 
 async def _enrol(config: GateConfig, qube: str, scope: Scope, tier: str, dump: bool) -> str:
     """Register ``qube`` by name (under its uuid) and give it the scope's tags."""
-    from qubes_mcp.dom0.enrolment import enrol_live, live_identity
+    from qubes_mcp.dom0.enrolment import (
+        Registry,
+        enrol_live,
+        live_identity,
+        lost_links,
+        registry_path,
+    )
     from qubes_mcp.dom0.tiers import DUMP, MEMBER
 
     if qube == "dom0":
@@ -443,9 +449,24 @@ async def _enrol(config: GateConfig, qube: str, scope: Scope, tier: str, dump: b
     # tags first: if the registration then fails, the qube is tagged but not registered,
     # which the gate treats as out of scope (and doctor reports)
     await _set_tags(client, qube, add, remove)
-    await enrol_live(config, client, scope, qube, by="operator", role=DUMP if dump else MEMBER)
+    # a link needs net on both ends (link.open): below net, the qube's links close with it
+    below_net = dump or Tier.parse(tier) < Tier.NET
+    before = Registry.load(registry_path(config.paths.state_dir))
+    after = await enrol_live(
+        config,
+        client,
+        scope,
+        qube,
+        by="operator",
+        role=DUMP if dump else MEMBER,
+        close_links=below_net,
+    )
+    closed = "".join(f"; lab link {k.id} closed" for k in lost_links(before, after))
     role = "dump sink" if dump else f"tier {tier}"
-    return f"{qube}: enrolled in {scope.prefix} ({role}); tags +{sorted(add)} -{sorted(remove)}"
+    return (
+        f"{qube}: enrolled in {scope.prefix} ({role}); tags +{sorted(add)} -{sorted(remove)}"
+        + closed
+    )
 
 
 async def _unenrol(config: GateConfig, qube: str, scope: Scope) -> str:
