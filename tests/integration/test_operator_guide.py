@@ -327,3 +327,27 @@ def test_every_command_in_the_guide_has_a_rule() -> None:
             for part in re.split(r"&&|\|", line.split("  #")[0]):
                 words = [w for w in shlex.split(part) if w != "sudo"]
                 assert not words or words[0] in known | {"jq"}, line
+
+
+def test_the_bundle_is_the_size_the_guide_says(tmp_path: Path) -> None:
+    """The guide tells the operator how much code they are about to trust in dom0."""
+    text = " ".join(GUIDE.read_text().split())
+    said = re.search(
+        r"about ([\d,]+) lines in about (\d+) files \(about (\d+) KB compressed\)", text
+    )
+    assert said, "the guide no longer states the bundle's size"
+    lines, files, kb = (int(g.replace(",", "")) for g in said.groups())
+    sources = [
+        p for part in ("dom0", "policy") for p in (TOP / "src/qubes_mcp" / part).rglob("*.py")
+    ]
+    real_lines = sum(len(p.read_text().splitlines()) for p in sources)
+    assert abs(real_lines - lines) <= lines * 0.1, real_lines
+    assert abs(len(sources) - files) <= files * 0.1, len(sources)
+    built = subprocess.run(
+        [sys.executable, str(TOP / "tools/build_dom0_bundle.py"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()[1]
+    real_kb = Path(built).stat().st_size / 1000
+    assert abs(real_kb - kb) <= kb * 0.1, real_kb
