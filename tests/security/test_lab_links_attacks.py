@@ -281,6 +281,43 @@ def test_the_operator_lowering_an_end_below_net_closes_the_link(stack: Stack) ->
     unenrol(stack, "work")
 
 
+def _wait_no_links(stack: Stack, why: str) -> None:
+    deadline = time.monotonic() + 20
+    while link_lines(stack):
+        assert time.monotonic() < deadline, why
+        time.sleep(0.1)
+
+
+def test_a_tier_tag_removed_by_hand_closes_the_link(stack: Stack) -> None:
+    """qvm-tags in dom0, no qubes-mcp-admin: the gate sees the tag event and re-checks."""
+    assert "enrolled in ai" in enrol(stack, "work", "--tier", "net")
+    link = approved_open(stack, "ai-build", "work", 7004)["link"]
+    assert link_lines(stack) != []
+    dom0_admin(stack, "work", "admin.vm.tag.Remove", "ai-net")  # now the default tier: read
+    _wait_no_links(stack, "the link outlived its end's net tier")
+    closing = [r for r in audit_lines(stack) if r["op"] == "link.close"][-1]
+    assert closing["detail"] == {"link_id": link["id"], "port": 7004, "reason": "tier below net"}
+    unenrol(stack, "work")
+
+
+def test_a_reload_that_lowers_the_ceiling_closes_the_link(stack: Stack) -> None:
+    assert "enrolled in ai" in enrol(stack, "work", "--tier", "net")
+    link = approved_open(stack, "ai-build", "work", 7005)["link"]
+    saved = stack.config.read_text()
+    assert 'ceiling = "full"' in saved
+    try:
+        stack.config.write_text(saved.replace('ceiling = "full"', 'ceiling = "exec"', 1))
+        assert stack.admin("reload").returncode == 0
+        assert link_lines(stack) == []  # closed before reload answered
+        closing = [r for r in audit_lines(stack) if r["op"] == "link.close"][-1]
+        assert closing["detail"]["link_id"] == link["id"]
+        assert closing["detail"]["reason"] == "tier below net after a reload"
+    finally:
+        stack.config.write_text(saved)
+        assert stack.admin("reload").returncode == 0
+        unenrol(stack, "work")
+
+
 def test_no_link_file_entry_survives_in_the_registry(stack: Stack) -> None:
     state = Path(stack.root) / "var/lib/qubes-mcp"
     registry = json.loads((state / "enrolment.json").read_text())

@@ -235,6 +235,9 @@ class GateDaemon:
                 new.digest,
                 old.digest,
             )
+            # a lowered ceiling or default_tier, or a principal gone, can take net from a
+            # link's end: its links close now (decision record 0018)
+            await self.gate.revalidate_links("tier below net after a reload")
             await self._finish(act, ok=True)
             answer: dict[str, Any] = {
                 "result": "reloaded",

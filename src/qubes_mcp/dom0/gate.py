@@ -70,7 +70,7 @@ from qubes_mcp.dom0.plans import PLAN_TTL, Plan, PlanBook, PlanStep
 from qubes_mcp.dom0.ratelimit import RateLimiter
 from qubes_mcp.dom0.reader import FleetReader
 from qubes_mcp.dom0.schema import check_payload
-from qubes_mcp.dom0.tiers import MEMBER
+from qubes_mcp.dom0.tiers import MEMBER, Tier, effective_tier
 
 log = logging.getLogger("qubes_mcp.gate")
 T = TypeVar("T")
@@ -238,14 +238,63 @@ class Gate:
             before = self.registry.current()
             await reconcile(self.config, self.admin)
             await self._links_closed(lost_links(before, self.registry.current()))
+            await self.revalidate_links("tier below net")
             self._watcher = asyncio.create_task(self._watch_deletes())
 
-    async def _links_closed(self, links: list[Link]) -> None:
-        """One audit line per lab link a qube's removal closed (its policy line went in the
-        same commit as the registration; decision record 0018). Never raises: the links are
-        closed whether or not the line is written, and the gate's journal says so."""
+    async def revalidate_links(self, reason: str) -> None:
+        """Close every lab link an end of which is no longer at net or above for the principal
+        that opened it, under the running configuration (decision record 0018): a tier tag
+        removed by hand, a ceiling or ``default_tier`` lowered by a reload, a principal gone.
+        The one check for every path; called at start, after a reload and on tag events of a
+        linked qube. Reads only the linked qubes (in scope when opened). Never raises."""
+        try:
+            registry = self.registry.current()
+            doomed: list[str] = []
+            for link in registry.links():
+                if not await self._link_holds(link):
+                    doomed.append(link.id)
+            if not doomed:
+                return
+
+            def close(r: Registry) -> Registry:
+                for link_id in doomed:
+                    r = r.unlinked(link_id)
+                return r
+
+            after = await commit_change(self.config, close)
+            await self._links_closed(lost_links(registry, after), reason=reason)
+        except (GateError, OSError) as exc:  # unreadable now: kept, checked again next time
+            log.warning("qubes-mcp gate: links not revalidated: %s", type(exc).__name__)
+
+    async def _link_holds(self, link: Link) -> bool:
+        principal = self.config.principals.get(link.by.removeprefix("gate:"))
+        if principal is None or principal.scope.prefix != link.scope:
+            return False
+        reader = FleetReader(self.admin, principal.scope, self.registry)
+        facts = await reader.facts([link.client, link.server], sizes=False)
+        for name in (link.client, link.server):
+            q = facts.qubes.get(name)
+            tier = (
+                None
+                if q is None
+                else effective_tier(
+                    principal.scope,
+                    q.tags,
+                    q.registered,
+                    self.config.default_tier,
+                    principal.ceiling,
+                )
+            )
+            if tier is None or tier < Tier.NET:
+                return False
+        return True
+
+    async def _links_closed(self, links: list[Link], *, reason: str = "qube removed") -> None:
+        """One audit line per lab link a registry change closed (its policy line went in the
+        same commit; decision record 0018). Never raises: the links are closed whether or not
+        the line is written, and the gate's journal says so."""
         for link in links:
-            log.info("qubes-mcp gate: link %s closed: a qube of it is gone", link.id)
+            log.info("qubes-mcp gate: link %s closed: %s", link.id, reason)
             try:
                 await self._append(
                     principal=link.by.removeprefix("gate:"),
@@ -254,7 +303,7 @@ class Gate:
                     outcome="ok",
                     targets=[link.client, link.server],
                     request_id=secrets.token_hex(8),
-                    detail={"link_id": link.id, "port": link.port, "reason": "qube removed"},
+                    detail={"link_id": link.id, "port": link.port, "reason": reason},
                 )
             except GateError as exc:
                 log.warning("qubes-mcp gate: link close not recorded: %s", exc.reason or exc)
@@ -274,6 +323,10 @@ class Gate:
                         # qubesd anything more (a re-created name gets a new uuid anyway)
                         after = await commit_change(self.config, _forget(about, scopes))
                         await self._links_closed(lost_links(registry, after))
+                    elif ev.name.startswith(("domain-tag-add:", "domain-tag-delete:")) and any(
+                        about in (k.client, k.server) for k in registry.links()
+                    ):  # a tier tag of a linked qube changed by hand (qvm-tags)
+                        await self.revalidate_links("tier below net")
             except asyncio.CancelledError:
                 raise
             except (GateError, OSError, asyncio.IncompleteReadError) as exc:

@@ -446,12 +446,13 @@ async def _enrol(config: GateConfig, qube: str, scope: Scope, tier: str, dump: b
         tag = scope.tier_tag(Tier.parse(tier))
         add = {scope.managed} | ({tag} if tag else set())
         remove = (tier_tags - add) | {scope.dump}
+    # a link needs net on both ends (link.open): below net, the qube's links close with it
+    # (read before the tags change: a running gate may close them first, on the tag event)
+    below_net = dump or Tier.parse(tier) < Tier.NET
+    before = Registry.load(registry_path(config.paths.state_dir))
     # tags first: if the registration then fails, the qube is tagged but not registered,
     # which the gate treats as out of scope (and doctor reports)
     await _set_tags(client, qube, add, remove)
-    # a link needs net on both ends (link.open): below net, the qube's links close with it
-    below_net = dump or Tier.parse(tier) < Tier.NET
-    before = Registry.load(registry_path(config.paths.state_dir))
     after = await enrol_live(
         config,
         client,
@@ -461,7 +462,11 @@ async def _enrol(config: GateConfig, qube: str, scope: Scope, tier: str, dump: b
         role=DUMP if dump else MEMBER,
         close_links=below_net,
     )
-    closed = "".join(f"; lab link {k.id} closed" for k in lost_links(before, after))
+    closed = "".join(
+        f"; lab link {k.id} closed"
+        for k in lost_links(before, after)
+        if qube in (k.client, k.server)
+    )
     role = "dump sink" if dump else f"tier {tier}"
     return (
         f"{qube}: enrolled in {scope.prefix} ({role}); tags +{sorted(add)} -{sorted(remove)}"
