@@ -1,7 +1,10 @@
-"""Data types of the emulated block devices (shared by ``sim.devices`` and ``sim.device_attach``).
+"""Data types of the emulated devices (shared by ``sim.devices``, ``sim.usb_devices`` and
+``sim.device_attach``).
 
-A fleet declares what each backend publishes as ``BlockDeviceSpec``s; an ``Attachment`` is one
-device attached to a running frontend (what a ``<disk>`` in its libvirt XML records in Qubes).
+A fleet declares what each backend publishes as ``BlockDeviceSpec``s (or USB specs); an
+``Attachment`` is one device attached to a running frontend (what a ``<disk>`` in its libvirt
+XML records in Qubes). ``ExposedDevices`` is what every device class shares: published devices,
+visible while their backend runs, and attachments, live while their frontend runs.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import re
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 DEVCLASS = "block"
 #: Port ids a backend may publish (R4.3 ``ext/block.py`` ``name_re``; others are skipped).
@@ -129,3 +132,72 @@ class Attachment:
     port_id: str
     frontend: str
     options: tuple[tuple[str, str], ...] = field(default=())
+
+
+class Spec(Protocol):
+    """What every published device has: the port its backend names it by."""
+
+    @property
+    def port_id(self) -> str: ...
+
+
+SpecT = TypeVar("SpecT", bound=Spec)
+
+
+class ExposedDevices(Generic[SpecT]):
+    """What every device class of the emulated dom0 shares (R4.3 ``device_protocol.py``):
+    devices a backend publishes, visible only while it runs, and live attachments, which count
+    only while their frontend runs. A class adds its wire format (``device_str``) and its own
+    rules (block: assignments; USB: none)."""
+
+    devclass: str
+
+    def __init__(self, qubes: QubeStates) -> None:
+        self.qubes = qubes
+        self._exposed: dict[str, dict[str, SpecT]] = {}
+        self._attached: list[Attachment] = []
+
+    def device_str(self, backend: str, spec: SpecT) -> str:
+        """``str(device)`` in events: ``<backend>:<port_id>:<device_id>``."""
+        raise NotImplementedError
+
+    def expose(self, backend: str, spec: SpecT) -> list[Event]:
+        """Publish (hot-plug) a device; ``device-added`` fires if the backend runs."""
+        ports = self._exposed.setdefault(backend, {})
+        if spec.port_id in ports:
+            raise ValueError(f"{backend} already exposes {spec.port_id}")
+        ports[spec.port_id] = spec
+        return self._announce(backend, [spec]) if self.qubes.is_running(backend) else []
+
+    def _announce(self, backend: str, specs: list[SpecT]) -> list[Event]:
+        if not specs:
+            return []
+        added = f"device-added:{self.devclass}"
+        return [
+            (backend, f"device-list-change:{self.devclass}", {}),
+            *((backend, added, {"device": self.device_str(backend, s)}) for s in specs),
+        ]
+
+    def visible(self, backend: str) -> dict[str, SpecT]:
+        """Devices qubesd can see: only a running backend's QubesDB is read."""
+        return self._exposed.get(backend, {}) if self.qubes.is_running(backend) else {}
+
+    def attachment_of(self, backend: str, port_id: str) -> Attachment | None:
+        """The live attachment of a device: qubesd reads attachments from running qubes'
+        libvirt XML, so one recorded for a frontend that is not running does not count."""
+        for att in self._attached:
+            if (att.backend, att.port_id) == (backend, port_id) and self.qubes.is_running(
+                att.frontend
+            ):
+                return att
+        return None
+
+    def attached_to(self, frontend: str) -> list[Attachment]:
+        if not self.qubes.is_running(frontend):
+            return []
+        return [a for a in self._attached if a.frontend == frontend]
+
+    def forget(self, name: str) -> None:
+        """A qube was removed: drop what it exposed and anything attached from or to it."""
+        self._exposed.pop(name, None)
+        self._attached = [a for a in self._attached if name not in (a.backend, a.frontend)]

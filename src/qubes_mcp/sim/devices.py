@@ -50,6 +50,7 @@ from qubes_mcp.sim.device_model import (
     Attachment,
     BlockDeviceSpec,
     Event,
+    ExposedDevices,
     LibvirtError,
     QubeStates,
 )
@@ -67,30 +68,24 @@ __all__ = [
 ]
 
 
-class BlockDevices:
+class BlockDevices(ExposedDevices[BlockDeviceSpec]):
     """Block devices exposed by backends and attached to frontends, for one emulated dom0."""
 
+    devclass = DEVCLASS
+
     def __init__(self, qubes: QubeStates) -> None:
-        self.qubes = qubes
-        self._exposed: dict[str, dict[str, BlockDeviceSpec]] = {}
-        self._attached: list[Attachment] = []
+        super().__init__(qubes)
         self._assigned: list[Assignment] = []
 
     # --- what backends publish -------------------------------------------------------------
 
     def expose(self, backend: str, spec: BlockDeviceSpec) -> list[Event]:
-        """Publish (hot-plug) a device; fires ``device-added`` if the backend runs."""
-        ports = self._exposed.setdefault(backend, {})
-        if spec.port_id in ports:
-            raise ValueError(f"{backend} already exposes {spec.port_id}")
-        ports[spec.port_id] = spec
-        if not self.qubes.is_running(backend):
-            return []
-        return [
-            (backend, f"device-list-change:{DEVCLASS}", {}),
-            (backend, f"device-added:{DEVCLASS}", {"device": self._device_str(backend, spec)}),
-            *device_assign.attach_on_appear(self, backend, [spec.port_id]),
-        ]
+        """Publish (hot-plug) a device; ``device-added`` fires if the backend runs, and the
+        device goes to the qube it is assigned to."""
+        events = super().expose(backend, spec)
+        if events:
+            events += device_assign.attach_on_appear(self, backend, [spec.port_id])
+        return events
 
     def unexpose(self, backend: str, port_id: str) -> list[Event]:
         """Unplug a device: detached from its frontend first, then ``device-removed``."""
@@ -105,12 +100,6 @@ class BlockDevices:
         del self._exposed[backend][port_id]
         return events
 
-    def visible(self, backend: str) -> dict[str, BlockDeviceSpec]:
-        """Devices qubesd can see: only a running backend's QubesDB is read."""
-        if not self.qubes.is_running(backend):
-            return {}
-        return self._exposed.get(backend, {})
-
     def device_id(self, backend: str, port_id: str) -> str:
         """The R4.3 block device id: ``<parent id>:<partition number>`` (``:None`` for
         ``sda``, ``:None:1`` for ``sda1`` under ``sda``)."""
@@ -121,19 +110,9 @@ class BlockDevices:
         digits = re.findall(r"\d+$", port_id)
         return f"{parent_id}:{int(digits[-1]) if digits else None}"
 
-    def _device_str(self, backend: str, spec: BlockDeviceSpec) -> str:
+    def device_str(self, backend: str, spec: BlockDeviceSpec) -> str:
         """``str(BlockDevice)`` in events: ``<backend>:<port_id>:<device_id>``."""
         return f"{backend}:{spec.port_id}:{self.device_id(backend, spec.port_id)}"
-
-    def attachment_of(self, backend: str, port_id: str) -> Attachment | None:
-        """The live attachment of a device: qubesd reads attachments from running qubes'
-        libvirt XML, so one recorded for a frontend that is not running does not count."""
-        for att in self._attached:
-            if (att.backend, att.port_id) == (backend, port_id) and self.qubes.is_running(
-                att.frontend
-            ):
-                return att
-        return None
 
     def _serialize_info(self, backend: str, spec: BlockDeviceSpec) -> str:
         if spec.parent is None:
@@ -168,11 +147,6 @@ class BlockDevices:
         )
 
     # --- what frontends have attached ------------------------------------------------------
-
-    def attached_to(self, frontend: str) -> list[Attachment]:
-        if not self.qubes.is_running(frontend):
-            return []
-        return [a for a in self._attached if a.frontend == frontend]
 
     def attached(self, frontend: str, arg: str = "") -> str:
         """``admin.vm.device.block.Attached``: ``<backend>+<port_id>:<device_id> <assignment>``.
@@ -288,7 +262,7 @@ class BlockDevices:
         )
         att = Attachment(backend, spec.port_id, frontend, tuple(options.items()))
         self._attached.append(att)
-        kwargs = {"device": self._device_str(backend, spec), "options": str(options)}
+        kwargs = {"device": self.device_str(backend, spec), "options": str(options)}
         return [
             (frontend, f"device-pre-attach:{DEVCLASS}", kwargs),
             (frontend, f"device-attach:{DEVCLASS}", dict(kwargs)),
@@ -339,11 +313,7 @@ class BlockDevices:
         events = device_assign.attach_on_start(self, name)
         specs = list(self.visible(name).values())
         if specs:
-            events.append((name, f"device-list-change:{DEVCLASS}", {}))
-            events += [
-                (name, f"device-added:{DEVCLASS}", {"device": self._device_str(name, s)})
-                for s in specs
-            ]
+            events += self._announce(name, specs)
             events += device_assign.attach_on_appear(self, name, [s.port_id for s in specs])
         return events
 
@@ -365,9 +335,8 @@ class BlockDevices:
         return events
 
     def forget(self, name: str) -> None:
-        """A qube was removed: drop what it exposed and anything attached from or to it."""
-        self._exposed.pop(name, None)
-        self._attached = [a for a in self._attached if name not in (a.backend, a.frontend)]
+        """A qube was removed: drop what it exposed, attached or was assigned, either way."""
+        super().forget(name)
         self._assigned = [a for a in self._assigned if name not in (a.backend, a.frontend)]
 
     def _drop_attachments(self, backend: str, port_id: str) -> list[Event]:

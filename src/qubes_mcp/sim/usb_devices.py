@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from qubes_mcp.sim import exc
-from qubes_mcp.sim.device_model import Attachment, Event, QubeStates
+from qubes_mcp.sim.device_model import Attachment, Event, ExposedDevices, QubeStates
 from qubes_mcp.sim.device_wire import DeviceRef, pack, unpack
 
 DEVCLASS = "usb"
@@ -88,41 +88,13 @@ class UsbDeviceSpec:
         }
 
 
-class UsbDevices:
+class UsbDevices(ExposedDevices[UsbDeviceSpec]):
     """USB devices exposed by backends and attached to frontends, for one emulated dom0."""
 
-    def __init__(self, qubes: QubeStates) -> None:
-        self.qubes = qubes
-        self._exposed: dict[str, dict[str, UsbDeviceSpec]] = {}
-        self._attached: list[Attachment] = []
+    devclass = DEVCLASS
 
-    def expose(self, backend: str, spec: UsbDeviceSpec) -> list[Event]:
-        ports = self._exposed.setdefault(backend, {})
-        if spec.port_id in ports:
-            raise ValueError(f"{backend} already exposes {spec.port_id}")
-        ports[spec.port_id] = spec
-        if not self.qubes.is_running(backend):
-            return []
-        return [
-            (backend, f"device-list-change:{DEVCLASS}", {}),
-            (backend, f"device-added:{DEVCLASS}", {"device": self._str(backend, spec)}),
-        ]
-
-    def visible(self, backend: str) -> dict[str, UsbDeviceSpec]:
-        """Only a running backend's devices exist for qubesd."""
-        return self._exposed.get(backend, {}) if self.qubes.is_running(backend) else {}
-
-    @staticmethod
-    def _str(backend: str, spec: UsbDeviceSpec) -> str:
+    def device_str(self, backend: str, spec: UsbDeviceSpec) -> str:
         return f"{backend}:{spec.port_id}:{spec.device_id}"
-
-    def attachment_of(self, backend: str, port_id: str) -> Attachment | None:
-        for att in self._attached:
-            if (att.backend, att.port_id) == (backend, port_id) and self.qubes.is_running(
-                att.frontend
-            ):
-                return att
-        return None
 
     def available(self, backend: str, arg: str = "") -> str:
         """``admin.vm.device.usb.Available``: ``<port_id>:<device_id> <info>\\n`` lines."""
@@ -147,11 +119,6 @@ class UsbDevices:
             pairs.append(("interfaces", spec.interfaces))
             lines[f"{spec.port_id}:{spec.device_id}"] = pack(pairs)
         return "".join(f"{key} {lines[key]}\n" for key in sorted(lines))
-
-    def attached_to(self, frontend: str) -> list[Attachment]:
-        if not self.qubes.is_running(frontend):
-            return []
-        return [a for a in self._attached if a.frontend == frontend]
 
     def attached(self, frontend: str, arg: str = "") -> str:
         """``admin.vm.device.usb.Attached``: ``<backend>+<port_id>:<device_id> <assignment>``."""
@@ -214,10 +181,10 @@ class UsbDevices:
         att = self.attachment_of(ref.backend, spec.port_id)
         if att is not None:
             raise exc.DeviceAlreadyAttached(
-                f"Device {self._str(ref.backend, spec)} already attached to {att.frontend}"
+                f"Device {self.device_str(ref.backend, spec)} already attached to {att.frontend}"
             )
         self._attached.append(Attachment(ref.backend, spec.port_id, frontend))
-        kwargs = {"device": self._str(ref.backend, spec), "options": "{}"}
+        kwargs = {"device": self.device_str(ref.backend, spec), "options": "{}"}
         return [
             (frontend, f"device-pre-attach:{DEVCLASS}", kwargs),
             (frontend, f"device-attach:{DEVCLASS}", dict(kwargs)),
@@ -244,13 +211,7 @@ class UsbDevices:
 
     def qube_started(self, name: str) -> list[Event]:
         self._attached = [a for a in self._attached if name not in (a.backend, a.frontend)]
-        specs = list(self.visible(name).values())
-        if not specs:
-            return []
-        return [
-            (name, f"device-list-change:{DEVCLASS}", {}),
-            *((name, f"device-added:{DEVCLASS}", {"device": self._str(name, s)}) for s in specs),
-        ]
+        return self._announce(name, list(self.visible(name).values()))
 
     def detach_all_of(self, name: str) -> list[Event]:
         """A qube stopped: its devices vanish, and its attachments in either role end."""
@@ -267,10 +228,6 @@ class UsbDevices:
                     (name, f"device-detach:{DEVCLASS}", {"port": f"{att.backend}:{att.port_id}"})
                 )
         return events
-
-    def forget(self, name: str) -> None:
-        self._exposed.pop(name, None)
-        self._attached = [a for a in self._attached if name not in (a.backend, a.frontend)]
 
     def to_json(self) -> dict[str, object]:
         """What persists: the exposed devices (attachments are running state)."""
