@@ -5,38 +5,17 @@ the request id, so a restarted gate can find the processes of an unfinished run.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from qubes_mcp.dom0.config import load_config
 from qubes_mcp.stack import start_stack
+from tests.waiting import host_pids_with, until
 
 pytestmark = pytest.mark.bwrap
-
-
-def host_pids_with(marker: bytes) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if marker in Path(f"/proc/{entry}/cmdline").read_bytes():
-                    found.append(int(entry))
-            except OSError:
-                continue
-    return found
-
-
-def until(check: Callable[[], object], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
 
 
 def test_run_timeout_and_gate_stop_end_the_command_in_the_qube(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ from qubes_mcp.sim.machine import _Freezer
 from qubes_mcp.sim.paths import SimPaths
 from qubes_mcp.sim.qrexec.qubesd_client import QubesdClient
 from tests.emulator_process import RunningEmulator, start_emulator
+from tests.waiting import host_pids_with, until
 
 pytestmark = pytest.mark.bwrap
 
@@ -53,26 +54,6 @@ def admin(paths: SimPaths, qube: str, method: str, arg: str = "") -> bytes:
 def power(paths: SimPaths, qube: str) -> str:
     line = admin(paths, qube, "admin.vm.List").decode()
     return line.split("state=", 1)[1].split()[0]
-
-
-def host_pids_with(marker: bytes) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if marker in Path(f"/proc/{entry}/cmdline").read_bytes():
-                    found.append(int(entry))
-            except OSError:
-                continue
-    return found
-
-
-def until(check: Callable[[], object], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.05)
 
 
 def started(paths: SimPaths, qube: str) -> None:

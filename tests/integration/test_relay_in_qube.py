@@ -5,7 +5,6 @@ inside, through dom0's qrexec-client line of a real ``sim run``."""
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 from qubes_mcp.dom0 import relay
 from qubes_mcp.sim.qrexec.qubesd_client import QubesdClient
 from tests.emulator_process import RunningEmulator, start_emulator
+from tests.waiting import host_pids_with
 
 pytestmark = pytest.mark.bwrap
 
@@ -31,18 +31,6 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningEmulator]:
 
 def client(emu: RunningEmulator) -> Path:
     return emu.paths.root / "usr/lib/qubes/qrexec-client"
-
-
-def host_pids_with(marker: bytes) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if marker in Path(f"/proc/{entry}/cmdline").read_bytes():
-                    found.append(int(entry))
-            except OSError:
-                continue
-    return found
 
 
 async def wait_for(marker: bytes, present: bool, timeout: float = 20) -> None:

@@ -10,7 +10,6 @@ the audit log.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import pytest
 from qubes_mcp.stack import Stack, start_stack
 from tests.enrolment_helpers import enrol, unenrol
 from tests.gate_e2e import answer_when_pending, audit_lines, code, dom0_admin, gate_call, ok
+from tests.waiting import until
 
 pytestmark = pytest.mark.bwrap
 
@@ -245,10 +245,8 @@ def test_the_operator_removing_the_client_closes_the_link(stack: Stack) -> None:
     assert link_lines(stack) == [["qubes.ConnectTCP", "+7001", "ai-web", "ai-build", "allow"]]
     dom0_admin(stack, "ai-web", "admin.vm.Kill")
     dom0_admin(stack, "ai-web", "admin.vm.Remove")  # qvm-remove in dom0: no gate request
-    deadline = time.monotonic() + 20
-    while link_lines(stack):  # the gate's domain-delete watcher
-        assert time.monotonic() < deadline, "the link outlived its client"
-        time.sleep(0.1)
+    # the gate's domain-delete watcher
+    until(lambda: not link_lines(stack), why="the link outlived its client")
     closing = [r for r in audit_lines(stack) if r["op"] == "link.close"][-1]
     assert closing["detail"]["link_id"] == link["id"]
     assert closing["detail"]["reason"] == "qube removed"
@@ -281,20 +279,13 @@ def test_the_operator_lowering_an_end_below_net_closes_the_link(stack: Stack) ->
     unenrol(stack, "work")
 
 
-def _wait_no_links(stack: Stack, why: str) -> None:
-    deadline = time.monotonic() + 20
-    while link_lines(stack):
-        assert time.monotonic() < deadline, why
-        time.sleep(0.1)
-
-
 def test_a_tier_tag_removed_by_hand_closes_the_link(stack: Stack) -> None:
     """qvm-tags in dom0, no qubes-mcp-admin: the gate sees the tag event and re-checks."""
     assert "enrolled in ai" in enrol(stack, "work", "--tier", "net")
     link = approved_open(stack, "ai-build", "work", 7004)["link"]
     assert link_lines(stack) != []
     dom0_admin(stack, "work", "admin.vm.tag.Remove", "ai-net")  # now the default tier: read
-    _wait_no_links(stack, "the link outlived its end's net tier")
+    until(lambda: not link_lines(stack), why="the link outlived its end's net tier")
     closing = [r for r in audit_lines(stack) if r["op"] == "link.close"][-1]
     assert closing["detail"] == {"link_id": link["id"], "port": 7004, "reason": "tier below net"}
     unenrol(stack, "work")

@@ -249,9 +249,20 @@ class Gate:
         linked qube. Reads only the linked qubes (in scope when opened). Never raises."""
         try:
             registry = self.registry.current()
+            tiers: dict[tuple[str, str], Tier | None] = {}  # each qube read once per principal
             doomed: list[str] = []
             for link in registry.links():
-                if not await self._link_holds(link):
+                principal = self.config.principals.get(link.by.removeprefix("gate:"))
+                if principal is None or principal.scope.prefix != link.scope:
+                    doomed.append(link.id)
+                    continue
+                for name in (link.client, link.server):
+                    if (principal.qube, name) not in tiers:
+                        tiers[principal.qube, name] = await self._tier_of(principal, name)
+                if any(
+                    (t := tiers[principal.qube, name]) is None or t < Tier.NET
+                    for name in (link.client, link.server)
+                ):
                     doomed.append(link.id)
             if not doomed:
                 return
@@ -266,28 +277,14 @@ class Gate:
         except (GateError, OSError) as exc:  # unreadable now: kept, checked again next time
             log.warning("qubes-mcp gate: links not revalidated: %s", type(exc).__name__)
 
-    async def _link_holds(self, link: Link) -> bool:
-        principal = self.config.principals.get(link.by.removeprefix("gate:"))
-        if principal is None or principal.scope.prefix != link.scope:
-            return False
-        reader = FleetReader(self.admin, principal.scope, self.registry)
-        facts = await reader.facts([link.client, link.server], sizes=False)
-        for name in (link.client, link.server):
-            q = facts.qubes.get(name)
-            tier = (
-                None
-                if q is None
-                else effective_tier(
-                    principal.scope,
-                    q.tags,
-                    q.registered,
-                    self.config.default_tier,
-                    principal.ceiling,
-                )
-            )
-            if tier is None or tier < Tier.NET:
-                return False
-        return True
+    async def _tier_of(self, principal: Principal, name: str) -> Tier | None:
+        """``name``'s tier for ``principal`` now (None: not in its scope), read fresh."""
+        q = await FleetReader(self.admin, principal.scope, self.registry).qube(name, sizes=False)
+        if q is None:
+            return None
+        return effective_tier(
+            principal.scope, q.tags, q.registered, self.config.default_tier, principal.ceiling
+        )
 
     async def _links_closed(self, links: list[Link], *, reason: str = "qube removed") -> None:
         """One audit line per lab link a registry change closed (its policy line went in the

@@ -127,63 +127,73 @@ def _firewall(target: str, args: Mapping[str, Any]) -> list[State]:
     return [("qvm.firewall", [("name", target), ("set", rules)])]
 
 
-def _device(op: str, target: str, args: Mapping[str, Any]) -> list[State]:
+def _device(action: str, target: str, args: Mapping[str, Any]) -> list[State]:
     # qvm-device, not the qvm.devices state: that one *assigns* (the device comes back at
     # every start); the gate attaches for this session only, as `qvm-device attach` does
     klass = str(args.get("devclass") or "block")
     device = f"{args['backend']}:{args['device']}"
-    if op == "device.detach":
+    if action == "detach":
         return [_dom0("qvm-device", klass, "detach", target, device)]
     read_only = ["--ro"] if args.get("read_only") else []
     return [_dom0("qvm-device", klass, "attach", *read_only, target, device)]
 
 
+#: the steps no ``qvm.*`` state does as the gate does: why, for the failing state's name
+_NOT_EXPRESSIBLE = {
+    "disposable.create": "a disposable of {t} (dom0 picks its name)",
+    "file.write": "bytes written into a file of {t}",
+    "file.copy": "a copy from {t} relayed by dom0",
+    "template.update": "updating template {t} (Qubes does it with `qubesctl --skip-dom0 "
+    "--targets={t} state.sls update.qubes-vm`)",
+    "link.open": "a lab link from {t} (the gate's registry and policy)",
+    "link.close": "closing a lab link of {t} (the gate's registry)",
+}
+#: one state of a target and no argument
+_PLAIN = {
+    "qube.start": "qvm.start",
+    "qube.pause": "qvm.pause",
+    "qube.unpause": "qvm.unpause",
+    "qube.kill": "qvm.kill",
+    "qube.remove": "qvm.absent",
+}
+Render = Callable[[str, Mapping[str, Any], str], list[State]]
+#: the rest: (target, args, scope) -> states
+_RENDER: dict[str, Render] = {
+    "qube.shutdown": lambda t, a, _: [
+        ("qvm.shutdown", [("name", t), ("flags", ["wait", *(["force"] * bool(a.get("force")))])])
+    ],
+    "qube.revert": lambda t, a, _: [
+        _dom0("qvm-volume", "revert", f"{t}:private", *_given(a.get("revision")))
+    ],
+    "qube.run": lambda t, a, _: _run(t, a),
+    "qube.create": _create,
+    "qube.clone": lambda t, a, s: [
+        ("qvm.clone", [("name", str(a["name"])), ("source", t)]),
+        _dom0("qubes-mcp-admin", "enrol", str(a["name"]), "--scope", s),
+    ],
+    "property.set": lambda t, a, _: [
+        ("qvm.prefs", [("name", t), (str(a["property"]), a.get("value", ""))])
+    ],
+    "feature.set": lambda t, a, _: [
+        ("qvm.features", [("name", t), ("set", [(str(a["feature"]), a["value"])])])
+    ],
+    "firewall.set": lambda t, a, _: _firewall(t, a),
+    "device.attach": lambda t, a, _: _device("attach", t, a),
+    "device.detach": lambda t, a, _: _device("detach", t, a),
+    "disposable.run": lambda t, a, _: _disposable_run(t, a),
+    "file.read": lambda t, a, _: [("test.nop", [("name", f"file.read in {t}: nothing to apply")])],
+}
+
+
 def step_states(step: Mapping[str, Any], scope: str) -> list[State]:
     """The states of one plan step (``op``, ``target``, ``args`` as the gate keeps them)."""
     op, target, args = str(step["op"]), str(step.get("target") or ""), step.get("args") or {}
-    force = bool(args.get("force"))
-    simple: dict[str, Callable[[], list[State]]] = {
-        "qube.start": lambda: [("qvm.start", [("name", target)])],
-        "qube.shutdown": lambda: [
-            ("qvm.shutdown", [("name", target), ("flags", ["wait", *(["force"] * force)])])
-        ],
-        "qube.pause": lambda: [("qvm.pause", [("name", target)])],
-        "qube.unpause": lambda: [("qvm.unpause", [("name", target)])],
-        "qube.kill": lambda: [("qvm.kill", [("name", target)])],
-        "qube.remove": lambda: [("qvm.absent", [("name", target)])],
-        "qube.revert": lambda: [
-            _dom0("qvm-volume", "revert", f"{target}:private", *_given(args.get("revision")))
-        ],
-        "qube.run": lambda: _run(target, args),
-        "qube.create": lambda: _create(target, args, scope),
-        "qube.clone": lambda: [
-            ("qvm.clone", [("name", str(args["name"])), ("source", target)]),
-            _dom0("qubes-mcp-admin", "enrol", str(args["name"]), "--scope", scope),
-        ],
-        "property.set": lambda: [
-            ("qvm.prefs", [("name", target), (str(args["property"]), args.get("value", ""))])
-        ],
-        "feature.set": lambda: [
-            ("qvm.features", [("name", target), ("set", [(str(args["feature"]), args["value"])])])
-        ],
-        "firewall.set": lambda: _firewall(target, args),
-        "device.attach": lambda: _device(op, target, args),
-        "device.detach": lambda: _device(op, target, args),
-        "disposable.run": lambda: _disposable_run(target, args),
-        "disposable.create": lambda: _fail(f"a disposable of {target} (dom0 picks its name)"),
-        "file.read": lambda: [("test.nop", [("name", f"file.read in {target}: nothing to apply")])],
-        "file.write": lambda: _fail(f"bytes written into a file of {target}"),
-        "file.copy": lambda: _fail(f"a copy from {target} relayed by dom0"),
-        "template.update": lambda: _fail(
-            f"updating template {target} (Qubes does it with `qubesctl --skip-dom0 "
-            f"--targets={target} state.sls update.qubes-vm`)"
-        ),
-        "link.open": lambda: _fail(f"a lab link from {target} (the gate's registry and policy)"),
-        "link.close": lambda: _fail(f"closing a lab link of {target} (the gate's registry)"),
-    }
-    make = simple.get(op)
-    if make is not None:
-        return make()
+    if op in _PLAIN:
+        return [(_PLAIN[op], [("name", target)])]
+    if op in _RENDER:
+        return _RENDER[op](target, args, scope)
+    if op in _NOT_EXPRESSIBLE:
+        return _fail(_NOT_EXPRESSIBLE[op].format(t=target))
     known = OPERATIONS_BY_NAME.get(op)
     if known is not None and known.read_only:  # a read: nothing to apply, shown in its place
         return [
