@@ -144,6 +144,18 @@ def test_no_keyword_tag_or_wildcard_can_be_a_server(stack: Stack, server: str) -
     assert link_lines(stack) == []
 
 
+@pytest.mark.parametrize(
+    "server", ["@dispvm:ai-dvm", "@dispvm", "@adminvm", "dom0", "@type:AppVM", "AI-BUILD", "uuid"]
+)
+def test_no_other_target_form_can_be_a_server(stack: Stack, server: str) -> None:
+    """Every other way qrexec can name a target: refused before the operator is asked,
+    with no line written (a name in another case is another, missing, name)."""
+    if server == "uuid":  # ai-build's own uuid instead of its name
+        server = _uuid_of(stack, "ai-build")
+    assert code(link_open(stack, "ai-web", server, 8080)) in ("invalid-input", "not-found")
+    assert pending(stack) == [] and link_lines(stack) == []
+
+
 # --- consent and policy --------------------------------------------------------------------------
 
 
@@ -158,6 +170,11 @@ def test_open_asks_the_operator_and_a_denial_writes_no_line(stack: Stack) -> Non
     assert ok(gate_call(stack, "dom0", "qmcp.LinkList"))["links"] == []
 
 
+def _uuid_of(stack: Stack, name: str) -> str:
+    line = dom0_admin(stack, name, "admin.vm.List").split()
+    return "uuid:" + next(w for w in line if w.startswith("uuid=")).removeprefix("uuid=")
+
+
 def test_a_linked_client_still_reaches_nothing_else(stack: Stack) -> None:
     link = approved_open(stack, "ai-web", "ai-build", 8080)["link"]
     try:
@@ -169,6 +186,11 @@ def test_a_linked_client_still_reaches_nothing_else(stack: Stack) -> None:
             ("personal", "qubes.ConnectTCP+8080"),
             ("@default", "qubes.ConnectTCP+8080"),
             ("@dispvm", "qubes.ConnectTCP+8080"),
+            ("@dispvm:ai-dvm", "qubes.ConnectTCP+8080"),
+            ("@type:AppVM", "qubes.ConnectTCP+8080"),
+            ("@adminvm", "qubes.ConnectTCP+8080"),
+            (_uuid_of(stack, "personal"), "qubes.ConnectTCP+8080"),
+            ("AI-BUILD", "qubes.ConnectTCP+8080"),
         ]:
             got = ok(
                 gate_call(
